@@ -1,0 +1,14 @@
+"""ffc_parallel: class-sharded classifier heads for DeepSpeed training with millions to a billion classes.
+
+    import ffc_parallel as fp
+    fp.init_distributed()
+    head = fp.ShardedClassifier(embedding_dim=512, num_classes=10_000_000, margin="arcface", sample_rate=0.1)
+    loss = head(local_embeddings, local_labels)   # mean over the global batch, same on every rank
+"""
+from .distributed import DistributedInfo, get_rank, get_world_size, init_distributed
+from .heads import CombinedMargin, ShardedClassifier, shard_range
+
+__version__ = "0.1.0"
+
+__all__ = ["CombinedMargin", "DistributedInfo", "ShardedClassifier", "get_rank", "get_world_size",
+           "init_distributed", "shard_range"]

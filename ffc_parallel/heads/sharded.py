@@ -1,0 +1,208 @@
+"""``ShardedClassifier``: a margin-softmax classifier whose class centers are split across ranks."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed.collectives import all_gather_table, gather_rows
+from ..distributed.init import get_rank, get_world_size
+from .margins import resolve_margin
+from .sampling import sample_rows, step_generator
+from .softmax_ce import (DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, ShardedMarginSoftmaxCE, chunk_cosines,
+                         chunk_rows, stats_dtype)
+
+_INIT_BLOCK = 1 << 16  # rows drawn per seeded block: the init of a class never depends on sharding
+
+
+def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Global class ids ``[start, stop)`` owned by ``rank``: contiguous blocks, the first
+    ``num_classes % world_size`` ranks one class larger."""
+    base, extra = divmod(num_classes, world_size)
+    start = base * rank + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def init_class_rows(start: int, stop: int, dim: int, std: float, seed: int) -> torch.Tensor:
+    """``N(0, std)`` rows for global classes ``start:stop``, identical whatever the sharding."""
+    out = torch.empty(stop - start, dim)
+    for block in range(start // _INIT_BLOCK, (stop - 1) // _INIT_BLOCK + 1 if stop > start else 0):
+        lo, hi = block * _INIT_BLOCK, (block + 1) * _INIT_BLOCK
+        g = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        rows = torch.empty(_INIT_BLOCK, dim).normal_(0.0, std, generator=g)
+        a, b = max(lo, start), min(hi, stop)
+        out[a - start: b - start] = rows[a - lo: b - lo]
+    return out
+
+
+class ShardedClassifier(nn.Module):
+    """Margin-softmax classifier over ``num_classes`` classes sharded by class across ``group``.
+
+    Rank r holds ``weight[num_local, embedding_dim]``, the centers of global classes
+    ``class_range = (start, stop)`` (see :func:`shard_range`). ``forward(local_embeddings[b, D],
+    local_labels[b])`` gathers the global batch (``B = sum of b`` over ranks; ``b`` may differ per
+    rank) and returns the mean margin-softmax cross-entropy over the GLOBAL batch, identical on every
+    rank. Its backward gives ``local_embeddings`` the gradient of that loss for this rank's rows and
+    ``weight`` the gradient of this rank's class rows.
+
+    Args:
+        margin: ``"arcface"`` (s=64, m2=0.5), ``"cosface"`` (s=64, m3=0.4), ``None`` (scaled cosine
+            softmax) or :class:`~ffc_parallel.CombinedMargin`.
+        scale: softmax scale ``s`` for the shorthands and for ``margin=None`` (default 64).
+        sample_rate: Partial FC. Below 1, each training step uses every class that is a target in
+            the global batch plus uniformly sampled negatives, ``max(P, sample_rate * num_local)``
+            rows per rank; other rows get zero gradient. Evaluation mode uses every class.
+        filter_threshold: if set, negatives whose cosine exceeds it get logit 0 (interclass
+            filtering for noisy labels).
+        memory_budget_mb: extra memory the loss may use beyond weights and gradients; sets the
+            class chunk and how many chunks' cosines are kept for the backward.
+        chunk_size: classes per chunk, overriding the budget's choice.
+        check_inputs: validate labels, shapes and finiteness (one small all-gather, which the
+            uneven-batch gather needs anyway; the NaN scan costs one pass over the embeddings).
+        seed: seeds the center init (per global class) and Partial FC sampling (per rank and step).
+    """
+
+    def __init__(self, embedding_dim: int, num_classes: int, margin="arcface", scale=None,
+                 sample_rate: float = 1.0, filter_threshold: float | None = None, *, group=None,
+                 init_std: float = 0.01, seed: int = 0, dtype=None, device=None,
+                 memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, chunk_size: int | None = None,
+                 check_inputs: bool = True):
+        super().__init__()
+        if int(embedding_dim) < 1 or int(num_classes) < 1:
+            raise ValueError(f"embedding_dim and num_classes must be >= 1, got {embedding_dim}, {num_classes}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.embedding_dim, self.num_classes = int(embedding_dim), int(num_classes)
+        self.margin = resolve_margin(margin, scale)
+        self.sample_rate, self.filter_threshold = float(sample_rate), filter_threshold
+        self.group, self.seed, self.check_inputs = group, int(seed), check_inputs
+        self.memory_budget_mb, self.chunk_size = memory_budget_mb, chunk_size
+        self.rank, self.world_size = get_rank(group), get_world_size(group)
+        self.class_range = shard_range(self.num_classes, self.world_size, self.rank)
+        self.num_local = self.class_range[1] - self.class_range[0]
+        if device is None:
+            backend = dist.get_backend(group) if dist.is_initialized() else "gloo"
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+        rows = init_class_rows(*self.class_range, self.embedding_dim, init_std, self.seed)
+        self.weight = nn.Parameter(rows.to(device=device, dtype=dtype or torch.get_default_dtype()))
+        self.weight.ffc_class_sharded = True  # read by the engine: never broadcast or averaged
+        self.weight.class_range = self.class_range
+        self.sample_step = 0          # Partial FC draws depend on (seed, rank, sample_step)
+        self.last_sampled_rows = None  # local rows used by the last training forward (None: all)
+
+    def extra_repr(self) -> str:
+        m = self.margin
+        return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
+                f"class_range={self.class_range}, margin=(s={m.s}, m1={m.m1}, m2={m.m2}, m3={m.m3}), "
+                f"sample_rate={self.sample_rate}, world_size={self.world_size}")
+
+    # ------------------------------------------------------------------ inputs
+    def _exchange(self, embeddings, labels=None, k: int = 0) -> list[int]:
+        """Validate every rank's inputs with one all-gather; return the per-rank batch sizes.
+
+        Every rank sees the same table and raises the same ``ValueError`` before any other
+        collective, so a bad input on one rank never leaves the others waiting.
+        """
+        e_ok = embeddings.dim() == 2 and embeddings.is_floating_point()
+        row = [embeddings.shape[0] if embeddings.dim() >= 1 else -1,
+               embeddings.shape[-1] if embeddings.dim() == 2 else -1, int(e_ok),
+               -1, 1, 0, -1, 0, k]
+        if labels is not None:
+            is_int = not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool
+            row[3] = labels.shape[0] if labels.dim() == 1 else -1
+            row[4] = int(is_int)
+            if is_int and labels.numel():
+                row[5], row[6] = int(labels.min()), int(labels.max())
+        if self.check_inputs and e_ok:
+            row[7] = int((~torch.isfinite(embeddings)).sum())
+        table = all_gather_table(torch.tensor(row, dtype=torch.long, device=self.weight.device),
+                                 self.group).tolist()
+        problems = []
+        for r, (b, d, e_ok, nl, is_int, lo, hi, bad, kk) in enumerate(table):
+            if not e_ok:
+                problems.append(f"rank {r}: embeddings must be a 2-D floating-point tensor [batch, {self.embedding_dim}]")
+            elif d != self.embedding_dim:
+                problems.append(f"rank {r}: embedding dim is {d} but the head's embedding_dim is {self.embedding_dim}")
+            if labels is not None:
+                if nl < 0:
+                    problems.append(f"rank {r}: labels must be a 1-D tensor [batch]")
+                elif nl != b:
+                    problems.append(f"rank {r}: {b} embeddings but {nl} labels")
+                if not is_int:
+                    problems.append(f"rank {r}: labels must be an integer tensor (class ids), not floating point or bool")
+                elif lo <= hi and (lo < 0 or hi >= self.num_classes):
+                    problems.append(f"rank {r}: labels must be in [0, {self.num_classes}), got values in [{lo}, {hi}]")
+            if bad:
+                problems.append(f"rank {r}: {bad} non-finite (NaN/inf) values in the embeddings")
+            if kk != table[0][8]:
+                problems.append(f"rank {r}: k={kk} differs from rank 0's k={table[0][8]}")
+        if labels is None and not 1 <= table[0][8] <= self.num_classes:
+            problems.append(f"k must be in [1, {self.num_classes}], got {table[0][8]}")
+        if not problems and sum(t[0] for t in table) == 0:
+            problems.append("the global batch is empty on every rank")
+        if problems:
+            raise ValueError("ffc_parallel.ShardedClassifier: bad input: " + "; ".join(problems))
+        return [t[0] for t in table]
+
+    def _gather_normalized(self, embeddings, sizes):
+        x = embeddings.to(device=self.weight.device, dtype=self.weight.dtype)
+        return F.normalize(gather_rows(x, sizes, self.group), dim=1)
+
+    def _plan(self, batch: int, num_cols: int) -> ChunkPlan:
+        elem = torch.finfo(stats_dtype(self.weight.dtype)).bits // 8
+        return ChunkPlan.for_budget(batch, num_cols, elem, int(self.memory_budget_mb * 2**20),
+                                    self.chunk_size)
+
+    # ------------------------------------------------------------------ classes used this step
+    def select_classes(self, global_labels: torch.Tensor):
+        """``(rows, target_col)``: local rows to compute (None = all) and each global sample's
+        column among them (-1 when another rank owns its class). Draws Partial FC negatives in
+        training mode when ``sample_rate < 1``."""
+        start, stop = self.class_range
+        owned = (global_labels >= start) & (global_labels < stop)
+        local = (global_labels - start).clamp_(0, max(self.num_local - 1, 0))
+        rows = None
+        if self.training and self.sample_rate < 1.0:
+            positives = local[owned].unique()
+            generator = step_generator(self.seed, self.rank, self.sample_step)
+            rows = sample_rows(positives, self.num_local, int(self.sample_rate * self.num_local), generator)
+            self.sample_step += 1
+            local = torch.searchsorted(rows, local)
+        self.last_sampled_rows = rows
+        return rows, torch.where(owned, local, torch.full_like(local, -1))
+
+    # ------------------------------------------------------------------ forward / predict
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """Mean margin-softmax cross-entropy over the global batch (a scalar, same on every rank)."""
+        sizes = self._exchange(local_embeddings, local_labels)
+        xn = self._gather_normalized(local_embeddings, sizes)
+        labels = gather_rows(local_labels.to(device=self.weight.device, dtype=torch.long), sizes, self.group)
+        rows, target_col = self.select_classes(labels)
+        num_cols = self.num_local if rows is None else rows.numel()
+        return ShardedMarginSoftmaxCE.apply(xn, self.weight, rows, target_col, self.margin,
+                                            self.filter_threshold, self._plan(xn.shape[0], num_cols),
+                                            self.group)
+
+    @torch.no_grad()
+    def predict(self, local_embeddings: torch.Tensor, k: int = 1):
+        """Distributed top-k over all classes by cosine: ``(scores[b, k], class_ids[b, k])``."""
+        sizes = self._exchange(local_embeddings, None, k=int(k))
+        xn = self._gather_normalized(local_embeddings, sizes)
+        batch, sdt = xn.shape[0], stats_dtype(xn.dtype)
+        best = torch.full((batch, k), -float("inf"), dtype=sdt, device=xn.device)
+        best_ids = torch.full((batch, k), -1, dtype=torch.long, device=xn.device)
+        chunk = self._plan(batch, self.num_local).chunk
+        for start in range(0, self.num_local, chunk):
+            stop = min(start + chunk, self.num_local)
+            cos = chunk_cosines(xn, *chunk_rows(self.weight, None, start, stop, sdt))
+            ids = torch.arange(start, stop, device=xn.device).expand(batch, -1)
+            best, pick = torch.cat([best, cos], 1).topk(k, dim=1)
+            best_ids = torch.cat([best_ids, ids], 1).gather(1, pick)
+        best_ids = torch.where(best_ids >= 0, best_ids + self.class_range[0], best_ids)
+        scores = gather_rows(best.t().contiguous(), [k] * self.world_size, self.group)  # [W*k, B]
+        ids = gather_rows(best_ids.t().contiguous(), [k] * self.world_size, self.group)
+        top, pick = scores.t().topk(k, dim=1)
+        offset = sum(sizes[: self.rank])
+        rows = slice(offset, offset + sizes[self.rank])
+        return top[rows].to(self.weight.dtype), ids.t().gather(1, pick)[rows]

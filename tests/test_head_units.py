@@ -1,0 +1,145 @@
+"""Single-process unit tests of the head's parts: margins, chunk planning, sampling, sharding, init."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ffc_parallel as fp
+from ffc_parallel.heads.sampling import sample_rows, step_generator
+from ffc_parallel.heads.sharded import init_class_rows
+from ffc_parallel.heads.softmax_ce import ChunkPlan, ShardedMarginSoftmaxCE
+from tests.reference import dense_margin_loss, rel_err
+
+
+def test_shard_range_matches_design_formula():
+    for num_classes, world in [(10, 3), (7, 7), (3, 4), (1000, 8), (5, 1)]:
+        stops = 0
+        for rank in range(world):
+            start, stop = fp.shard_range(num_classes, world, rank)
+            assert start == num_classes // world * rank + min(rank, num_classes % world)
+            assert stop - start == num_classes // world + (rank < num_classes % world)
+            assert start == stops
+            stops = stop
+        assert stops == num_classes
+
+
+def test_init_rows_independent_of_sharding():
+    full = init_class_rows(0, 200_000, 3, 0.01, seed=7)
+    for start, stop in [(0, 1), (65_535, 65_537), (131_000, 200_000), (5, 5)]:
+        assert torch.equal(init_class_rows(start, stop, 3, 0.01, seed=7), full[start:stop])
+    assert not torch.equal(init_class_rows(0, 10, 3, 0.01, seed=8), full[:10])
+
+
+def test_margin_shorthands_and_validation():
+    assert fp.heads.resolve_margin("arcface") == fp.CombinedMargin(64.0, 1.0, 0.5, 0.0)
+    assert fp.heads.resolve_margin("cosface") == fp.CombinedMargin(64.0, 1.0, 0.0, 0.4)
+    assert fp.heads.resolve_margin(None, 30) == fp.CombinedMargin(30.0)
+    assert fp.CombinedMargin(1, 2, 3 / 10, 4 / 10) == fp.CombinedMargin(s=1, m1=2, m2=0.3, m3=0.4)
+    with pytest.raises(ValueError, match="unknown margin"):
+        fp.heads.resolve_margin("sphereface")
+    with pytest.raises(ValueError, match="m2 must be"):
+        fp.CombinedMargin(64, 1, 4.0)
+
+
+def test_arcface_target_continuous_and_increasing_past_the_wrap():
+    m = fp.heads.resolve_margin("arcface")
+    c = torch.linspace(-1, 1, 20001, dtype=torch.float64)
+    f = m.target(c)
+    assert (f[1:] > f[:-1]).all(), "target must increase with the cosine"
+    wrap = math.cos(math.pi - 0.5)
+    near = torch.tensor([wrap - 1e-9, wrap + 1e-9], dtype=torch.float64)
+    assert float(m.target(near).diff().abs()) < 1e-8, "target must be continuous at the wrap point"
+    assert abs(float(m.target(torch.tensor(wrap, dtype=torch.float64))) + 1.0) < 1e-12
+
+
+def test_true_and_straight_through_gradients():
+    exact = fp.heads.resolve_margin("arcface")
+    c = torch.tensor([0.9, 0.5, 0.0, -0.5, -0.95], dtype=torch.float64, requires_grad=True)
+    exact.target(c).sum().backward()
+    assert rel_err(exact.target_grad(c.detach()), c.grad) < 1e-10
+    theta = math.radians(45)
+    ratio = float(exact.target_grad(torch.tensor(math.cos(theta), dtype=torch.float64)))
+    assert abs(ratio - math.sin(theta + 0.5) / math.sin(theta)) < 1e-12 and 1.3 < ratio < 1.4
+    st = fp.CombinedMargin(64, 1, 0.5, 0, straight_through=True)
+    assert torch.equal(st.target_grad(c.detach()), torch.ones(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rows,threshold,chunk", [(None, None, 2), (torch.tensor([0, 2, 3, 6, 8]), None, 3),
+                                                  (None, 0.3, 4)])
+def test_gradcheck_fused_function(rows, threshold, chunk):
+    torch.manual_seed(0)
+    xn = torch.nn.functional.normalize(torch.randn(6, 4, dtype=torch.float64), dim=1).requires_grad_()
+    w = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    cols = 9 if rows is None else rows.numel()
+    target = torch.randint(cols, (6,))
+    target[1] = -1  # owned by another rank
+    margin = fp.CombinedMargin(4.0, 1.0, 0.3, 0.1)
+    for cached in (0, 99):
+        plan = ChunkPlan(chunk, cached)
+        fn = lambda a, b: ShardedMarginSoftmaxCE.apply(a, b, rows, target, margin, threshold, plan, None)
+        assert torch.autograd.gradcheck(fn, (xn, w), eps=1e-6, atol=1e-7)
+
+
+def test_fp32_head_close_to_float64_reference():
+    torch.manual_seed(1)
+    head = fp.ShardedClassifier(16, 50, margin="arcface", chunk_size=7)
+    x = torch.randn(12, 16, requires_grad=True)
+    y = torch.randint(50, (12,))
+    loss = head(x, y)
+    loss.backward()
+    rx = x.detach().double().requires_grad_()
+    rw = head.weight.detach().double().requires_grad_()
+    ref = dense_margin_loss(rx, rw, y, 64.0, 1.0, 0.5, 0.0)
+    ref.backward()
+    assert rel_err(loss.detach(), ref.detach()) < 1e-5
+    assert rel_err(x.grad, rx.grad) < 1e-4 and rel_err(head.weight.grad, rw.grad) < 1e-4
+
+
+def test_chunk_plan_respects_budget():
+    plan = ChunkPlan.for_budget(batch=256, num_cols=1_000_000, elem_bytes=4, budget_bytes=256 << 20)
+    work = 3 * 256 * 4 * plan.chunk
+    cache = plan.cached * 256 * 4 * plan.chunk
+    assert work <= (256 << 20) // 4 + 256 * 4 and work + cache <= 256 << 20
+    small = ChunkPlan.for_budget(batch=64, num_cols=1000, elem_bytes=4, budget_bytes=256 << 20)
+    assert small.chunk == 1000 and small.cached == 1, "a small shard is computed once and kept"
+    assert ChunkPlan.for_budget(8, 100, 4, 1 << 30, chunk_size=7).chunk == 7
+
+
+def test_sampler_keeps_positives_counts_and_is_uniform():
+    positives = torch.tensor([3, 10, 11])
+    counts = torch.zeros(40)
+    for step in range(3000):
+        rows = sample_rows(positives, 40, 8, step_generator(0, 0, step))
+        assert rows.numel() == 8 and torch.isin(positives, rows).all()
+        assert torch.equal(rows, rows.unique())
+        counts[rows] += 1
+    negatives = counts[~torch.isin(torch.arange(40), positives)]
+    expected = 3000 * 5 / 37
+    assert float((negatives - expected).abs().max()) < 5 * math.sqrt(expected)
+    # the dense regime (most rows wanted) and more positives than the sample size
+    assert sample_rows(positives, 40, 30, step_generator(0, 0, 1)).numel() == 30
+    assert torch.equal(sample_rows(positives, 40, 2, step_generator(0, 0, 1)), positives)
+
+
+def test_eval_mode_uses_every_class():
+    head = fp.ShardedClassifier(4, 30, sample_rate=0.1)
+    x, y = torch.randn(3, 4), torch.tensor([1, 2, 3])
+    head(x, y)
+    assert head.last_sampled_rows is not None and head.last_sampled_rows.numel() == 3
+    head.eval()
+    head(x, y)
+    assert head.last_sampled_rows is None
+
+
+def test_init_distributed_alone_with_no_environment():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    code = ("import ffc_parallel as fp; a = fp.init_distributed(); b = fp.init_distributed(); "
+            "assert a is b; print(a.world_size, a.rank, a.backend, a.launcher)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1 0 gloo single process"
+    assert "ffc_parallel: launcher=single process, world_size=1" in out.stderr
