@@ -3,7 +3,7 @@ import torch
 
 import ffc_parallel as fp
 from ffc_parallel.heads.sharded import init_class_rows
-from tests.reference import dense_margin_loss, rel_err
+from tests.reference import dense_margin_loss, margin_target, rel_err
 
 MARGINS = {
     "arcface": ("arcface", (64.0, 1.0, 0.5, 0.0)),
@@ -131,6 +131,9 @@ BAD_INPUTS = {
     "length_mismatch": "5 embeddings but 4 labels",
     "one_dim_embeddings": "embeddings must be a 2-D floating-point tensor",
     "two_dim_labels": "labels must be a 1-D tensor",
+    "soft_target_out_of_range": "soft target classes must be in [0, 13), got [0, 99]",
+    "soft_target_bad_probs": "soft target probabilities must be finite, >= 0 and sum to at most 1",
+    "soft_target_k_mismatch": "soft_targets has K=3 but rank 0 has K=2",
 }
 
 
@@ -165,8 +168,16 @@ def _bad_input_round(kind, bad_rank):
             bx = bx[:, 0]
         elif kind == "two_dim_labels":
             by = by.view(5, 1)
+    soft = (torch.zeros(5, 2, dtype=torch.long), torch.full((5, 2), 0.1))
+    if rank == bad_rank and kind.startswith("soft_target"):
+        if kind == "soft_target_out_of_range":
+            soft[0][3, 1] = 99
+        elif kind == "soft_target_bad_probs":
+            soft[1][0, 0] = 0.95
+        else:
+            soft = (torch.zeros(5, 3, dtype=torch.long), torch.full((5, 3), 0.1))
     try:
-        head(bx, by)
+        head(bx, by, soft_targets=soft if kind.startswith("soft_target") else None)
         message = None
     except ValueError as exc:
         message = str(exc)
@@ -182,3 +193,47 @@ def launcher_info():
     loss = head(x, torch.tensor([0, 5, 9]))
     return {"rank": info.rank, "world": info.world_size, "launcher": info.launcher,
             "local_rank": info.local_rank, "backend": info.backend, "loss": float(loss)}
+
+
+def soft_targets_and_class_weights_match_dense(num_classes, dim, batch_sizes, k, seed=0):
+    """Soft targets (label smoothing over chosen classes) and sharded class weights vs dense."""
+    rank = fp.get_rank()
+    x_all, y_all = _global_batch(batch_sizes, dim, num_classes, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    extra = torch.randint(num_classes, (y_all.numel(), k), generator=g)
+    extra[0, 0] = y_all[0]  # a soft target on the label itself
+    probs = torch.rand(y_all.numel(), k, generator=g, dtype=torch.float64) * (0.4 / k)
+    class_w = torch.rand(num_classes, generator=g, dtype=torch.float64) + 0.2
+    full_w = init_class_rows(0, num_classes, dim, 0.01, seed).to(torch.float64)
+    ref_x, ref_w = x_all.clone().requires_grad_(), full_w.clone().requires_grad_()
+    cos = torch.nn.functional.normalize(ref_x, dim=1) @ torch.nn.functional.normalize(ref_w, dim=1).t()
+    rows = torch.arange(y_all.numel())
+    logits = (64.0 * cos).index_put((rows, y_all), margin_target(cos[rows, y_all], 64.0, 1.0, 0.5, 0.0))
+    logp = torch.log_softmax(logits, dim=1)
+    q = torch.cat([1 - probs.sum(1, keepdim=True), probs], dim=1)
+    ll = (q * logp.gather(1, torch.cat([y_all[:, None], extra], dim=1))).sum(1)
+    wy = class_w[y_all]
+    ref = -(wy * ll).sum() / wy.sum()
+    ref.backward()
+    for chunk in (None, 3):
+        head = fp.ShardedClassifier(dim, num_classes, margin="arcface", dtype=torch.float64, chunk_size=chunk,
+                                    seed=seed)
+        start, stop = head.class_range
+        head.set_class_weight(class_w[start:stop])
+        x = _local(x_all, batch_sizes, rank).clone().requires_grad_()
+        loss = head(x, _local(y_all, batch_sizes, rank),
+                    soft_targets=(_local(extra, batch_sizes, rank), _local(probs, batch_sizes, rank)))
+        loss.backward()
+        err = {"loss": rel_err(loss.detach(), ref.detach()),
+               "grad_x": rel_err(x.grad, _local(ref_x.grad, batch_sizes, rank)),
+               "grad_w": rel_err(head.weight.grad, ref_w.grad[start:stop]) if stop > start else 0.0}
+        assert all(v < 1e-5 for v in err.values()), f"rank {rank} chunk {chunk}: {err}"
+    # Partial FC keeps every soft-target class among the sampled rows.
+    pfc = fp.ShardedClassifier(dim, num_classes, sample_rate=0.1, dtype=torch.float64, seed=seed)
+    pfc(_local(x_all, batch_sizes, rank), _local(y_all, batch_sizes, rank),
+        soft_targets=(_local(extra, batch_sizes, rank), _local(probs, batch_sizes, rank)))
+    start, stop = pfc.class_range
+    wanted = torch.cat([y_all, extra.flatten()])
+    wanted = wanted[(wanted >= start) & (wanted < stop)].unique() - start
+    assert torch.isin(wanted, pfc.last_sampled_rows).all()
+    return err

@@ -77,3 +77,9 @@ def test_torchrun_style_variables():
     results = run_ranks("tests.cases_head:launcher_info", 2, timeout=60)
     assert [r["launcher"] for r in results] == ["torchrun/env"] * 2
     assert results[0]["loss"] == results[1]["loss"]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_soft_targets_and_sharded_class_weights(world):
+    run_ranks("tests.cases_head:soft_targets_and_class_weights_match_dense", world, timeout=120,
+              kwargs=dict(num_classes=19, dim=6, batch_sizes=[4, 2, 5, 3][:world], k=3))

@@ -10,7 +10,8 @@ import torch
 import ffc_parallel as fp
 from ffc_parallel.heads.sampling import sample_rows, step_generator
 from ffc_parallel.heads.sharded import init_class_rows
-from ffc_parallel.heads.softmax_ce import ChunkPlan, ShardedMarginSoftmaxCE
+from ffc_parallel.heads.row_loss import CrossEntropy
+from ffc_parallel.heads.softmax_ce import ChunkPlan, ShardedMarginSoftmaxCE, Targets
 from tests.reference import dense_margin_loss, rel_err
 
 
@@ -67,19 +68,26 @@ def test_true_and_straight_through_gradients():
     assert torch.equal(st.target_grad(c.detach()), torch.ones(5, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("rows,threshold,chunk", [(None, None, 2), (torch.tensor([0, 2, 3, 6, 8]), None, 3),
-                                                  (None, 0.3, 4)])
-def test_gradcheck_fused_function(rows, threshold, chunk):
+@pytest.mark.parametrize("rows,threshold,chunk,soft", [(None, None, 2, False), (torch.tensor([0, 2, 3, 6, 8]), None, 3, False),
+                                                       (None, 0.3, 4, False), (None, None, 4, True),
+                                                       (torch.tensor([1, 2, 4, 5, 7, 8]), 0.2, 5, True)])
+def test_gradcheck_fused_function(rows, threshold, chunk, soft):
     torch.manual_seed(0)
     xn = torch.nn.functional.normalize(torch.randn(6, 4, dtype=torch.float64), dim=1).requires_grad_()
     w = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
     cols = 9 if rows is None else rows.numel()
-    target = torch.randint(cols, (6,))
-    target[1] = -1  # owned by another rank
+    target = torch.randint(cols, (6, 3 if soft else 1))
+    target[1, 0] = -1  # owned by another rank
+    targets = Targets(target)
+    if soft:
+        target[2, 2] = target[2, 0]  # a soft target on the label itself
+        q = torch.rand(6, 3, dtype=torch.float64)
+        targets = Targets(target, q / q.sum(1, keepdim=True), torch.rand(6, dtype=torch.float64) + 0.5)
     margin = fp.CombinedMargin(4.0, 1.0, 0.3, 0.1)
     for cached in (0, 99):
         plan = ChunkPlan(chunk, cached)
-        fn = lambda a, b: ShardedMarginSoftmaxCE.apply(a, b, rows, target, margin, threshold, plan, None)
+        fn = lambda a, b: ShardedMarginSoftmaxCE.apply(a, b, rows, targets, margin, threshold, plan, None,
+                                                       CrossEntropy())
         assert torch.autograd.gradcheck(fn, (xn, w), eps=1e-6, atol=1e-7)
 
 

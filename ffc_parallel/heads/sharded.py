@@ -9,9 +9,10 @@ from torch import nn
 from ..distributed.collectives import all_gather_table, gather_rows
 from ..distributed.init import get_rank, get_world_size
 from .margins import resolve_margin
+from .row_loss import CrossEntropy
 from .sampling import sample_rows, step_generator
-from .softmax_ce import (DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, ShardedMarginSoftmaxCE, chunk_cosines,
-                         chunk_rows, stats_dtype)
+from .softmax_ce import (DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, ShardedMarginSoftmaxCE, Targets,
+                         chunk_cosines, chunk_rows, stats_dtype)
 
 _INIT_BLOCK = 1 << 16  # rows drawn per seeded block: the init of a class never depends on sharding
 
@@ -36,6 +37,35 @@ def init_class_rows(start: int, stop: int, dim: int, std: float, seed: int) -> t
     return out
 
 
+def _soft_target_summary(soft_targets, batch: int) -> list[int]:
+    """Integers describing one rank's soft targets for the input check: [K or -1, ok, min, max, bad]."""
+    if soft_targets is None:
+        return [-1, 1, 0, -1, 0]
+    classes, probs = soft_targets
+    shape_ok = (classes.dim() == 2 and probs.shape == classes.shape and classes.shape[0] == batch
+                and not classes.is_floating_point() and probs.is_floating_point())
+    if not shape_ok:
+        return [classes.shape[-1] if classes.dim() else 0, 0, 0, -1, 0]
+    lo, hi = (int(classes.min()), int(classes.max())) if classes.numel() else (0, -1)
+    bad = (~torch.isfinite(probs)).any() | (probs < 0).any() | (probs.sum(dim=1) > 1 + 1e-6).any()
+    return [classes.shape[1], 1, lo, hi, int(bad)]
+
+
+def _soft_target_problems(rank: int, summary, k0: int, num_classes: int) -> list[str]:
+    k, ok, lo, hi, bad = summary
+    problems = []
+    if not ok:
+        problems.append(f"rank {rank}: soft_targets must be (classes[b, K] int, probs[b, K] float) "
+                        f"with b = the number of embeddings")
+    elif k != k0:
+        problems.append(f"rank {rank}: soft_targets has K={k} but rank 0 has K={k0} (use the same K everywhere)")
+    elif lo <= hi and (lo < 0 or hi >= num_classes):
+        problems.append(f"rank {rank}: soft target classes must be in [0, {num_classes}), got [{lo}, {hi}]")
+    if bad:
+        problems.append(f"rank {rank}: soft target probabilities must be finite, >= 0 and sum to at most 1 per sample")
+    return problems
+
+
 class ShardedClassifier(nn.Module):
     """Margin-softmax classifier over ``num_classes`` classes sharded by class across ``group``.
 
@@ -45,6 +75,10 @@ class ShardedClassifier(nn.Module):
     rank) and returns the mean margin-softmax cross-entropy over the GLOBAL batch, identical on every
     rank. Its backward gives ``local_embeddings`` the gradient of that loss for this rank's rows and
     ``weight`` the gradient of this rank's class rows.
+
+    ``forward(..., soft_targets=(classes[b, K], probs[b, K]))`` spreads ``probs`` over extra global
+    classes per sample (label smoothing over chosen classes); the label keeps ``1 - probs.sum(1)``
+    and is the only target with a margin. The per-sample loss is ``-sum_t q_t log p_t``.
 
     Args:
         margin: ``"arcface"`` (s=64, m2=0.5), ``"cosface"`` (s=64, m3=0.4), ``None`` (scaled cosine
@@ -61,13 +95,16 @@ class ShardedClassifier(nn.Module):
         check_inputs: validate labels, shapes and finiteness (one small all-gather, which the
             uneven-batch gather needs anyway; the NaN scan costs one pass over the embeddings).
         seed: seeds the center init (per global class) and Partial FC sampling (per rank and step).
+        row_loss: how per-sample target log-likelihoods become the loss (default
+            :class:`~ffc_parallel.heads.row_loss.CrossEntropy`); see ``heads/row_loss.py``. Class
+            weights for it are set per shard with :meth:`set_class_weight`.
     """
 
     def __init__(self, embedding_dim: int, num_classes: int, margin="arcface", scale=None,
                  sample_rate: float = 1.0, filter_threshold: float | None = None, *, group=None,
                  init_std: float = 0.01, seed: int = 0, dtype=None, device=None,
                  memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, chunk_size: int | None = None,
-                 check_inputs: bool = True):
+                 check_inputs: bool = True, row_loss=None):
         super().__init__()
         if int(embedding_dim) < 1 or int(num_classes) < 1:
             raise ValueError(f"embedding_dim and num_classes must be >= 1, got {embedding_dim}, {num_classes}")
@@ -88,6 +125,8 @@ class ShardedClassifier(nn.Module):
         self.weight = nn.Parameter(rows.to(device=device, dtype=dtype or torch.get_default_dtype()))
         self.weight.ffc_class_sharded = True  # read by the engine: never broadcast or averaged
         self.weight.class_range = self.class_range
+        self.row_loss = row_loss if row_loss is not None else CrossEntropy()
+        self.register_buffer("class_weight", None)  # [num_local] or None: weights of own classes
         self.sample_step = 0          # Partial FC draws depend on (seed, rank, sample_step)
         self.last_sampled_rows = None  # local rows used by the last training forward (None: all)
 
@@ -97,8 +136,24 @@ class ShardedClassifier(nn.Module):
                 f"class_range={self.class_range}, margin=(s={m.s}, m1={m.m1}, m2={m.m2}, m3={m.m3}), "
                 f"sample_rate={self.sample_rate}, world_size={self.world_size}")
 
+    def set_class_weight(self, local_weight: torch.Tensor | None) -> None:
+        """Weights ``[num_local]`` of this rank's classes (rows ``class_range``), or None for none.
+
+        The loss sees each sample's label weight ``w_y`` through ``row_loss``; no rank ever holds
+        the weights of other ranks' classes.
+        """
+        if local_weight is not None:
+            local_weight = torch.as_tensor(local_weight)
+            if local_weight.shape != (self.num_local,):
+                raise ValueError(f"class weights must have shape [num_local] = [{self.num_local}] "
+                                 f"(this rank's classes {self.class_range}), got {tuple(local_weight.shape)}")
+            if not torch.isfinite(local_weight).all() or (local_weight < 0).any():
+                raise ValueError("class weights must be finite and non-negative")
+            local_weight = local_weight.to(device=self.weight.device, dtype=stats_dtype(self.weight.dtype))
+        self.class_weight = local_weight
+
     # ------------------------------------------------------------------ inputs
-    def _exchange(self, embeddings, labels=None, k: int = 0) -> list[int]:
+    def _exchange(self, embeddings, labels=None, k: int = 0, soft_targets=None) -> list[int]:
         """Validate every rank's inputs with one all-gather; return the per-rank batch sizes.
 
         Every rank sees the same table and raises the same ``ValueError`` before any other
@@ -116,10 +171,11 @@ class ShardedClassifier(nn.Module):
                 row[5], row[6] = int(labels.min()), int(labels.max())
         if self.check_inputs and e_ok:
             row[7] = int((~torch.isfinite(embeddings)).sum())
+        row += _soft_target_summary(soft_targets, embeddings.shape[0] if embeddings.dim() else -1)
         table = all_gather_table(torch.tensor(row, dtype=torch.long, device=self.weight.device),
                                  self.group).tolist()
         problems = []
-        for r, (b, d, e_ok, nl, is_int, lo, hi, bad, kk) in enumerate(table):
+        for r, (b, d, e_ok, nl, is_int, lo, hi, bad, kk, *soft) in enumerate(table):
             if not e_ok:
                 problems.append(f"rank {r}: embeddings must be a 2-D floating-point tensor [batch, {self.embedding_dim}]")
             elif d != self.embedding_dim:
@@ -137,6 +193,7 @@ class ShardedClassifier(nn.Module):
                 problems.append(f"rank {r}: {bad} non-finite (NaN/inf) values in the embeddings")
             if kk != table[0][8]:
                 problems.append(f"rank {r}: k={kk} differs from rank 0's k={table[0][8]}")
+            problems += _soft_target_problems(r, soft, table[0][9], self.num_classes)
         if labels is None and not 1 <= table[0][8] <= self.num_classes:
             problems.append(f"k must be in [1, {self.num_classes}], got {table[0][8]}")
         if not problems and sum(t[0] for t in table) == 0:
@@ -155,13 +212,16 @@ class ShardedClassifier(nn.Module):
                                     self.chunk_size)
 
     # ------------------------------------------------------------------ classes used this step
-    def select_classes(self, global_labels: torch.Tensor):
-        """``(rows, target_col)``: local rows to compute (None = all) and each global sample's
-        column among them (-1 when another rank owns its class). Draws Partial FC negatives in
-        training mode when ``sample_rate < 1``."""
+    def select_classes(self, target_classes: torch.Tensor):
+        """``(rows, cols)`` for global target class ids ``[B, T]`` (column 0: the labels).
+
+        ``rows``: sorted local rows to compute (None = all). ``cols[B, T]``: each target's column among
+        them, -1 where another rank owns the class. In training mode with ``sample_rate < 1`` every
+        owned target class is kept and uniform negatives are drawn (Partial FC).
+        """
         start, stop = self.class_range
-        owned = (global_labels >= start) & (global_labels < stop)
-        local = (global_labels - start).clamp_(0, max(self.num_local - 1, 0))
+        owned = (target_classes >= start) & (target_classes < stop)
+        local = (target_classes - start).clamp_(0, max(self.num_local - 1, 0))
         rows = None
         if self.training and self.sample_rate < 1.0:
             positives = local[owned].unique()
@@ -173,16 +233,36 @@ class ShardedClassifier(nn.Module):
         return rows, torch.where(owned, local, torch.full_like(local, -1))
 
     # ------------------------------------------------------------------ forward / predict
-    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        """Mean margin-softmax cross-entropy over the global batch (a scalar, same on every rank)."""
-        sizes = self._exchange(local_embeddings, local_labels)
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
+                soft_targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Mean margin-softmax cross-entropy over the global batch (a scalar, same on every rank).
+
+        ``local_embeddings[b, D]``, ``local_labels[b]`` int; optional ``soft_targets`` =
+        ``(classes[b, K] int, probs[b, K])``: see the class docstring.
+        """
+        sizes = self._exchange(local_embeddings, local_labels, soft_targets=soft_targets)
         xn = self._gather_normalized(local_embeddings, sizes)
-        labels = gather_rows(local_labels.to(device=self.weight.device, dtype=torch.long), sizes, self.group)
-        rows, target_col = self.select_classes(labels)
+        device = self.weight.device
+        classes = local_labels.to(device=device, dtype=torch.long).unsqueeze(1)
+        q = None
+        if soft_targets is not None:
+            extra, probs = (t.to(device) for t in soft_targets)
+            classes = torch.cat([classes, extra.long()], dim=1)
+            probs = probs.to(stats_dtype(self.weight.dtype))
+            q = torch.cat([1.0 - probs.sum(dim=1, keepdim=True), probs], dim=1)
+            q = gather_rows(q, sizes, self.group)
+        classes = gather_rows(classes, sizes, self.group)
+        rows, cols = self.select_classes(classes)
+        weight_part = None
+        if self.class_weight is not None:
+            own = cols[:, 0] >= 0
+            label_rows = classes[:, 0] - self.class_range[0]
+            weight_part = torch.where(own, self.class_weight[label_rows.clamp(0, max(self.num_local - 1, 0))],
+                                      torch.zeros((), dtype=self.class_weight.dtype, device=device))
         num_cols = self.num_local if rows is None else rows.numel()
-        return ShardedMarginSoftmaxCE.apply(xn, self.weight, rows, target_col, self.margin,
+        return ShardedMarginSoftmaxCE.apply(xn, self.weight, rows, Targets(cols, q, weight_part), self.margin,
                                             self.filter_threshold, self._plan(xn.shape[0], num_cols),
-                                            self.group)
+                                            self.group, self.row_loss)
 
     @torch.no_grad()
     def predict(self, local_embeddings: torch.Tensor, k: int = 1):

@@ -80,27 +80,45 @@ def chunk_cosines(xn, w_c, inv):
     return cos.mul_(inv).clamp_(-1.0, 1.0)
 
 
-def _targets_in(target_col, start, stop):
-    """Rows whose target class lies in local columns ``start:stop`` and those columns - start."""
-    rows = ((target_col >= start) & (target_col < stop)).nonzero().squeeze(1)
-    return rows, target_col[rows] - start
+@dataclass
+class Targets:
+    """What each sample of the global batch is scored against (tensors on the weight's device).
+
+    cols: ``[B, T]`` column of each target among the used local rows, -1 where another rank owns the
+        class. Column 0 is the sample's label, the only target that gets the margin.
+    q: ``[B, T]`` target probabilities (each row sums to 1), or None for ``T = 1``, ``q = 1``.
+    class_weight_part: ``[B]`` the label's class weight where this rank owns the label, 0 elsewhere
+        (summed over ranks into ``w_y``), or None for unit weights.
+    """
+
+    cols: torch.Tensor
+    q: torch.Tensor | None = None
+    class_weight_part: torch.Tensor | None = None
 
 
-def _chunk_logits(cos, t_rows, t_cols, margin: CombinedMargin, filter_threshold, inplace):
+def _targets_in(cols, start, stop):
+    """Entries ``(rows, cols - start, t)`` of the ``[B, T]`` target table inside columns start:stop."""
+    rows, t = ((cols >= start) & (cols < stop)).nonzero(as_tuple=True)
+    return rows, cols[rows, t] - start, t
+
+
+def _chunk_logits(cos, rows, cols, t, margin: CombinedMargin, filter_threshold, inplace):
     """Logits of one chunk from its cosines; returns ``(logits, filtered_mask or None)``.
 
-    Negatives with ``cos > filter_threshold`` get logit 0 (insightface's interclass filtering).
+    Targets ``t == 0`` get the margin. Non-target cosines above ``filter_threshold`` get logit 0
+    (insightface's interclass filtering).
     """
-    t_cos = cos[t_rows, t_cols]
+    label = t == 0
+    label_cos = cos[rows[label], cols[label]]
     mask = None
     if filter_threshold is not None:
         mask = cos > filter_threshold
-        mask[t_rows, t_cols] = False
+        mask[rows, cols] = False
     logits = cos if inplace else cos.clone()
     if mask is not None:
         logits.masked_fill_(mask, 0.0)
     logits.mul_(margin.s)
-    logits[t_rows, t_cols] = margin.s * margin.target(t_cos)
+    logits[rows[label], cols[label]] = margin.s * margin.target(label_cos)
     return logits, mask
 
 
@@ -111,30 +129,36 @@ def _chunks(n, chunk):
 class ShardedMarginSoftmaxCE(torch.autograd.Function):
     """``loss = f(xn[B, D], weight[num_local, D])``; see the module docstring.
 
+    With target probabilities ``q`` (soft targets) each sample's target log-likelihood is
+    ``l_b = sum_t q_bt * log p_b,t`` over the global softmax; ``row_loss(l[B], w_y[B])`` turns it into
+    the loss and its derivative ``dloss/dl`` (default: ``-mean(l)``), so that
+    ``d loss / d logit_bj = dloss/dl_b * (q_bj - p_bj)``.
+
     Args (non-tensor ones get no gradient):
         rows: ``[S]`` sorted local row indices to use (Partial FC) or None for all rows.
-        target_col: ``[B]`` column of each sample's target among the used rows, -1 if another rank
-            owns it.
+        targets: a :class:`Targets` for the global batch.
         plan: a :class:`ChunkPlan`. group: the process group the classes are sharded over.
+        row_loss: a :class:`~ffc_parallel.heads.row_loss.RowLoss`.
     """
 
     @staticmethod
-    def forward(ctx, xn, weight, rows, target_col, margin, filter_threshold, plan, group):
+    def forward(ctx, xn, weight, rows, targets, margin, filter_threshold, plan, group, row_loss):
         batch, sdt = xn.shape[0], stats_dtype(xn.dtype)
         num_cols = weight.shape[0] if rows is None else rows.numel()
         need_grad = any(ctx.needs_input_grad[:2])
+        q = targets.q.to(sdt) if targets.q is not None else torch.ones_like(targets.cols, dtype=sdt)
         run_max = torch.full((batch,), -math.inf, dtype=sdt, device=xn.device)
         run_sum = torch.zeros(batch, dtype=sdt, device=xn.device)
-        target_logit = torch.zeros(batch, dtype=sdt, device=xn.device)
+        target_logit = torch.zeros(batch, dtype=sdt, device=xn.device)   # sum_t q_t * z_t (local part)
         cache = []
         for index, (start, stop) in enumerate(_chunks(num_cols, plan.chunk)):
             cos = chunk_cosines(xn, *chunk_rows(weight, rows, start, stop, sdt))
             keep = need_grad and index < plan.cached
             if keep:
                 cache.append(cos)
-            t_rows, t_cols = _targets_in(target_col, start, stop)
-            logits, _ = _chunk_logits(cos, t_rows, t_cols, margin, filter_threshold, inplace=not keep)
-            target_logit[t_rows] = logits[t_rows, t_cols]
+            t_rows, t_cols, t = _targets_in(targets.cols, start, stop)
+            logits, _ = _chunk_logits(cos, t_rows, t_cols, t, margin, filter_threshold, inplace=not keep)
+            target_logit.index_add_(0, t_rows, q[t_rows, t] * logits[t_rows, t_cols])
             new_max = torch.maximum(run_max, logits.amax(dim=1))
             run_sum.mul_(torch.exp(run_max - new_max))
             logits.sub_(new_max.unsqueeze(1)).exp_()
@@ -142,21 +166,25 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
             run_max = new_max
         global_max = all_reduce_(run_max.clone(), dist.ReduceOp.MAX, group)
         # A rank without classes has run_max = -inf: its sum contributes exp(-inf) * 0 = 0.
-        summed = torch.stack([run_sum * torch.exp(run_max - global_max), target_logit], dim=1)
-        all_reduce_(summed, dist.ReduceOp.SUM, group)
+        parts = [run_sum * torch.exp(run_max - global_max), target_logit]
+        if targets.class_weight_part is not None:
+            parts.append(targets.class_weight_part.to(sdt))
+        summed = all_reduce_(torch.stack(parts, dim=1), dist.ReduceOp.SUM, group)
         log_z = global_max + torch.log(summed[:, 0])
-        loss = (log_z - summed[:, 1]).mean()
-        ctx.save_for_backward(xn, weight, rows, target_col, log_z)
-        ctx.cache, ctx.margin, ctx.filter_threshold, ctx.plan = cache, margin, filter_threshold, plan
+        class_weight = summed[:, 2] if targets.class_weight_part is not None else None
+        loss, dloss_dl = row_loss(summed[:, 1] - log_z, class_weight)
+        ctx.save_for_backward(xn, weight, rows, log_z, dloss_dl.to(sdt))
+        ctx.targets, ctx.q, ctx.cache = targets, q, cache
+        ctx.margin, ctx.filter_threshold, ctx.plan = margin, filter_threshold, plan
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        xn, weight, rows, target_col, log_z = ctx.saved_tensors
-        margin, plan, cache = ctx.margin, ctx.plan, ctx.cache
+        xn, weight, rows, log_z, dloss_dl = ctx.saved_tensors
+        margin, plan, cache, targets, q = ctx.margin, ctx.plan, ctx.cache, ctx.targets, ctx.q
         want_x, want_w = ctx.needs_input_grad[:2]
         sdt = log_z.dtype
-        coef = grad_loss.to(sdt) * (margin.s / xn.shape[0])
+        row_coef = (grad_loss.to(sdt) * dloss_dl).unsqueeze(1)    # d loss / d l_b
         num_cols = weight.shape[0] if rows is None else rows.numel()
         grad_x = torch.zeros(xn.shape, dtype=sdt, device=xn.device) if want_x else None
         grad_w = None
@@ -169,14 +197,16 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
                 cos = chunk_cosines(xn, w_c, inv)
             else:
                 cache[index] = None
-            t_rows, t_cols = _targets_in(target_col, start, stop)
-            grad, mask = _chunk_logits(cos, t_rows, t_cols, margin, ctx.filter_threshold, inplace=False)
-            grad.sub_(log_z.unsqueeze(1)).exp_()                      # softmax probabilities
-            t_cos = cos[t_rows, t_cols]
-            grad[t_rows, t_cols] = (grad[t_rows, t_cols] - 1.0) * margin.target_grad(t_cos)
+            t_rows, t_cols, t = _targets_in(targets.cols, start, stop)
+            grad, mask = _chunk_logits(cos, t_rows, t_cols, t, margin, ctx.filter_threshold, inplace=False)
+            grad.sub_(log_z.unsqueeze(1)).exp_().mul_(row_coef.neg())   # -dl * p
+            grad.index_put_((t_rows, t_cols), row_coef[t_rows, 0] * q[t_rows, t], accumulate=True)
+            label = t == 0                                              # d logit / d cos: s (label: s f')
+            l_rows, l_cols = t_rows[label], t_cols[label]
+            grad[l_rows, l_cols] *= margin.target_grad(cos[l_rows, l_cols])
             if mask is not None:
                 grad.masked_fill_(mask, 0.0)
-            grad.mul_(coef).mul_(inv)                                   # d loss / d (xn . w_c)
+            grad.mul_(inv).mul_(margin.s)                               # d loss / d (xn . w_c)
             g = grad if grad.dtype == xn.dtype else grad.to(xn.dtype)
             if want_x:
                 if g.dtype == sdt:
@@ -193,4 +223,4 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
                     grad_w.index_copy_(0, rows[start:stop], g_w)
         if grad_x is not None and grad_x.dtype != xn.dtype:
             grad_x = grad_x.to(xn.dtype)
-        return grad_x, grad_w, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None
