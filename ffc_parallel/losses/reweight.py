@@ -1,0 +1,346 @@
+"""Re-weighting losses for long-tailed data on the class-sharded head.
+
+Class weights live with the classes: rank r holds the weights of its own classes ``[num_local]``
+(``head.set_class_weight``), computed here from this shard's class counts; a formula that needs a
+global quantity (the rarest class, the normalising sum) costs one all-reduce of a scalar. The head
+hands every sample's label weight ``w_y`` and global target log-probability ``l = log p_y`` to its
+``row_loss``; the row losses below turn them into the loss:
+
+* :class:`WeightedCrossEntropy`  ``-w_y log p_y``                  (CS_CE, CB_CE with class weights)
+* :class:`SoftmaxFocal`          ``-w_y (1 - p_y)^γ log p_y``        (focal; CB_Focal with CB weights)
+
+Reductions: ``"weighted_mean"`` divides the sum by ``Σ_b w_y[b]`` (PyTorch's ``cross_entropy(weight=)``;
+equal to the plain mean without weights), ``"mean"`` by the global batch size ``B`` (the class-balanced
+loss paper's code).
+
+Sigmoid focal loss is elementwise over every logit, not a softmax: :class:`ShardedSigmoidFocal` is its
+own fused, chunked pass over the head's shard (never ``[B, C]``), with the head's margin on the
+target logit and Partial FC.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..distributed.collectives import all_reduce_, gather_rows
+from ..heads.softmax_ce import ChunkPlan, chunk_cosines, chunk_rows, stats_dtype
+
+_REDUCTIONS = ("weighted_mean", "mean")
+
+
+# ---------------------------------------------------------------------------- class weights
+def shard_class_counts(labels: torch.Tensor, class_range: tuple[int, int]) -> torch.Tensor:
+    """Number of samples of each class in ``class_range = (start, stop)``: int64 ``[stop - start]``.
+
+    ``labels`` are the data set's labels (all of them, e.g. the same array on every rank); only the
+    ones of this shard's classes are counted, so no rank builds a ``[C]`` vector.
+    """
+    start, stop = class_range
+    labels = torch.as_tensor(labels).reshape(-1).long()
+    mine = labels[(labels >= start) & (labels < stop)] - start
+    return torch.bincount(mine, minlength=stop - start)
+
+
+def _counts(local_counts) -> torch.Tensor:
+    counts = torch.as_tensor(local_counts)
+    if counts.dim() != 1 or counts.is_floating_point() and not torch.isfinite(counts).all() or (counts < 0).any():
+        raise ValueError("class counts must be a 1-D tensor of non-negative numbers [num_local]")
+    return counts.to(torch.float64)
+
+
+def cs_weights(local_counts, gamma: float = 1.0, group=None) -> torch.Tensor:
+    """Cost-sensitive weights ``w_c = (N_min / N_c)^γ`` of this shard's classes (float64 ``[num_local]``).
+
+    ``N_min`` is the smallest non-zero count over ALL classes (one all-reduce MIN over ``group``;
+    every rank of the group must call). Classes without samples get weight 0 (they never occur as a
+    label, so their weight has no effect).
+    """
+    counts = _counts(local_counts)
+    present = counts > 0
+    local_min = counts[present].min() if present.any() else torch.tensor(math.inf, dtype=torch.float64)
+    n_min = all_reduce_(local_min.reshape(1).clone(), dist.ReduceOp.MIN, group)
+    if not torch.isfinite(n_min).all():
+        raise ValueError("cs_weights: every class count is 0 on every rank")
+    return torch.where(present, (n_min / counts.clamp_min(1)) ** float(gamma), torch.zeros_like(counts))
+
+
+def cb_weights(local_counts, beta: float = 0.999, group=None) -> torch.Tensor:
+    """Class-balanced weights ``(1 - β) / (1 - β^{n_c})`` normalised to sum to the number of classes.
+
+    Computed per shard (float64 ``[num_local]``); the normalising sum and the class count are one
+    all-reduce over ``group`` (every rank must call). Classes without samples get weight 0 and are
+    left out of the normalisation (the sum equals the number of classes with samples, ``C`` when
+    every class has one). ``β = 0`` gives all ones; ``β → 1`` tends to ``1 / n_c`` (normalised).
+    """
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"cb_weights: beta must be in [0, 1), got {beta}")
+    counts = _counts(local_counts)
+    present = counts > 0
+    if beta == 0.0:
+        raw = present.to(torch.float64)
+    else:  # (1 - β) / (1 - β^n), with 1 - β^n = -expm1(n log β) for accuracy near β = 1
+        raw = (1.0 - beta) / (-torch.expm1(counts.clamp_min(1) * math.log(beta)))
+        raw = torch.where(present, raw, torch.zeros_like(raw))
+    sums = all_reduce_(torch.stack([raw.sum(), present.sum().to(torch.float64)]), dist.ReduceOp.SUM, group)
+    if sums[1] == 0:
+        raise ValueError("cb_weights: every class count is 0 on every rank")
+    return raw * (sums[1] / sums[0])
+
+
+# ---------------------------------------------------------------------------- row losses
+def _reduce(per_sample: torch.Tensor, weight: torch.Tensor | None, reduction: str):
+    """``(loss, d loss / d per_sample)`` of the weighted sum divided by Σw or by B."""
+    batch = per_sample.numel()
+    w = torch.ones_like(per_sample) if weight is None else weight.to(per_sample.dtype)
+    norm = w.sum() if reduction == "weighted_mean" else torch.tensor(float(batch), dtype=per_sample.dtype)
+    if not norm > 0:
+        raise ValueError("the class weights of every label in the global batch are 0: the weighted mean "
+                         "is undefined (give those classes a positive weight or use reduction='mean')")
+    return (w * per_sample).sum() / norm, w / norm
+
+
+def _check_reduction(reduction: str) -> str:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+class WeightedCrossEntropy:
+    """Row loss ``Σ_b w_y[b] (-log p_b) / norm`` (CS_CE / CB_CE when the head has class weights).
+
+    ``norm = Σ_b w_y[b]`` (``"weighted_mean"``, PyTorch's weighted cross-entropy) or ``B`` (``"mean"``).
+    """
+
+    def __init__(self, reduction: str = "weighted_mean"):
+        self.reduction = _check_reduction(reduction)
+
+    def __call__(self, log_p, class_weight):
+        loss, coef = _reduce(-log_p, class_weight, self.reduction)
+        return loss, -coef
+
+    def __repr__(self):
+        return f"WeightedCrossEntropy(reduction={self.reduction!r})"
+
+
+class SoftmaxFocal:
+    """Row loss ``Σ_b w_y[b] · (-(1 - p_b)^γ log p_b) / norm`` with ``p_b = exp(log_p[b])``.
+
+    Softmax focal loss (γ = 2 default; γ = 0 is cross-entropy); with class-balanced weights on the
+    head it is CB_Focal. Derivative with respect to ``l = log p``:
+    ``-(1 - p)^γ + γ (1 - p)^{γ-1} p l`` (finite for every γ >= 0: the second term vanishes as p → 1).
+    With soft targets the head passes ``l = Σ_t q_t log p_t``; then ``p = exp(l)``.
+    """
+
+    def __init__(self, gamma: float = 2.0, reduction: str = "weighted_mean"):
+        if not gamma >= 0:
+            raise ValueError(f"SoftmaxFocal: gamma must be >= 0, got {gamma}")
+        self.gamma, self.reduction = float(gamma), _check_reduction(reduction)
+
+    def __call__(self, log_p, class_weight):
+        g = self.gamma
+        p = torch.exp(log_p)
+        one_minus_p = (-torch.expm1(log_p)).clamp_min(0.0)
+        per_sample = -(one_minus_p ** g) * log_p
+        d_per_sample = -(one_minus_p ** g)
+        if g > 0:
+            tiny = torch.finfo(log_p.dtype).tiny
+            d_per_sample = d_per_sample + g * one_minus_p.clamp_min(tiny) ** (g - 1.0) * p * log_p
+        loss, coef = _reduce(per_sample, class_weight, self.reduction)
+        return loss, coef * d_per_sample
+
+    def __repr__(self):
+        return f"SoftmaxFocal(gamma={self.gamma}, reduction={self.reduction!r})"
+
+
+# ---------------------------------------------------------------------------- one call to set it up
+REWEIGHTING = ("ce", "cs_ce", "cb_ce", "focal", "cb_focal")
+
+
+def configure_reweighting(head, method: str, local_counts=None, *, gamma: float = 1.0, beta: float = 0.999,
+                          focal_gamma: float = 2.0, reduction: str = "weighted_mean") -> None:
+    """Set ``head.row_loss`` and ``head.class_weight`` for one of :data:`REWEIGHTING`.
+
+    ``"ce"``: plain cross-entropy, no weights; ``"cs_ce"``: CE with ``cs_weights(counts, gamma)``;
+    ``"cb_ce"``: CE with ``cb_weights(counts, beta)``; ``"focal"``: softmax focal (``focal_gamma``),
+    no weights; ``"cb_focal"``: softmax focal with CB weights. ``local_counts[num_local]`` are this
+    rank's class counts (:func:`shard_class_counts`); weighted methods all-reduce over ``head.group``,
+    so every rank must call.
+    """
+    if method not in REWEIGHTING:
+        raise ValueError(f"unknown re-weighting {method!r}: use one of {REWEIGHTING}")
+    weights = None
+    if method in ("cs_ce", "cb_ce", "cb_focal"):
+        if local_counts is None:
+            raise ValueError(f"re-weighting {method!r} needs this rank's class counts (shard_class_counts)")
+        counts = torch.as_tensor(local_counts)
+        if counts.shape != (head.num_local,):
+            raise ValueError(f"class counts must have shape [num_local] = [{head.num_local}], got {tuple(counts.shape)}")
+        weights = cs_weights(counts, gamma, head.group) if method == "cs_ce" else cb_weights(counts, beta, head.group)
+    head.row_loss = (SoftmaxFocal(focal_gamma, reduction) if method in ("focal", "cb_focal")
+                     else WeightedCrossEntropy(reduction))
+    head.set_class_weight(weights)
+
+
+class DeferredReweighting:
+    """DRW: train with ``before`` class weights (None = unweighted) until ``switch_epoch``, then ``after``.
+
+    ``apply(head, epoch)`` sets the head's weights for that epoch (call it at the start of every
+    epoch; it is idempotent and works when resuming mid-schedule). ``after`` is this rank's
+    ``[num_local]`` weights, e.g. ``cb_weights(counts, 0.9999)``.
+    """
+
+    def __init__(self, switch_epoch: int, after: torch.Tensor, before: torch.Tensor | None = None):
+        if switch_epoch < 0:
+            raise ValueError(f"switch_epoch must be >= 0, got {switch_epoch}")
+        self.switch_epoch, self.after, self.before = int(switch_epoch), after, before
+
+    def weights(self, epoch: int):
+        return self.after if epoch >= self.switch_epoch else self.before
+
+    def apply(self, head, epoch: int) -> None:
+        head.set_class_weight(self.weights(epoch))
+
+
+# ---------------------------------------------------------------------------- sigmoid focal
+def _focal_elements(z, is_target, gamma, alpha):
+    """Per-logit sigmoid focal loss and its derivative wrt the logit ``z`` (same shape as ``z``).
+
+    With ``z' = z`` for the target and ``-z`` otherwise and ``q = σ(z')``:
+    ``loss = -α_t (1-q)^γ log q``, ``d loss / d z' = α_t (1-q)^γ (γ q log q - (1-q))``.
+    """
+    sign = torch.where(is_target, 1.0, -1.0).to(z.dtype)
+    zt = z * sign
+    log_q = torch.nn.functional.logsigmoid(zt)
+    q = torch.sigmoid(zt)
+    one_minus_q = torch.sigmoid(-zt)
+    mod = one_minus_q ** gamma if gamma else torch.ones_like(z)
+    loss = -mod * log_q
+    grad = mod * (gamma * q * log_q - one_minus_q) * sign
+    if alpha is not None:
+        a = torch.where(is_target, alpha, 1.0 - alpha).to(z.dtype)
+        loss, grad = loss * a, grad * a
+    return loss, grad
+
+
+def _chunk_focal(xn, weight, rows, label_cols, start, stop, sdt, margin, filter_threshold, gamma, alpha):
+    """One chunk: ``(w_c, inv, cos[B, n], loss[B, n], dloss_dcos[B, n])``."""
+    w_c, inv = chunk_rows(weight, rows, start, stop, sdt)
+    cos = chunk_cosines(xn, w_c, inv)
+    b = ((label_cols >= start) & (label_cols < stop)).nonzero(as_tuple=True)[0]
+    j = label_cols[b] - start
+    is_target = torch.zeros(cos.shape, dtype=torch.bool, device=cos.device)
+    is_target[b, j] = True
+    dz_dcos = torch.full_like(cos, margin.s)
+    dz_dcos[b, j] = margin.s * margin.target_grad(cos[b, j])
+    z = cos * margin.s
+    z[b, j] = margin.s * margin.target(cos[b, j])
+    if filter_threshold is not None:
+        filtered = (cos > filter_threshold) & ~is_target
+        z.masked_fill_(filtered, 0.0)
+        dz_dcos.masked_fill_(filtered, 0.0)
+    loss, dz = _focal_elements(z, is_target, gamma, alpha)
+    return w_c, inv, cos, loss, dz * dz_dcos
+
+
+class _SigmoidFocalFn(torch.autograd.Function):
+    """Sum over the used local classes of the per-logit focal loss, weighted per sample, all-reduced.
+
+    ``loss = Σ_b coef[b] Σ_j focal(z_bj)`` over every rank's classes, where ``coef = w_y / norm``.
+    Returns this rank's partial gradient for ``xn`` (summed over ranks by the gather's backward).
+    """
+
+    @staticmethod
+    def forward(ctx, xn, weight, rows, label_cols, weight_part, reduction, margin, filter_threshold,
+                gamma, alpha, plan, group):
+        sdt = stats_dtype(xn.dtype)
+        num_cols = weight.shape[0] if rows is None else rows.numel()
+        row_sums = torch.zeros(xn.shape[0], dtype=sdt, device=xn.device)
+        for start in range(0, num_cols, plan.chunk):
+            stop = min(start + plan.chunk, num_cols)
+            loss = _chunk_focal(xn, weight, rows, label_cols, start, stop, sdt, margin, filter_threshold,
+                                gamma, alpha)[3]
+            row_sums += loss.sum(dim=1)
+        parts = [row_sums] + ([weight_part.to(sdt)] if weight_part is not None else [])
+        summed = all_reduce_(torch.stack(parts, dim=1), dist.ReduceOp.SUM, group)
+        w = summed[:, 1] if weight_part is not None else None
+        loss, coef = _reduce(summed[:, 0], w, reduction)
+        ctx.save_for_backward(xn, weight, rows, label_cols, coef)
+        ctx.settings = (margin, filter_threshold, gamma, alpha, plan)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        xn, weight, rows, label_cols, coef = ctx.saved_tensors
+        margin, filter_threshold, gamma, alpha, plan = ctx.settings
+        want_x, want_w = ctx.needs_input_grad[:2]
+        sdt = coef.dtype
+        row_coef = (grad_loss.to(sdt) * coef).unsqueeze(1)
+        num_cols = weight.shape[0] if rows is None else rows.numel()
+        grad_x = torch.zeros(xn.shape, dtype=sdt, device=xn.device) if want_x else None
+        grad_w = (torch.zeros_like(weight) if rows is not None else torch.empty_like(weight)) if want_w else None
+        for start in range(0, num_cols, plan.chunk):
+            stop = min(start + plan.chunk, num_cols)
+            w_c, inv, cos, _, dcos = _chunk_focal(xn, weight, rows, label_cols, start, stop, sdt, margin,
+                                                  filter_threshold, gamma, alpha)
+            g = dcos.mul_(row_coef).mul_(inv)                # d loss / d (xn . w_c)
+            if want_x:
+                grad_x.add_(torch.mm(g.to(xn.dtype), w_c))
+            if want_w:
+                g_w = torch.mm(g.t().to(xn.dtype), xn) - w_c * ((g * cos).sum(dim=0) * inv).unsqueeze(1).to(w_c.dtype)
+                if rows is None:
+                    grad_w[start:stop] = g_w
+                else:
+                    grad_w.index_copy_(0, rows[start:stop], g_w)
+        if grad_x is not None:
+            grad_x = grad_x.to(xn.dtype)
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None
+
+
+class ShardedSigmoidFocal:
+    """Sigmoid focal loss over every class of a :class:`~ffc_parallel.ShardedClassifier`.
+
+    ``loss = Σ_b w_y[b] Σ_j -α_t (1 - q_bj)^γ log q_bj / norm`` where ``q = σ(z)`` for the label and
+    ``σ(-z)`` for every other class, ``z`` the head's logits (scaled cosines, the head's margin on the
+    label, its interclass filter), ``α_t = α`` on the label and ``1 - α`` elsewhere (``alpha=None``:
+    no α balancing), ``w_y`` the head's class weights (1 without), ``norm = Σ_b w_y[b]``
+    (``"weighted_mean"``) or ``B`` (``"mean"``). With Partial FC the sum runs over the sampled classes.
+
+    ``loss = ShardedSigmoidFocal(gamma=2)(head, local_embeddings[b, D], local_labels[b])`` is a scalar,
+    identical on every rank of ``head.group``; gradients follow the head's semantics (exact gradient
+    of that loss for this rank's embeddings and own class rows). Chunked over the shard like the
+    head: memory about six ``[B, chunk]`` buffers with half the head's chunk; the cosines are recomputed in the backward (four
+    matrix products in all), one all-reduce of ``[B, 2]`` numbers.
+    """
+
+    def __init__(self, gamma: float = 2.0, alpha: float | None = None, reduction: str = "weighted_mean"):
+        if not gamma >= 0:
+            raise ValueError(f"ShardedSigmoidFocal: gamma must be >= 0, got {gamma}")
+        if alpha is not None and not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"ShardedSigmoidFocal: alpha must be in [0, 1] or None, got {alpha}")
+        self.gamma, self.alpha, self.reduction = float(gamma), alpha, _check_reduction(reduction)
+
+    def __call__(self, head, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        sizes = head._exchange(local_embeddings, local_labels)
+        x = local_embeddings.to(device=head.weight.device, dtype=head.weight.dtype)
+        xn = torch.nn.functional.normalize(gather_rows(x, sizes, head.group), dim=1)
+        labels = gather_rows(local_labels.to(device=head.weight.device, dtype=torch.long).unsqueeze(1),
+                             sizes, head.group)
+        rows, cols = head.select_classes(labels)
+        weight_part = None
+        if head.class_weight is not None:
+            own = cols[:, 0] >= 0
+            local = (labels[:, 0] - head.class_range[0]).clamp(0, max(head.num_local - 1, 0))
+            weight_part = torch.where(own, head.class_weight[local], torch.zeros_like(head.class_weight[:1]))
+        num_cols = head.num_local if rows is None else rows.numel()
+        elem = torch.finfo(stats_dtype(head.weight.dtype)).bits // 8
+        plan = ChunkPlan.for_budget(xn.shape[0], num_cols, elem, int(head.memory_budget_mb * 2**20),
+                                    head.chunk_size)
+        if head.chunk_size is None:  # about six [B, chunk] buffers per chunk here, three in the head
+            plan = ChunkPlan(max(1, plan.chunk // 2), 0)
+        return _SigmoidFocalFn.apply(xn, head.weight, rows, cols[:, 0].contiguous(), weight_part, self.reduction,
+                                     head.margin, head.filter_threshold, self.gamma, self.alpha, plan, head.group)
+
+    def __repr__(self):
+        return f"ShardedSigmoidFocal(gamma={self.gamma}, alpha={self.alpha}, reduction={self.reduction!r})"

@@ -1,0 +1,179 @@
+"""Per-rank bodies of the multi-rank long-tail and cross-batch-memory tests (run through run_ranks).
+
+References are dense float64 PyTorch computations written here from the formulas, independently of
+``ffc_parallel.losses``: full ``[C, D]`` weights, full logits, ``F.cross_entropy(weight=)``, BCE-based
+sigmoid focal, explicit pair loops for the pair losses.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import ffc_parallel as fp
+from ffc_parallel.heads.sharded import init_class_rows
+from ffc_parallel.losses import ShardedSigmoidFocal, configure_reweighting, shard_class_counts
+from tests.reference import margin_target, rel_err
+
+MARGINS = {"arcface": ("arcface", (64.0, 1.0, 0.5, 0.0)), "cosface": ("cosface", (64.0, 1.0, 0.0, 0.4)),
+           "softmax": (None, (16.0, 1.0, 0.0, 0.0))}
+
+
+def long_tailed_labels(num_classes, seed, head_count=40, imbalance=20.0):
+    """Data-set labels with ``n_c = head_count * imbalance^(-c / (C-1))`` (at least 1) per class."""
+    counts = [max(1, int(head_count * imbalance ** (-c / max(num_classes - 1, 1)))) for c in range(num_classes)]
+    labels = torch.repeat_interleave(torch.arange(num_classes), torch.tensor(counts))
+    return labels[torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(seed))]
+
+
+def dense_class_weights(counts, method, gamma=1.0, beta=0.999):
+    counts = counts.to(torch.float64)
+    if method == "cs_ce":
+        return (counts.min() / counts) ** gamma
+    raw = (1 - beta) / (1 - beta ** counts)
+    return raw / raw.sum() * counts.numel()
+
+
+def dense_logits(x, weight, labels, s, m1, m2, m3, filter_threshold=None):
+    cos = F.normalize(x, dim=1) @ F.normalize(weight, dim=1).t()
+    rows = torch.arange(x.shape[0])
+    logits = s * cos
+    if filter_threshold is not None:
+        dirty = cos > filter_threshold
+        dirty[rows, labels] = False
+        logits = logits.masked_fill(dirty, 0.0)
+    return logits.index_put((rows, labels), margin_target(cos[rows, labels], s, m1, m2, m3))
+
+
+def dense_reweighted_loss(logits, labels, w_y, method, gamma, alpha, reduction):
+    """The loss of ``method`` from full logits; ``w_y[B]`` are the label weights (ones if unweighted)."""
+    norm = w_y.sum() if reduction == "weighted_mean" else torch.tensor(float(labels.numel()))
+    if method in ("ce", "cs_ce", "cb_ce"):
+        if reduction == "weighted_mean":
+            full_w = torch.zeros(logits.shape[1], dtype=logits.dtype).index_put((labels,), w_y)
+            return F.cross_entropy(logits, labels, weight=full_w)
+        return (w_y * F.cross_entropy(logits, labels, reduction="none")).sum() / norm
+    if method in ("focal", "cb_focal"):
+        log_p = F.log_softmax(logits, dim=1).gather(1, labels[:, None])[:, 0]
+        return (w_y * -(1 - log_p.exp()) ** gamma * log_p).sum() / norm
+    onehot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)           # sigmoid focal
+    bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+    p = torch.sigmoid(logits)
+    p_t = p * onehot + (1 - p) * (1 - onehot)
+    elem = bce * (1 - p_t) ** gamma
+    if alpha is not None:
+        elem = elem * (alpha * onehot + (1 - alpha) * (1 - onehot))
+    return (w_y * elem.sum(dim=1)).sum() / norm
+
+
+def _local(tensor, batch_sizes, rank):
+    start = sum(batch_sizes[:rank])
+    return tensor[start: start + batch_sizes[rank]]
+
+
+def _sampled_global_classes(head):
+    """Global ids of the classes every rank used in its last forward (rank order), sorted."""
+    rows = head.last_sampled_rows
+    rows = torch.arange(head.num_local) if rows is None else rows
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mine = rows + head.class_range[0]
+    if world == 1:
+        return mine
+    counts = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([mine.numel()]))
+    padded = torch.full((max(int(c) for c in counts),), -1, dtype=torch.long)
+    padded[: mine.numel()] = mine
+    everyone = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(everyone, padded)
+    return torch.cat([e[: int(c)] for e, c in zip(everyone, counts)])
+
+
+def reweighting_matches_dense(num_classes, dim, batch_sizes, methods, margins, chunk_sizes, sample_rate=1.0,
+                              gamma=2.0, alpha=None, reduction="weighted_mean", filter_threshold=None, seed=0):
+    """Loss, embedding grads and center grads of every re-weighting vs the dense float64 reference."""
+    rank = fp.get_rank()
+    g = torch.Generator().manual_seed(seed)
+    data_labels = long_tailed_labels(num_classes, seed)
+    counts = torch.bincount(data_labels, minlength=num_classes)
+    total = sum(batch_sizes)
+    x_all = torch.randn(total, dim, generator=g, dtype=torch.float64)
+    y_all = data_labels[torch.randint(data_labels.numel(), (total,), generator=g)]
+    full_w = init_class_rows(0, num_classes, dim, 0.01, seed).to(torch.float64)
+    errors = {}
+    for method in methods:
+        weighted = method in ("cs_ce", "cb_ce", "cb_focal", "cb_sigmoid_focal")
+        ref_method = {"cb_sigmoid_focal": "sigmoid_focal"}.get(method, method)
+        class_w = (dense_class_weights(counts, "cs_ce" if method == "cs_ce" else "cb", gamma=1.0, beta=0.99)
+                   if weighted else torch.ones(num_classes, dtype=torch.float64))
+        for name in margins:
+            margin, (s, m1, m2, m3) = MARGINS[name]
+            for chunk in chunk_sizes:
+                head = fp.ShardedClassifier(dim, num_classes, margin=margin, scale=s if margin is None else None,
+                                            dtype=torch.float64, chunk_size=chunk, seed=seed,
+                                            sample_rate=sample_rate, filter_threshold=filter_threshold)
+                start, stop = head.class_range
+                local_counts = shard_class_counts(data_labels, head.class_range)
+                sigmoid = ref_method == "sigmoid_focal"
+                configure_reweighting(head, {"cb_sigmoid_focal": "cb_ce", "sigmoid_focal": "ce"}.get(method, method),
+                                      local_counts, gamma=1.0, beta=0.99, focal_gamma=gamma, reduction=reduction)
+                if weighted:
+                    assert rel_err(head.class_weight, class_w[start:stop]) < 1e-12, "class weights differ"
+                x = _local(x_all, batch_sizes, rank).clone().requires_grad_()
+                y = _local(y_all, batch_sizes, rank)
+                loss = ShardedSigmoidFocal(gamma, alpha, reduction)(head, x, y) if sigmoid else head(x, y)
+                loss.backward()
+                used = _sampled_global_classes(head).sort().values
+                remap = torch.full((num_classes,), -1, dtype=torch.long)
+                remap[used] = torch.arange(used.numel())
+                ref_x, ref_w = x_all.clone().requires_grad_(), full_w[used].clone().requires_grad_()
+                logits = dense_logits(ref_x, ref_w, remap[y_all], s, m1, m2, m3, filter_threshold)
+                ref = dense_reweighted_loss(logits, remap[y_all], class_w[y_all], ref_method, gamma, alpha, reduction)
+                ref.backward()
+                own = (used >= start) & (used < stop)
+                grad_w_ref = torch.zeros(stop - start, dim, dtype=torch.float64)
+                grad_w_ref[used[own] - start] = ref_w.grad[own]
+                err = {"loss": rel_err(loss.detach(), ref.detach()),
+                       "grad_x": rel_err(x.grad, _local(ref_x.grad, batch_sizes, rank)),
+                       "grad_w": rel_err(head.weight.grad, grad_w_ref) if stop > start else 0.0}
+                bad = {k: v for k, v in err.items() if not v < 1e-6}
+                assert not bad, f"rank {rank} {method} margin={name} chunk={chunk} rate={sample_rate}: {bad}"
+                errors[f"{method}/{name}/{chunk}"] = err
+    return errors
+
+
+def zero_weight_batch_raises_everywhere(num_classes, dim):
+    """All labels of the global batch have weight 0: every rank raises the same clear error."""
+    head = fp.ShardedClassifier(dim, num_classes, dtype=torch.float64)
+    counts = torch.ones(head.num_local, dtype=torch.long)
+    configure_reweighting(head, "cs_ce", counts)
+    head.set_class_weight(torch.zeros(head.num_local, dtype=torch.float64))
+    try:
+        head(torch.randn(3, dim, dtype=torch.float64), torch.tensor([0, 1, num_classes - 1]))
+        return None
+    except ValueError as exc:
+        return str(exc)
+
+
+def class_weight_formulas(num_classes, seed=0):
+    """Per-shard CS/CB weights equal the dense formulas; CB weights sum to C over all ranks."""
+    from ffc_parallel.losses import cb_weights, cs_weights
+    head = fp.ShardedClassifier(4, num_classes)
+    labels = long_tailed_labels(num_classes, seed)
+    counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
+    local = shard_class_counts(labels, head.class_range)
+    start, stop = head.class_range
+    out = {}
+    for gamma in (0.5, 1.0, 2.0):
+        w = cs_weights(local, gamma)
+        assert rel_err(w, (counts.min() / counts[start:stop]) ** gamma) < 1e-12
+    for beta in (0.0, 0.9, 0.999, 0.999999):
+        w = cb_weights(local, beta)
+        ref = (1 - beta) / (1 - beta ** counts) if beta else torch.ones_like(counts)
+        ref = ref / ref.sum() * num_classes
+        assert rel_err(w, ref[start:stop]) < 1e-9, (beta, w, ref[start:stop])
+        total = w.sum().reshape(1)
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        assert abs(float(total) - num_classes) < 1e-9
+        out[str(beta)] = float(total)
+    return out
