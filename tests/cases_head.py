@@ -27,7 +27,7 @@ def _local(tensor, batch_sizes, rank):
 
 
 def head_matches_dense(num_classes, dim, batch_sizes, margins, chunk_sizes, filter_threshold=None,
-                       straight_through=False, seed=0):
+                       straight_through=False, seed=0, pieces=(1, 2, 3)):
     """Loss, embedding grads and center grads of the head vs the dense float64 reference."""
     rank, world = fp.get_rank(), fp.get_world_size()
     x_all, y_all = _global_batch(batch_sizes, dim, num_classes, seed)
@@ -42,10 +42,10 @@ def head_matches_dense(num_classes, dim, batch_sizes, margins, chunk_sizes, filt
         ref_w = full_w.to(torch.float64).requires_grad_()
         ref = dense_margin_loss(ref_x, ref_w, y_all, s, m1, m2, m3, filter_threshold, straight_through)
         ref.backward()
-        for chunk in chunk_sizes:
+        for chunk, piece in [(c, p) for c in chunk_sizes for p in pieces]:
             head = fp.ShardedClassifier(dim, num_classes, margin=margin, scale=s if margin is None else None,
                                         filter_threshold=filter_threshold, dtype=torch.float64,
-                                        chunk_size=chunk, seed=seed)
+                                        chunk_size=chunk, seed=seed, gather_pieces=piece)
             start, stop = head.class_range
             assert torch.equal(head.weight.detach(), ref_w.detach()[start:stop]), "init depends on sharding"
             x = _local(x_all, batch_sizes, rank).clone().requires_grad_()
@@ -55,8 +55,8 @@ def head_matches_dense(num_classes, dim, batch_sizes, margins, chunk_sizes, filt
                    "grad_x": rel_err(x.grad, _local(ref_x.grad, batch_sizes, rank)),
                    "grad_w": rel_err(head.weight.grad, ref_w.grad[start:stop]) if stop > start else 0.0}
             bad = {k: v for k, v in err.items() if not v < 1e-5}
-            assert not bad, f"rank {rank}/{world} margin={name} chunk={chunk}: {bad}"
-            errors[f"{name}/{chunk}"] = err
+            assert not bad, f"rank {rank}/{world} margin={name} chunk={chunk} pieces={piece}: {bad}"
+            errors[f"{name}/{chunk}/{piece}"] = err
     return errors
 
 
@@ -67,7 +67,7 @@ def partial_fc_matches_restricted_dense(num_classes, dim, batch_sizes, sample_ra
     rank, world = fp.get_rank(), fp.get_world_size()
     x_all, y_all = _global_batch(batch_sizes, dim, num_classes, seed)
     head = fp.ShardedClassifier(dim, num_classes, margin="arcface", sample_rate=sample_rate,
-                                dtype=torch.float64, chunk_size=3, seed=seed)
+                                dtype=torch.float64, chunk_size=3, seed=seed, gather_pieces=3)
     start, stop = head.class_range
     x = _local(x_all, batch_sizes, rank).clone().requires_grad_()
     loss = head(x, _local(y_all, batch_sizes, rank))
@@ -215,9 +215,9 @@ def soft_targets_and_class_weights_match_dense(num_classes, dim, batch_sizes, k,
     wy = class_w[y_all]
     ref = -(wy * ll).sum() / wy.sum()
     ref.backward()
-    for chunk in (None, 3):
+    for chunk, pieces in ((None, 1), (3, 2)):
         head = fp.ShardedClassifier(dim, num_classes, margin="arcface", dtype=torch.float64, chunk_size=chunk,
-                                    seed=seed)
+                                    seed=seed, gather_pieces=pieces)
         start, stop = head.class_range
         head.set_class_weight(class_w[start:stop])
         x = _local(x_all, batch_sizes, rank).clone().requires_grad_()

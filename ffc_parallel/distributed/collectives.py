@@ -6,6 +6,7 @@ same code.
 """
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
@@ -86,3 +87,112 @@ def gather_rows(local: torch.Tensor, sizes: Sequence[int], group=None) -> torch.
     if local.requires_grad and torch.is_grad_enabled():
         return _GatherRows.apply(local, sizes, group)
     return _gather_padded(local, sizes, group)
+
+
+class PieceLayout:
+    """How a rank-major global batch is moved in ``pieces`` collectives.
+
+    Rank r holds ``sizes[r]`` rows. Piece p carries local rows ``[p*m, (p+1)*m)`` of every rank
+    (``m = ceil(max(sizes) / pieces)``, short ranks padded), as one ``[W*m, ...]`` buffer. ``rows(p)``
+    gives, for the valid entries of that buffer, their positions in it and their global (rank-major)
+    row indices.
+    """
+
+    def __init__(self, sizes: Sequence[int], pieces: int, rank: int, device):
+        self.sizes, self.rank = [int(s) for s in sizes], rank
+        longest = max(self.sizes)
+        self.pieces = max(1, min(int(pieces), longest))
+        self.m = -(-longest // self.pieces)
+        offsets = torch.tensor([0] + self.sizes[:-1], device=device).cumsum(0)
+        sizes_t = torch.tensor(self.sizes, device=device)
+        self._layout = []
+        for p in range(self.pieces):
+            local = torch.arange(p * self.m, (p + 1) * self.m, device=device)
+            valid = local.unsqueeze(0) < sizes_t.unsqueeze(1)                      # [W, m]
+            position = torch.arange(len(self.sizes) * self.m, device=device).view(-1, self.m)
+            self._layout.append((position[valid], (offsets.unsqueeze(1) + local.unsqueeze(0))[valid]))
+
+    def rows(self, piece: int):
+        """``(buffer_positions[n], global_rows[n])`` of piece ``piece``."""
+        return self._layout[piece]
+
+    def local_slice(self, piece: int) -> slice:
+        """This rank's local rows carried by piece ``piece``."""
+        lo = min(piece * self.m, self.sizes[self.rank])
+        return slice(lo, min((piece + 1) * self.m, self.sizes[self.rank]))
+
+
+class CommTimer:
+    """Measures how much of a set of async collectives was hidden behind computation.
+
+    ``comm_s``: wall time from the first issue to the last completion; ``exposed_s``: time spent
+    blocked in ``wait``; ``hidden_fraction = 1 - exposed/comm``. Completion times come from the work's
+    future where the backend has one (gloo has none for reduce-scatter); otherwise a collective found
+    finished at ``wait`` counts as finished then, which under-reports the hidden share.
+    """
+
+    def __init__(self):
+        self.issued, self.completed, self.exposed_s, self.untimed = [], [], 0.0, set()
+
+    def track(self, work):
+        self.issued.append(time.perf_counter())
+        try:
+            work.get_future().then(lambda _: self.completed.append(time.perf_counter()))
+        except RuntimeError:
+            self.untimed.add(id(work))
+        return work
+
+    def wait(self, work):
+        start = time.perf_counter()
+        work.wait()
+        end = time.perf_counter()
+        self.exposed_s += end - start
+        if id(work) in self.untimed:
+            self.completed.append(end)
+
+    def summary(self) -> dict:
+        if not self.issued:
+            return {"comm_s": 0.0, "exposed_s": 0.0, "hidden_fraction": 0.0}
+        end = max(self.completed) if self.completed else time.perf_counter()
+        comm = max(end - min(self.issued), self.exposed_s, 1e-12)
+        return {"comm_s": comm, "exposed_s": self.exposed_s, "hidden_fraction": max(0.0, 1 - self.exposed_s / comm)}
+
+
+def all_gather_pieces(local: torch.Tensor, layout: PieceLayout, group, timer: CommTimer):
+    """Issue one async all-gather per piece at once; yield ``(piece, rows[n, ...], global_rows[n])``
+    in order, waiting for each piece only when it is needed."""
+    handles = []
+    for p in range(layout.pieces):
+        part = local[layout.local_slice(p)]
+        send = local.new_zeros((layout.m,) + local.shape[1:])
+        send[: part.shape[0]] = part
+        out = local.new_empty((len(layout.sizes) * layout.m,) + local.shape[1:])
+        handles.append((out, timer.track(dist.all_gather_into_tensor(out, send, group=group, async_op=True))))
+    for p, (out, work) in enumerate(handles):
+        timer.wait(work)
+        positions, global_rows = layout.rows(p)
+        yield p, out.index_select(0, positions), global_rows
+
+
+class ReduceScatterPieces:
+    """Send each piece's gradient ``[n, ...]`` (rows as in :meth:`PieceLayout.rows`) as soon as it is
+    ready; :meth:`finish` returns this rank's rows summed over ranks, ``[sizes[rank], ...]``."""
+
+    def __init__(self, layout: PieceLayout, like: torch.Tensor, group, timer: CommTimer):
+        self.layout, self.group, self.timer, self.like, self.pending = layout, group, timer, like, []
+
+    def submit(self, piece: int, grad_rows: torch.Tensor) -> None:
+        positions, _ = self.layout.rows(piece)
+        buffer = grad_rows.new_zeros((len(self.layout.sizes) * self.layout.m,) + grad_rows.shape[1:])
+        buffer.index_copy_(0, positions, grad_rows)
+        out = grad_rows.new_empty((self.layout.m,) + grad_rows.shape[1:])
+        work = dist.reduce_scatter_tensor(out, buffer, group=self.group, async_op=True)
+        self.pending.append((piece, out, self.timer.track(work)))
+
+    def finish(self) -> torch.Tensor:
+        result = self.like.new_empty((self.layout.sizes[self.layout.rank],) + self.like.shape[1:])
+        for piece, out, work in self.pending:
+            self.timer.wait(work)
+            keep = self.layout.local_slice(piece)
+            result[keep] = out[: keep.stop - keep.start]
+        return result

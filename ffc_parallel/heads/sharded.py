@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed.collectives import all_gather_table, gather_rows
+from ..distributed.collectives import PieceLayout, all_gather_table, gather_rows
 from ..distributed.init import get_rank, get_world_size
 from .margins import resolve_margin
 from .row_loss import CrossEntropy
@@ -95,6 +95,11 @@ class ShardedClassifier(nn.Module):
         check_inputs: validate labels, shapes and finiteness (one small all-gather, which the
             uneven-batch gather needs anyway; the NaN scan costs one pass over the embeddings).
         seed: seeds the center init (per global class) and Partial FC sampling (per rank and step).
+        gather_pieces: the global batch is all-gathered in this many asynchronous pieces, and the
+            head computes on arrived pieces while later ones are in flight (the backward sends the
+            embedding gradients back the same way). 1 = one blocking gather. Each extra piece costs
+            one more accumulation pass over the center gradient. ``head.comm_stats`` reports the
+            fraction of communication hidden in the last step.
         row_loss: how per-sample target log-likelihoods become the loss (default
             :class:`~ffc_parallel.heads.row_loss.CrossEntropy`); see ``heads/row_loss.py``. Class
             weights for it are set per shard with :meth:`set_class_weight`.
@@ -104,7 +109,7 @@ class ShardedClassifier(nn.Module):
                  sample_rate: float = 1.0, filter_threshold: float | None = None, *, group=None,
                  init_std: float = 0.01, seed: int = 0, dtype=None, device=None,
                  memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, chunk_size: int | None = None,
-                 check_inputs: bool = True, row_loss=None):
+                 check_inputs: bool = True, row_loss=None, gather_pieces: int = 2):
         super().__init__()
         if int(embedding_dim) < 1 or int(num_classes) < 1:
             raise ValueError(f"embedding_dim and num_classes must be >= 1, got {embedding_dim}, {num_classes}")
@@ -115,6 +120,9 @@ class ShardedClassifier(nn.Module):
         self.sample_rate, self.filter_threshold = float(sample_rate), filter_threshold
         self.group, self.seed, self.check_inputs = group, int(seed), check_inputs
         self.memory_budget_mb, self.chunk_size = memory_budget_mb, chunk_size
+        if int(gather_pieces) < 1:
+            raise ValueError(f"gather_pieces must be >= 1, got {gather_pieces}")
+        self.gather_pieces, self.comm_stats = int(gather_pieces), {}
         self.rank, self.world_size = get_rank(group), get_world_size(group)
         self.class_range = shard_range(self.num_classes, self.world_size, self.rank)
         self.num_local = self.class_range[1] - self.class_range[0]
@@ -241,8 +249,9 @@ class ShardedClassifier(nn.Module):
         ``(classes[b, K] int, probs[b, K])``: see the class docstring.
         """
         sizes = self._exchange(local_embeddings, local_labels, soft_targets=soft_targets)
-        xn = self._gather_normalized(local_embeddings, sizes)
         device = self.weight.device
+        x = local_embeddings.to(device=device, dtype=self.weight.dtype)
+        layout = PieceLayout(sizes, self.gather_pieces, self.rank, device) if self.world_size > 1 else None
         classes = local_labels.to(device=device, dtype=torch.long).unsqueeze(1)
         q = None
         if soft_targets is not None:
@@ -260,9 +269,9 @@ class ShardedClassifier(nn.Module):
             weight_part = torch.where(own, self.class_weight[label_rows.clamp(0, max(self.num_local - 1, 0))],
                                       torch.zeros((), dtype=self.class_weight.dtype, device=device))
         num_cols = self.num_local if rows is None else rows.numel()
-        return ShardedMarginSoftmaxCE.apply(xn, self.weight, rows, Targets(cols, q, weight_part), self.margin,
-                                            self.filter_threshold, self._plan(xn.shape[0], num_cols),
-                                            self.group, self.row_loss)
+        return ShardedMarginSoftmaxCE.apply(x, self.weight, rows, Targets(cols, q, weight_part), self.margin,
+                                            self.filter_threshold, self._plan(sum(sizes), num_cols),
+                                            self.group, self.row_loss, layout, self.comm_stats)
 
     @torch.no_grad()
     def predict(self, local_embeddings: torch.Tensor, k: int = 1):

@@ -1,13 +1,16 @@
 """Fused, chunked, distributed margin-softmax cross-entropy over a class-sharded weight.
 
-Each rank holds the rows ``weight[num_local, D]`` of its classes and sees the whole (gathered,
-normalised) global batch ``xn[B, D]``. The loss is
+Each rank holds the rows ``weight[num_local, D]`` of its classes and its local embeddings
+``x[b, D]``; the function gathers the global batch (``B`` rows, rank-major) and normalises it. The
+loss is
 
     loss = mean_b( logsumexp_over_all_ranks(logits[b, :]) - logits[b, y_b] ),
     logits[b, j] = s * cos(x_b, w_j)   (target: s * f(cos), see margins.py)
 
 computed chunk by chunk over the local classes, never materialising ``[B, num_local]``:
 
+* gather: the global batch arrives in ``pieces`` asynchronous all-gathers, all issued at once; the
+  classes are walked for piece p while pieces p+1.. are still in flight.
 * forward: per chunk one GEMM ``xn @ w_c.T``; an online log-sum-exp keeps the running row max and
   sum; two all-reduces (MAX of the row max, SUM of the rescaled sums stacked with the target logit)
   combine the ranks. Extra memory is about three ``[B, chunk]`` buffers.
@@ -15,10 +18,10 @@ computed chunk by chunk over the local classes, never materialising ``[B, num_lo
   target), then ``d xn += G @ w_c`` and ``d w_c = G.T @ xn`` minus the normalisation's radial part.
   Cosines of the leading chunks that fit the memory budget are kept from the forward; the others
   are recomputed (one extra GEMM for those chunks only). With the default budget, small shards keep
-  everything and run exactly three matrix products.
-
-The function returns this rank's partial gradient for ``xn`` (from its own classes); summing it
-over ranks (the reduce-scatter in :func:`ffc_parallel.distributed.gather_rows`) gives the full one.
+  everything and run exactly three matrix products. The backward walks the pieces in order and
+  reduce-scatters each piece's embedding gradient (summed over ranks, since every rank holds a part
+  of every sample's softmax) while the next piece is computed. With more than one piece the center
+  gradient is accumulated once per piece.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..distributed.collectives import all_reduce_
+from ..distributed.collectives import (CommTimer, PieceLayout, ReduceScatterPieces, all_gather_pieces,
+                                       all_reduce_)
 from .margins import CombinedMargin
 
 DEFAULT_MEMORY_BUDGET_MB = 256
@@ -126,8 +130,13 @@ def _chunks(n, chunk):
     return [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
 
 
+def _target_slice(targets: Targets, q: torch.Tensor, rows: torch.Tensor):
+    """The target table restricted to global rows ``rows``: ``(cols[n, T], q[n, T])``."""
+    return targets.cols.index_select(0, rows), q.index_select(0, rows)
+
+
 class ShardedMarginSoftmaxCE(torch.autograd.Function):
-    """``loss = f(xn[B, D], weight[num_local, D])``; see the module docstring.
+    """``loss = f(x_local[b, D], weight[num_local, D])``; see the module docstring.
 
     With target probabilities ``q`` (soft targets) each sample's target log-likelihood is
     ``l_b = sum_t q_bt * log p_b,t`` over the global softmax; ``row_loss(l[B], w_y[B])`` turns it into
@@ -136,34 +145,54 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
 
     Args (non-tensor ones get no gradient):
         rows: ``[S]`` sorted local row indices to use (Partial FC) or None for all rows.
-        targets: a :class:`Targets` for the global batch.
+        targets: a :class:`Targets` for the global (rank-major) batch.
         plan: a :class:`ChunkPlan`. group: the process group the classes are sharded over.
         row_loss: a :class:`~ffc_parallel.heads.row_loss.RowLoss`.
+        layout: a :class:`~ffc_parallel.distributed.collectives.PieceLayout` (None: one process).
+        comm_stats: a dict that receives the forward/backward :class:`CommTimer` summaries.
     """
 
     @staticmethod
-    def forward(ctx, xn, weight, rows, targets, margin, filter_threshold, plan, group, row_loss):
-        batch, sdt = xn.shape[0], stats_dtype(xn.dtype)
+    def forward(ctx, x_local, weight, rows, targets, margin, filter_threshold, plan, group, row_loss,
+                layout, comm_stats):
+        sdt = stats_dtype(x_local.dtype)
+        device = x_local.device
+        batch = x_local.shape[0] if layout is None else sum(layout.sizes)
         num_cols = weight.shape[0] if rows is None else rows.numel()
         need_grad = any(ctx.needs_input_grad[:2])
         q = targets.q.to(sdt) if targets.q is not None else torch.ones_like(targets.cols, dtype=sdt)
-        run_max = torch.full((batch,), -math.inf, dtype=sdt, device=xn.device)
-        run_sum = torch.zeros(batch, dtype=sdt, device=xn.device)
-        target_logit = torch.zeros(batch, dtype=sdt, device=xn.device)   # sum_t q_t * z_t (local part)
-        cache = []
-        for index, (start, stop) in enumerate(_chunks(num_cols, plan.chunk)):
-            cos = chunk_cosines(xn, *chunk_rows(weight, rows, start, stop, sdt))
-            keep = need_grad and index < plan.cached
-            if keep:
-                cache.append(cos)
-            t_rows, t_cols, t = _targets_in(targets.cols, start, stop)
-            logits, _ = _chunk_logits(cos, t_rows, t_cols, t, margin, filter_threshold, inplace=not keep)
-            target_logit.index_add_(0, t_rows, q[t_rows, t] * logits[t_rows, t_cols])
-            new_max = torch.maximum(run_max, logits.amax(dim=1))
-            run_sum.mul_(torch.exp(run_max - new_max))
-            logits.sub_(new_max.unsqueeze(1)).exp_()
-            run_sum.add_(logits.sum(dim=1))
-            run_max = new_max
+        xn = x_local.new_empty((batch, x_local.shape[1]))
+        norms = torch.empty(batch, 1, dtype=x_local.dtype, device=device)
+        run_max = torch.empty(batch, dtype=sdt, device=device)
+        run_sum = torch.empty(batch, dtype=sdt, device=device)
+        target_logit = torch.empty(batch, dtype=sdt, device=device)   # sum_t q_t * z_t (local part)
+        cache, cache_left = {}, plan.cached * plan.chunk * batch if need_grad else 0
+        timer = CommTimer()
+        pieces = ([(0, x_local, torch.arange(batch, device=device))] if layout is None
+                  else all_gather_pieces(x_local, layout, group, timer))
+        for piece, x_p, global_rows in pieces:
+            norms_p = torch.linalg.vector_norm(x_p, dim=1, keepdim=True).clamp_min_(1e-12)
+            xn_p = x_p / norms_p
+            xn[global_rows], norms[global_rows] = xn_p, norms_p
+            cols_p, q_p = _target_slice(targets, q, global_rows)
+            n = xn_p.shape[0]
+            p_max = torch.full((n,), -math.inf, dtype=sdt, device=device)
+            p_sum = torch.zeros(n, dtype=sdt, device=device)
+            p_target = torch.zeros(n, dtype=sdt, device=device)
+            for index, (start, stop) in enumerate(_chunks(num_cols, plan.chunk)):
+                cos = chunk_cosines(xn_p, *chunk_rows(weight, rows, start, stop, sdt))
+                keep = cos.numel() <= cache_left
+                if keep:
+                    cache[piece, index], cache_left = cos, cache_left - cos.numel()
+                t_rows, t_cols, t = _targets_in(cols_p, start, stop)
+                logits, _ = _chunk_logits(cos, t_rows, t_cols, t, margin, filter_threshold, inplace=not keep)
+                p_target.index_add_(0, t_rows, q_p[t_rows, t] * logits[t_rows, t_cols])
+                new_max = torch.maximum(p_max, logits.amax(dim=1))
+                p_sum.mul_(torch.exp(p_max - new_max))
+                logits.sub_(new_max.unsqueeze(1)).exp_()
+                p_sum.add_(logits.sum(dim=1))
+                p_max = new_max
+            run_max[global_rows], run_sum[global_rows], target_logit[global_rows] = p_max, p_sum, p_target
         global_max = all_reduce_(run_max.clone(), dist.ReduceOp.MAX, group)
         # A rank without classes has run_max = -inf: its sum contributes exp(-inf) * 0 = 0.
         parts = [run_sum * torch.exp(run_max - global_max), target_logit]
@@ -173,54 +202,73 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         log_z = global_max + torch.log(summed[:, 0])
         class_weight = summed[:, 2] if targets.class_weight_part is not None else None
         loss, dloss_dl = row_loss(summed[:, 1] - log_z, class_weight)
-        ctx.save_for_backward(xn, weight, rows, log_z, dloss_dl.to(sdt))
-        ctx.targets, ctx.q, ctx.cache = targets, q, cache
-        ctx.margin, ctx.filter_threshold, ctx.plan = margin, filter_threshold, plan
+        ctx.save_for_backward(xn, norms, weight, rows, log_z, dloss_dl.to(sdt))
+        ctx.targets, ctx.q, ctx.cache, ctx.layout, ctx.group = targets, q, cache, layout, group
+        ctx.margin, ctx.filter_threshold, ctx.plan, ctx.comm_stats = margin, filter_threshold, plan, comm_stats
+        if comm_stats is not None:
+            comm_stats["forward"] = timer.summary()
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        xn, weight, rows, log_z, dloss_dl = ctx.saved_tensors
-        margin, plan, cache, targets, q = ctx.margin, ctx.plan, ctx.cache, ctx.targets, ctx.q
+        xn, norms, weight, rows, log_z, dloss_dl = ctx.saved_tensors
+        margin, plan, cache, layout = ctx.margin, ctx.plan, ctx.cache, ctx.layout
         want_x, want_w = ctx.needs_input_grad[:2]
-        sdt = log_z.dtype
+        sdt, device = log_z.dtype, xn.device
         row_coef = (grad_loss.to(sdt) * dloss_dl).unsqueeze(1)    # d loss / d l_b
         num_cols = weight.shape[0] if rows is None else rows.numel()
-        grad_x = torch.zeros(xn.shape, dtype=sdt, device=xn.device) if want_x else None
+        num_pieces = 1 if layout is None else layout.pieces
         grad_w = None
         if want_w:
-            grad_w = torch.empty_like(weight) if rows is None else torch.zeros_like(weight)
-        for index, (start, stop) in enumerate(_chunks(num_cols, plan.chunk)):
-            w_c, inv = chunk_rows(weight, rows, start, stop, sdt)
-            cos = cache[index] if index < len(cache) else None
-            if cos is None:  # not kept, or freed by an earlier backward through the same graph
-                cos = chunk_cosines(xn, w_c, inv)
-            else:
-                cache[index] = None
-            t_rows, t_cols, t = _targets_in(targets.cols, start, stop)
-            grad, mask = _chunk_logits(cos, t_rows, t_cols, t, margin, ctx.filter_threshold, inplace=False)
-            grad.sub_(log_z.unsqueeze(1)).exp_().mul_(row_coef.neg())   # -dl * p
-            grad.index_put_((t_rows, t_cols), row_coef[t_rows, 0] * q[t_rows, t], accumulate=True)
-            label = t == 0                                              # d logit / d cos: s (label: s f')
-            l_rows, l_cols = t_rows[label], t_cols[label]
-            grad[l_rows, l_cols] *= margin.target_grad(cos[l_rows, l_cols])
-            if mask is not None:
-                grad.masked_fill_(mask, 0.0)
-            grad.mul_(inv).mul_(margin.s)                               # d loss / d (xn . w_c)
-            g = grad if grad.dtype == xn.dtype else grad.to(xn.dtype)
-            if want_x:
-                if g.dtype == sdt:
-                    grad_x.addmm_(g, w_c)
+            grad_w = torch.empty_like(weight) if rows is None and num_pieces == 1 else torch.zeros_like(weight)
+        timer = CommTimer()
+        scatter = None if layout is None else ReduceScatterPieces(layout, xn, ctx.group, timer)
+        grad_x = None
+        for piece in range(num_pieces):
+            global_rows = torch.arange(xn.shape[0], device=device) if layout is None else layout.rows(piece)[1]
+            xn_p, coef_p = xn.index_select(0, global_rows), row_coef.index_select(0, global_rows)
+            cols_p, q_p = _target_slice(ctx.targets, ctx.q, global_rows)
+            log_z_p = log_z.index_select(0, global_rows).unsqueeze(1)
+            grad_xn_p = torch.zeros(xn_p.shape, dtype=sdt, device=device)
+            for index, (start, stop) in enumerate(_chunks(num_cols, plan.chunk)):
+                w_c, inv = chunk_rows(weight, rows, start, stop, sdt)
+                cos = cache.pop((piece, index), None)  # gone after a first backward: recompute
+                if cos is None:
+                    cos = chunk_cosines(xn_p, w_c, inv)
+                t_rows, t_cols, t = _targets_in(cols_p, start, stop)
+                grad, mask = _chunk_logits(cos, t_rows, t_cols, t, margin, ctx.filter_threshold, inplace=False)
+                grad.sub_(log_z_p).exp_().mul_(coef_p.neg())                 # -dl * p
+                grad.index_put_((t_rows, t_cols), coef_p[t_rows, 0] * q_p[t_rows, t], accumulate=True)
+                label = t == 0                                              # d logit / d cos: s (label: s f')
+                l_rows, l_cols = t_rows[label], t_cols[label]
+                grad[l_rows, l_cols] *= margin.target_grad(cos[l_rows, l_cols])
+                if mask is not None:
+                    grad.masked_fill_(mask, 0.0)
+                grad.mul_(inv).mul_(margin.s)                               # d loss / d (xn . w_c)
+                g = grad if grad.dtype == xn.dtype else grad.to(xn.dtype)
+                if want_x and g.dtype == sdt:
+                    grad_xn_p.addmm_(g, w_c)
+                elif want_x:
+                    grad_xn_p.add_(torch.mm(g, w_c))
+                if want_w:
+                    g_w = torch.mm(g.t(), xn_p)
+                    radial = grad.mul_(cos).sum(dim=0).mul_(inv)            # sum_b G cos / |w|
+                    g_w.sub_(w_c * radial.unsqueeze(1).to(w_c.dtype))
+                    if rows is not None:
+                        grad_w.index_add_(0, rows[start:stop], g_w)
+                    elif num_pieces == 1:
+                        grad_w[start:stop] = g_w
+                    else:
+                        grad_w[start:stop] += g_w
+            if want_x:  # through the normalisation: (I - xn xn^T) / |x|
+                grad_xn_p.sub_(xn_p * (grad_xn_p * xn_p).sum(dim=1, keepdim=True))
+                grad_x_p = grad_xn_p.div_(norms.index_select(0, global_rows)).to(xn.dtype)
+                if scatter is None:
+                    grad_x = grad_x_p
                 else:
-                    grad_x.add_(torch.mm(g, w_c))
-            if want_w:
-                g_w = torch.mm(g.t(), xn)
-                radial = grad.mul_(cos).sum(dim=0).mul_(inv)            # sum_b G cos / |w|
-                g_w.sub_(w_c * radial.unsqueeze(1).to(w_c.dtype))
-                if rows is None:
-                    grad_w[start:stop] = g_w
-                else:
-                    grad_w.index_copy_(0, rows[start:stop], g_w)
-        if grad_x is not None and grad_x.dtype != xn.dtype:
-            grad_x = grad_x.to(xn.dtype)
-        return grad_x, grad_w, None, None, None, None, None, None, None
+                    scatter.submit(piece, grad_x_p)
+        if want_x and scatter is not None:
+            grad_x = scatter.finish()
+        if ctx.comm_stats is not None:
+            ctx.comm_stats["backward"] = timer.summary()
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None
