@@ -177,3 +177,79 @@ def class_weight_formulas(num_classes, seed=0):
         assert abs(float(total) - num_classes) < 1e-9
         out[str(beta)] = float(total)
     return out
+
+
+# ---------------------------------------------------------------------------- cross-batch memory
+def dense_pair_loss(name, anchor, anchor_label, refs, margin=0.5, alpha=2.0, beta=50.0, base=0.5, eps=0.1):
+    """One anchor's pair loss against a list of (embedding, label) references, written with lists."""
+    sims = [(torch.dot(anchor, e), anchor_label == label) for e, label in refs]
+    if name == "contrastive":  # else multi_similarity
+        total = anchor.new_zeros(())
+        for s, same in sims:
+            total = total + (1 - s if same else torch.clamp(s - margin, min=0.0))
+        return total
+    pos = [s for s, same in sims if same]
+    neg = [s for s, same in sims if not same]
+    if not pos or not neg:
+        return anchor.new_zeros(())
+    min_pos, max_neg = min(float(s.detach()) for s in pos), max(float(s.detach()) for s in neg)
+    pos = [s for s in pos if float(s.detach()) - eps < max_neg]
+    neg = [s for s in neg if float(s.detach()) + eps > min_pos]
+    if not pos or not neg:
+        return anchor.new_zeros(())
+    return (torch.log(1 + sum(torch.exp(-alpha * (s - base)) for s in pos)) / alpha
+            + torch.log(1 + sum(torch.exp(beta * (s - base)) for s in neg)) / beta)
+
+
+def xbm_matches_dense_all(loss_names, **kwargs):
+    """:func:`xbm_matches_dense` for each pair loss in one multi-rank run."""
+    return {name: xbm_matches_dense(loss_name=name, **kwargs) for name in loss_names}
+
+
+def xbm_matches_dense(step_batch_sizes, size, dim, warmup, weight, loss_name, num_labels=4, seed=0):
+    """Several steps of CrossBatchMemory vs a list-based dense reference: loss, local gradients,
+    memory contents (identical on every rank, oldest overwritten, current batch enqueued after)."""
+    from ffc_parallel.losses import ContrastiveLoss, CrossBatchMemory, MultiSimilarityLoss
+    rank, world = fp.get_rank(), fp.get_world_size()
+    pair = {"contrastive": ContrastiveLoss(0.5), "multi_similarity": MultiSimilarityLoss()}[loss_name]
+    xbm = CrossBatchMemory(size, dim, pair, weight=weight, warmup_steps=warmup, verify=True, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    memory = []   # reference: list of (embedding, label), oldest first
+    losses = []
+    for step, batch_sizes in enumerate(step_batch_sizes):
+        total = sum(batch_sizes)
+        x_all = torch.randn(total, dim, generator=g, dtype=torch.float64)
+        y_all = torch.randint(num_labels, (total,), generator=g)
+        ref_x = x_all.clone().requires_grad_()
+        xn = F.normalize(ref_x, dim=1)
+        ref = 0.0 * ref_x.sum()
+        for i in range(total):
+            others = [(xn[j], int(y_all[j])) for j in range(total) if j != i]
+            ref = ref + dense_pair_loss(loss_name, xn[i], int(y_all[i]), others)
+            if step >= warmup and memory:
+                ref = ref + weight * dense_pair_loss(loss_name, xn[i], int(y_all[i]), memory)
+        ref = ref / total
+        ref.backward()
+        if step >= warmup:
+            memory = (memory + [(xn[j].detach(), int(y_all[j])) for j in range(total)])[-size:]
+        x = _local(x_all, batch_sizes, rank).clone().requires_grad_()
+        loss = xbm(x, _local(y_all, batch_sizes, rank))
+        loss.backward()
+        err = {"loss": rel_err(loss.detach(), ref.detach()),
+               "grad": rel_err(x.grad, _local(ref_x.grad, batch_sizes, rank)) if x.numel() else 0.0}
+        assert all(v < 1e-10 for v in err.values()), f"rank {rank}/{world} step {step}: {err}"
+        mem_x, mem_y = xbm.memory()
+        assert mem_y.tolist() == [label for _, label in memory], f"step {step}: memory labels/order differ"
+        if memory:
+            assert rel_err(mem_x, torch.stack([e for e, _ in memory])) < 1e-12, f"step {step}: memory differs"
+        losses.append(float(loss.detach()))
+    # A memory corrupted on one rank is detected on every rank.
+    detected = None
+    if world > 1:
+        if rank == world - 1:
+            xbm.embeddings[0, 0] += 1.0
+        try:
+            xbm.check_consistent()
+        except RuntimeError as exc:
+            detected = str(exc)
+    return {"losses": losses, "detected": detected}
