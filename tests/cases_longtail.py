@@ -123,6 +123,7 @@ def reweighting_matches_dense(num_classes, dim, batch_sizes, methods, margins, c
                 loss = ShardedSigmoidFocal(gamma, alpha, reduction)(head, x, y) if sigmoid else head(x, y)
                 loss.backward()
                 used = _sampled_global_classes(head).sort().values
+                assert sample_rate == 1.0 or used.numel() < num_classes, "Partial FC sampled every class"
                 remap = torch.full((num_classes,), -1, dtype=torch.long)
                 remap[used] = torch.arange(used.numel())
                 ref_x, ref_w = x_all.clone().requires_grad_(), full_w[used].clone().requires_grad_()
@@ -253,3 +254,14 @@ def xbm_matches_dense(step_batch_sizes, size, dim, warmup, weight, loss_name, nu
         except RuntimeError as exc:
             detected = str(exc)
     return {"losses": losses, "detected": detected}
+
+
+def reweighting_suite(runs, formulas_classes=None, zero_weight_classes=None):
+    """Several :func:`reweighting_matches_dense` runs, the weight formulas and the zero-weight error
+    in one multi-rank job (spawns are the expensive part)."""
+    out = {"runs": [reweighting_matches_dense(**kwargs) for kwargs in runs]}
+    if formulas_classes:
+        out["formulas"] = class_weight_formulas(formulas_classes)
+    if zero_weight_classes:
+        out["zero_weight_error"] = zero_weight_batch_raises_everywhere(zero_weight_classes, 4)
+    return out
