@@ -1,3 +1,17 @@
-"""Data: distributed samplers, mixup, CAM-based sampling and data sets."""
+"""Data: the built-in synthetic long-tailed identities, ImageFolder, insightface RecordIO, sklearn digits,
+identity splits for evaluation, per-rank epoch batches; distributed samplers, mixup, CAM-based sampling."""
+from .digits import TensorData, load_digits_tensors
+from .imagefolder import ImageFolder, decode_image
+from .loader import EpochBatches, FeistelPermutation, RankLoader
+from .recordio import RecordIOFaces, RecordIOReader, RecordIOWriter, write_face_recordio
+from .sources import DEFAULT_BUCKET_EDGES, SOURCES, DataBundle, build_data, frequency_buckets
+from .splits import IdentitySplit, Subset, split_identities
+from .synthetic import SyntheticLongTail, zipf_image_counts
 from .samplers import (ClassIndex, ClassProbabilitySampler, DeferredResampling, InstanceBalancedSampler,  # noqa: F401
                        RandomOverSampler, RandomUnderSampler, class_probabilities)
+
+__all__ = ["ClassIndex", "ClassProbabilitySampler", "DeferredResampling", "InstanceBalancedSampler",
+           "RandomOverSampler", "RandomUnderSampler", "class_probabilities", "DEFAULT_BUCKET_EDGES", "DataBundle", "EpochBatches", "FeistelPermutation", "IdentitySplit",
+           "ImageFolder", "RankLoader", "RecordIOFaces", "RecordIOReader", "RecordIOWriter", "SOURCES", "Subset",
+           "SyntheticLongTail", "TensorData", "build_data", "decode_image", "frequency_buckets",
+           "load_digits_tensors", "split_identities", "write_face_recordio", "zipf_image_counts"]

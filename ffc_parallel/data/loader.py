@@ -1,0 +1,100 @@
+"""Per-rank training batches from a shuffled epoch that is never materialised.
+
+An epoch is a pseudo-random permutation of ``[0, num_items)`` (a keyed Feistel network with cycle
+walking: a bijection computed position by position), so 100M items cost no memory. Global step
+``s`` takes permutation positions ``[s * W * b, (s + 1) * W * b)``; rank ``r`` takes the ``r``-th
+block of ``b`` of them. Every rank runs the same number of steps (the incomplete last global batch is
+dropped), which the collectives of the sharded head need.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import hashrng
+
+_ROUNDS = 6
+
+
+class FeistelPermutation:
+    """A bijection of ``[0, n)`` keyed by ``key``: ``perm(positions) -> items`` (vectorised, O(1) state)."""
+
+    def __init__(self, n: int, key: int):
+        if n < 1:
+            raise ValueError(f"cannot permute {n} items")
+        self.n, self.key = int(n), int(key)
+        bits = max(2, int(n - 1).bit_length())
+        self.half = (bits + 1) // 2
+        self.mask = np.uint64((1 << self.half) - 1)
+
+    def _encrypt(self, x: np.ndarray) -> np.ndarray:
+        shift = np.uint64(self.half)
+        left, right = x >> shift, x & self.mask
+        for r in range(_ROUNDS):
+            left, right = right, left ^ (hashrng.hash_keys(self.key, r, right) & self.mask)
+        return (left << shift) | right
+
+    def __call__(self, positions) -> np.ndarray:
+        x = np.asarray(positions, dtype=np.int64)
+        if x.size and (x.min() < 0 or x.max() >= self.n):
+            raise IndexError(f"positions must be in [0, {self.n})")
+        y = self._encrypt(x.astype(np.uint64))
+        outside = y >= np.uint64(self.n)
+        while outside.any():  # cycle walking: re-encrypt until back inside [0, n)
+            y[outside] = self._encrypt(y[outside])
+            outside = y >= np.uint64(self.n)
+        return y.astype(np.int64)
+
+
+class EpochBatches:
+    """Index batches ``[batch_size]`` (int64 arrays) of one rank for one epoch.
+
+    ``shuffle=False`` walks the items in order (positions = items). ``start_step`` skips the first
+    steps (resuming inside an epoch).
+    """
+
+    def __init__(self, num_items: int, batch_size: int, rank: int, world_size: int, *, seed: int = 0,
+                 epoch: int = 0, shuffle: bool = True, start_step: int = 0):
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad batch_size={batch_size} / rank={rank} / world_size={world_size}")
+        self.num_items, self.batch_size, self.rank, self.world_size = num_items, batch_size, rank, world_size
+        self.steps = num_items // (batch_size * world_size)
+        if self.steps == 0:
+            raise ValueError(f"{num_items} items cannot fill one global batch of {world_size} ranks x "
+                             f"{batch_size}: lower the batch size or use more data")
+        self.start_step = start_step
+        self.permutation = FeistelPermutation(num_items, hashrng.hash_keys(seed, 0xE90C, epoch).item()) \
+            if shuffle else None
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step)
+
+    def __iter__(self):
+        global_batch = self.batch_size * self.world_size
+        for step in range(self.start_step, self.steps):
+            lo = step * global_batch + self.rank * self.batch_size
+            positions = np.arange(lo, lo + self.batch_size, dtype=np.int64)
+            yield self.permutation(positions) if self.permutation is not None else positions
+
+
+class RankLoader:
+    """``(inputs, labels)`` training batches of ``source`` for one rank and one epoch; ``len()`` = steps.
+
+    Sources with a vectorised ``batch(indices)`` (the synthetic data) are rendered in-process; other
+    map-style data sets go through a ``torch.utils.data.DataLoader`` with ``num_workers`` workers.
+    """
+
+    def __init__(self, source, batch_size: int, rank: int, world_size: int, *, seed: int = 0, epoch: int = 0,
+                 start_step: int = 0, num_workers: int = 0):
+        self.source, self.num_workers = source, num_workers
+        self.batches = EpochBatches(len(source), batch_size, rank, world_size, seed=seed, epoch=epoch,
+                                    start_step=start_step)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        if hasattr(self.source, "batch"):
+            return (self.source.batch(idx) for idx in self.batches)
+        return iter(torch.utils.data.DataLoader(self.source, batch_sampler=self.batches,
+                                                num_workers=self.num_workers))

@@ -1,0 +1,89 @@
+"""One entry point for every data source: ``build_data(source, ...) -> DataBundle``.
+
+A bundle holds the training set and two small evaluation sets that never overlap training: held-out
+images of training classes (top-1/top-5, accuracy by frequency bucket) and images of unseen classes
+(verification, retrieval).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .digits import TensorData, load_digits_tensors
+from .imagefolder import ImageFolder
+from .recordio import RecordIOFaces
+from .splits import Subset, cap_indices, split_identities, stack_inputs
+from .synthetic import SyntheticLongTail
+
+SOURCES = ("synthetic", "digits", "imagefolder", "recordio")
+DEFAULT_BUCKET_EDGES = (20, 100)  # few-shot < 20 <= medium-shot <= 100 < many-shot (training images)
+
+
+@dataclass
+class DataBundle:
+    """Training data and evaluation sets of one source.
+
+    ``train[i] = (input, label)`` (and ``train.batch(indices)`` when vectorised); ``class_counts[C]``
+    training images per class; ``seen = (inputs[n, ...], labels[n])`` held-out images of training
+    classes; ``unseen = (inputs[m, ...], identity[m])`` images of classes outside training.
+    """
+
+    train: torch.utils.data.Dataset
+    num_classes: int
+    class_counts: np.ndarray
+    input_shape: tuple
+    seen: tuple[torch.Tensor, torch.Tensor]
+    unseen: tuple[torch.Tensor, torch.Tensor]
+    description: str
+
+
+def frequency_buckets(class_counts, edges=DEFAULT_BUCKET_EDGES) -> np.ndarray:
+    """Bucket of each class: 0 = tail (count < edges[0]), 1 = medium, 2 = head (count > edges[1])."""
+    counts = np.asarray(class_counts)
+    return (counts >= edges[0]).astype(np.int64) + (counts > edges[1])
+
+
+def build_data(source: str = "synthetic", *, path: str | None = None, num_identities: int = 10_000,
+               synthetic_mode: str = "vector", image_size: int = 16, channels: int = 1, feature_dim: int = 64,
+               label_noise: float = 0.02, min_images: int = 2, max_images: int = 200,
+               eval_ids_per_bucket: int = 300, eval_images_per_id: int = 2, unseen_identities: int = 300,
+               unseen_images_per_id: int = 4, unseen_fraction: float = 0.1, heldout_per_class: int | None = None,
+               max_eval_images: int = 4000, bucket_edges=DEFAULT_BUCKET_EDGES, seed: int = 0) -> DataBundle:
+    """Build ``source`` (one of :data:`SOURCES`); the options that do not apply to it are ignored."""
+    if source == "synthetic":
+        data = SyntheticLongTail(num_identities, mode=synthetic_mode, image_size=image_size, channels=channels,
+                                 feature_dim=feature_dim, label_noise=label_noise, min_images=min_images,
+                                 max_images=max_images, seed=seed)
+        buckets = frequency_buckets(data.class_counts, bucket_edges)
+        ids = np.concatenate([np.nonzero(buckets == b)[0][:eval_ids_per_bucket] for b in range(3)])
+        return DataBundle(data, data.num_classes, data.class_counts, data.input_shape,
+                          data.heldout_seen(ids, eval_images_per_id),
+                          data.unseen(unseen_identities, unseen_images_per_id), data.describe())
+    if source == "digits":
+        x, y = load_digits_tensors()
+        base = TensorData(x, y)
+        per_class = 40 if heldout_per_class is None else heldout_per_class
+        split = split_identities(y.numpy(), unseen_fraction=max(unseen_fraction, 0.2),
+                                 heldout_per_class=per_class, seed=seed)
+        train = TensorData(x[split.train], torch.from_numpy(split.train_labels))
+        return DataBundle(train, split.num_classes, split.class_counts, tuple(x.shape[1:]),
+                          (x[split.seen], torch.from_numpy(split.seen_labels)),
+                          (x[split.unseen], torch.from_numpy(split.unseen_ids)),
+                          f"sklearn digits: {split.num_classes} training classes, {len(split.train)} images")
+    if source in ("imagefolder", "recordio"):
+        if not path:
+            raise ValueError(f"data source {source!r} needs a path (--data-path)")
+        base = (ImageFolder(path, image_size, channels) if source == "imagefolder"
+                else RecordIOFaces(path, image_size, channels))
+        split = split_identities(base.labels, unseen_fraction=unseen_fraction,
+                                 heldout_per_class=1 if heldout_per_class is None else heldout_per_class, seed=seed)
+        seen_pick = cap_indices(split.seen, max_eval_images, seed)
+        unseen_pick = cap_indices(split.unseen, max_eval_images, seed + 1)
+        seen = (stack_inputs(base, split.seen[seen_pick]), torch.from_numpy(split.seen_labels[seen_pick]))
+        unseen = (stack_inputs(base, split.unseen[unseen_pick]), torch.from_numpy(split.unseen_ids[unseen_pick]))
+        return DataBundle(Subset(base, split.train, split.train_labels), split.num_classes, split.class_counts,
+                          (channels, image_size, image_size), seen, unseen,
+                          f"{source} {path}: {split.num_classes:,} training classes, {len(split.train):,} images")
+    raise ValueError(f"unknown data source {source!r}: choose one of {', '.join(SOURCES)}")

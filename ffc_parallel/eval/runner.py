@@ -1,0 +1,86 @@
+"""Distributed end-of-run evaluation of a backbone and a :class:`~ffc_parallel.ShardedClassifier`.
+
+Every rank embeds its own slice of each evaluation set. Seen identities are classified through the
+head's distributed top-k (each rank scores its own class shard); the unseen embeddings are gathered to
+every rank, which all compute the same verification and retrieval numbers.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..distributed.collectives import gather_rows
+from ..distributed.init import get_rank, get_world_size
+from .metrics import BUCKET_NAMES, bucket_accuracy, pair_scores, recall_at_k, roc_auc, roc_curve, tar_at_far
+
+
+def _my_slice(n: int, rank: int, world: int) -> tuple[slice, list[int]]:
+    sizes = [len(part) for part in np.array_split(np.arange(n), world)]
+    lo = sum(sizes[:rank])
+    return slice(lo, lo + sizes[rank]), sizes
+
+
+@torch.no_grad()
+def embed(backbone, inputs: torch.Tensor, batch_size: int = 512, device="cpu") -> torch.Tensor:
+    """``backbone(inputs)`` in batches, in eval mode (restored afterwards): ``[n, D]`` float32 on CPU."""
+    was_training = backbone.training
+    backbone.eval()
+    dtype = next(backbone.parameters()).dtype
+    try:
+        out = [backbone(inputs[i: i + batch_size].to(device=device, dtype=dtype)).float().cpu()
+               for i in range(0, len(inputs), batch_size)]
+    finally:
+        backbone.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def evaluate(backbone, head, seen, unseen, class_buckets, *, batch_size: int = 512, device="cpu",
+             group=None, fars=(1e-3, 1e-4)) -> tuple[dict, dict]:
+    """Evaluate on ``seen = (inputs, labels)`` (held-out images of training classes) and
+    ``unseen = (inputs, identities)``; every rank of ``group`` must call it with the same sets.
+
+    Returns ``(metrics, curves)``: metrics ``top1_seen``, ``top5_seen``, ``acc_<bucket>`` (bucket of
+    ``class_buckets[C]``: 0 tail, 1 medium, 2 head), ``tar_at_far_<far>``, ``roc_auc``,
+    ``recall_at_1``, ``recall_at_5``; curves ``fpr``/``tpr`` (lists) for an ROC plot.
+    """
+    rank, world = get_rank(group), get_world_size(group)
+    head_was_training = head.training
+    head.eval()
+    metrics, curves = {}, {}
+    try:
+        x, labels = seen
+        part, sizes = _my_slice(len(x), rank, world)
+        emb = embed(backbone, x[part], batch_size, device)
+        k = min(5, head.num_classes)
+        predicted = []
+        for i in range(0, max(max(sizes), 1), batch_size):  # same number of predict calls on every rank
+            _, ids = head.predict(emb[i: i + batch_size].to(device), k=k)
+            predicted.append(ids.cpu())
+        predicted = gather_rows(torch.cat(predicted), sizes, group).cpu()
+        correct = predicted == labels[:, None]
+        metrics["top1_seen"] = float(correct[:, :1].any(1).float().mean())
+        metrics["top5_seen"] = float(correct.any(1).float().mean())
+        for name, acc in bucket_accuracy(correct[:, 0].numpy(), labels.numpy(), class_buckets).items():
+            metrics[f"acc_{name}"] = acc
+        metrics["seen_images"] = len(x)
+
+        x, identities = unseen
+        part, sizes = _my_slice(len(x), rank, world)
+        emb = gather_rows(embed(backbone, x[part], batch_size, device).to(device), sizes, group).cpu()
+        scores, same = pair_scores(emb, identities)
+        for far in fars:
+            metrics[f"tar_at_far_{far:.0e}".replace("e-0", "e-")] = tar_at_far(scores, same, far)[0]
+        metrics["roc_auc"] = roc_auc(scores, same)
+        for kk, r in recall_at_k(emb, identities, (1, 5)).items():
+            metrics[f"recall_at_{kk}"] = r
+        metrics["unseen_images"], metrics["verification_pairs"] = len(x), len(scores)
+        fpr, tpr, _ = roc_curve(scores, same)
+        keep = np.unique(np.linspace(0, len(fpr) - 1, 2000).astype(int))  # enough points for a plot
+        curves["fpr"], curves["tpr"] = fpr[keep].tolist(), tpr[keep].tolist()
+    finally:
+        head.train(head_was_training)
+    return metrics, curves
+
+
+__all__ = ["BUCKET_NAMES", "embed", "evaluate"]
