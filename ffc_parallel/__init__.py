@@ -7,8 +7,9 @@
 """
 from .distributed import DistributedInfo, get_rank, get_world_size, init_distributed
 from .heads import CombinedMargin, ShardedClassifier, shard_range
+from .engine import FFCEngine, HybridModel, initialize
 
 __version__ = "0.1.0"
 
-__all__ = ["CombinedMargin", "DistributedInfo", "ShardedClassifier", "get_rank", "get_world_size",
+__all__ = ["FFCEngine", "HybridModel", "initialize"] + ["CombinedMargin", "DistributedInfo", "ShardedClassifier", "get_rank", "get_world_size",
            "init_distributed", "shard_range"]

@@ -1,0 +1,255 @@
+"""DeepSpeed integration: ``fp.HybridModel`` and ``fp.initialize``.
+
+DeepSpeed is handed the backbone only (:class:`_BackbonePath`, the head is held outside its view), so
+it never broadcasts rank 0's class shard over the others' nor averages center gradients. Between
+the backbone and the head a gradient multiplier turns DeepSpeed's data-parallel AVERAGE into the SUM
+the head's gradient semantics need (``emb.grad`` is this rank's part of the global-mean loss). The
+centers are stepped by a :class:`~ffc_parallel.optim.ShardedCenterOptimizer` inside
+:meth:`FFCEngine.step`, at DeepSpeed's accumulation boundary, with DeepSpeed's learning rate, loss
+scale, overflow decision and clipping factor.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .distributed.init import init_distributed
+from .optim.consensus import CenterGradientHooks, center_grad_stats
+from .optim.sharded import ShardedCenterOptimizer
+
+
+class HybridModel(nn.Module):
+    """``head(backbone(inputs), labels)``: a data-parallel backbone and a class-sharded head.
+
+    ``forward(inputs, labels) -> loss`` (mean over the global batch, same on every rank). Train it
+    with :func:`initialize`; plain PyTorch use (one process, or summing backbone gradients yourself)
+    works too. Wrapped directly by ``deepspeed.initialize`` on more than one rank it raises, since
+    DeepSpeed would overwrite every rank's class shard with rank 0's and average center gradients.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, inputs, labels):
+        _refuse_raw_deepspeed(self.head)
+        return self.head(self.backbone(inputs), labels)
+
+    def _apply(self, fn, *args, **kwargs):
+        # deepspeed.initialize moves the module (module.to) before it broadcasts any parameter:
+        # refusing here leaves every rank's class shard intact.
+        _refuse_raw_deepspeed(self.head)
+        return super()._apply(fn, *args, **kwargs)
+
+
+def _refuse_raw_deepspeed(head) -> None:
+    """Raise if this forward runs under a DeepSpeedEngine (not ours) with a sharded head on > 1 rank."""
+    if getattr(head, "world_size", 1) <= 1 or "deepspeed" not in sys.modules:
+        return
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    frame = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            return
+        if isinstance(frame.f_locals.get("self"), DeepSpeedEngine):
+            raise RuntimeError(
+                "ffc_parallel.HybridModel was wrapped by deepspeed.initialize on "
+                f"{head.world_size} ranks: DeepSpeed broadcasts rank 0's class shard over every rank's and "
+                "averages center gradients, which silently ruins training. Use "
+                "`engine, optimizer, loader, scheduler = ffc_parallel.initialize(model=model, config=...)` "
+                "instead (same arguments as deepspeed.initialize).")
+        frame = frame.f_back
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``factor``."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+class _BackbonePath(nn.Module):
+    """What DeepSpeed sees: the backbone's parameters only; the head runs outside its view.
+
+    ``forward(inputs, labels)`` = ``head(backbone(inputs), labels)``, with the embedding gradient
+    multiplied by ``grad_multiplier`` (the data-parallel size) so that DeepSpeed's average over ranks
+    yields the sum over ranks.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, grad_multiplier: float):
+        super().__init__()
+        self.backbone = backbone
+        object.__setattr__(self, "head", head)  # not a submodule: DeepSpeed must not see its weight
+        self.grad_multiplier = float(grad_multiplier)
+
+    def forward(self, inputs, labels):
+        emb = self.backbone(inputs)
+        if self.grad_multiplier != 1.0 and torch.is_grad_enabled():
+            emb = _ScaleGrad.apply(emb, self.grad_multiplier)
+        return self.head(emb, labels)
+
+
+def _load_config(config) -> dict:
+    if isinstance(config, (str, Path)):
+        with open(config) as f:
+            return json.load(f)
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict or a path to a DeepSpeed JSON config, got {type(config).__name__}")
+    return dict(config)
+
+
+class FFCEngine:
+    """A DeepSpeed engine for the backbone plus the sharded optimizer of the centers.
+
+    Use it like a DeepSpeed engine: ``loss = engine(inputs, labels)``, ``engine.backward(loss)``,
+    ``engine.step()`` after every micro-batch (the optimizers step at the accumulation boundary).
+    ``engine.module`` is the :class:`HybridModel`; ``engine.deepspeed`` the DeepSpeed engine of the
+    backbone; ``engine.head_optimizer`` the centers' optimizer. Other attributes are DeepSpeed's.
+    """
+
+    def __init__(self, ds_engine, model: HybridModel, head_optimizer: ShardedCenterOptimizer, config: dict):
+        self.deepspeed, self.module, self.head_optimizer, self.config = ds_engine, model, head_optimizer, config
+        self.head = model.head
+        self.hooks = CenterGradientHooks(ds_engine)
+        self._rows: torch.Tensor | None = None   # union of Partial FC rows since the last step
+        self._all_rows = False                   # a forward used every row
+        self._pending = False                    # a training forward happened since the last step
+
+    # ------------------------------------------------------------------ DeepSpeed-like API
+    def __call__(self, inputs, labels):
+        return self.forward(inputs, labels)
+
+    def forward(self, inputs, labels):
+        loss = self.deepspeed(inputs, labels)
+        if self.head.training and torch.is_grad_enabled():
+            self._note_rows(getattr(self.head, "last_sampled_rows", None))
+        return loss
+
+    def _note_rows(self, rows):
+        self._pending = True
+        if rows is None:
+            self._all_rows = True
+        elif not self._all_rows:
+            self._rows = rows if self._rows is None else torch.unique(torch.cat([self._rows, rows]))
+
+    def backward(self, loss, **kwargs):
+        return self.deepspeed.backward(loss, **kwargs)
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return self.deepspeed.is_gradient_accumulation_boundary()
+
+    def step(self, **kwargs):
+        """Call after every micro-batch; at the accumulation boundary step backbone and centers."""
+        if not self.deepspeed.is_gradient_accumulation_boundary():
+            return self.deepspeed.step(**kwargs)
+        rows = None if self._all_rows else self._rows
+        lr = self.deepspeed.get_lr()[0]
+        scale = self.loss_scale
+        grad = self.head.weight.grad
+        if self._pending and rows is not None:
+            rows = rows.to(grad.device if grad is not None else self.head.weight.device)
+        self.hooks.clip_factor = 1.0
+        if self.deepspeed.fp16_enabled() or self.hooks.clip > 0:
+            overflow, norm_sq = center_grad_stats(grad if self._pending else None, rows, self.head.group)
+            self.hooks.center_overflow = overflow and self.deepspeed.fp16_enabled()
+            self.hooks.center_norm_sq = norm_sq / (scale * scale)
+        result = self.deepspeed.step(**kwargs)
+        if self.deepspeed.was_step_applied() and self._pending and grad is not None:
+            self.head_optimizer.step(rows, lr=lr, grad_scale=1.0 / (scale * self.hooks.clip_factor))
+        self.head.weight.grad = None
+        self._rows, self._all_rows, self._pending = None, False, False
+        return result
+
+    def train(self, mode: bool = True):
+        self.deepspeed.train(mode)
+        self.module.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def get_lr(self):
+        return self.deepspeed.get_lr()
+
+    @property
+    def loss_scale(self) -> float:
+        if not self.deepspeed.fp16_enabled():
+            return 1.0
+        return float(getattr(self.deepspeed.optimizer, "cur_scale", 1.0))
+
+    @property
+    def global_steps(self) -> int:
+        return self.deepspeed.global_steps
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.deepspeed.skipped_steps
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None):
+        from .checkpoint import save_checkpoint
+        return save_checkpoint(self, save_dir, tag=tag, client_state=client_state)
+
+    def load_checkpoint(self, load_dir, tag=None, load_optimizer_states=True, load_lr_scheduler_states=True):
+        from .checkpoint import load_checkpoint
+        return load_checkpoint(self, load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
+                               load_lr_scheduler_states=load_lr_scheduler_states)
+
+    def __getattr__(self, name):
+        if name in ("deepspeed", "module", "head"):  # not set yet: avoid recursion
+            raise AttributeError(name)
+        return getattr(self.deepspeed, name)
+
+
+def initialize(model: HybridModel, config, training_data=None, lr_scheduler=None, *, args=None,
+               model_parameters=None, collate_fn=None, mpu=None, **deepspeed_kwargs):
+    """``engine, optimizer, loader, scheduler``, like ``deepspeed.initialize`` for a :class:`HybridModel`.
+
+    ``config``: a DeepSpeed config dict or JSON path; its ``optimizer`` section (SGD, Adam, AdamW)
+    also configures the centers' optimizer, which follows the backbone's learning rate (the
+    ``scheduler`` section or ``lr_scheduler``). ``model_parameters`` defaults to the backbone's
+    parameters. Works whether or not :func:`ffc_parallel.init_distributed` was called first.
+    """
+    import deepspeed
+
+    if not isinstance(model, HybridModel):
+        raise TypeError("ffc_parallel.initialize expects an ffc_parallel.HybridModel(backbone, head); "
+                        "for a model without a sharded head use deepspeed.initialize")
+    info = init_distributed(verbose=False)
+    deepspeed.init_distributed(dist_backend=info.backend, auto_mpi_discovery=False)
+    config = _load_config(config)
+    if "optimizer" not in config:
+        raise ValueError("the DeepSpeed config needs an `optimizer` section: it configures both the backbone's "
+                         "and the centers' optimizer (a client optimizer cannot be sharded by class)")
+    if deepspeed_kwargs.get("optimizer") is not None:
+        raise ValueError("pass the optimizer through the config's `optimizer` section, not as an object: "
+                         "the centers need a sharded copy of it")
+    head = model.head
+    if not getattr(getattr(head, "weight", None), "ffc_class_sharded", False):
+        raise TypeError("HybridModel.head must be an ffc_parallel.ShardedClassifier (weight.ffc_class_sharded)")
+    head_world = dist.get_world_size(head.group) if dist.is_initialized() else 1
+    path = _BackbonePath(model.backbone, head, grad_multiplier=head_world)
+    if model_parameters is None:
+        model_parameters = [p for p in model.backbone.parameters() if p.requires_grad]
+    ds_engine, _, loader, scheduler = deepspeed.initialize(
+        args=args, model=path, model_parameters=model_parameters, training_data=training_data,
+        lr_scheduler=lr_scheduler, collate_fn=collate_fn, mpu=mpu, config=config, **deepspeed_kwargs)
+    if ds_engine.dp_world_size != head_world:
+        raise ValueError(f"the head's process group has {head_world} ranks but DeepSpeed's data-parallel group "
+                         f"has {ds_engine.dp_world_size}: ffc_parallel needs them to be the same ranks")
+    head_opt = ShardedCenterOptimizer.from_deepspeed_config(head.weight, config["optimizer"])
+    head_opt.lr = ds_engine.get_lr()[0]
+    engine = FFCEngine(ds_engine, model, head_opt, config)
+    return engine, ds_engine.optimizer, loader, scheduler

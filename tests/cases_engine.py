@@ -1,0 +1,148 @@
+"""Per-rank bodies of the DeepSpeed engine tests (run through ffc_parallel.testing.run_ranks)."""
+import copy
+
+import torch
+
+import ffc_parallel as fp
+from ffc_parallel.heads.sharded import init_class_rows
+from tests.reference import dense_margin_loss, rel_err
+
+IN_DIM, DIM, SCALE, M3 = 6, 5, 16.0, 0.4   # cosface, s=16: smooth enough for tight trajectories
+
+
+def make_backbone(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(IN_DIM, 12), torch.nn.Tanh(), torch.nn.Linear(12, DIM))
+
+
+def ds_config(stage, optimizer, gas, micro, world, dtype="fp32", clip=0.0, lr=0.1, extra=None):
+    """A DeepSpeed config; ``optimizer`` is "sgd" (momentum, weight decay) or "adamw" (torch's AdamW)."""
+    if optimizer == "sgd":
+        opt = {"type": "SGD", "params": {"lr": lr, "momentum": 0.9, "weight_decay": 1e-3}}
+    else:
+        opt = {"type": "AdamW", "params": {"lr": lr / 10, "betas": [0.9, 0.99], "eps": 1e-8,
+                                           "weight_decay": 0.05, "torch_adam": True}}
+    config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
+              "train_batch_size": micro * gas * world, "optimizer": opt, "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": stage}, "steps_per_print": 10**9, "gradient_clipping": clip,
+              "wall_clock_breakdown": False}
+    if dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+    config.update(extra or {})
+    return config
+
+
+def dense_optimizer(params, optimizer, lr=0.1):
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-3)
+    return torch.optim.AdamW(params, lr=lr / 10, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+
+
+def global_batch(step, size, num_classes):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(size, IN_DIM, generator=g), torch.randint(num_classes, (size,), generator=g)
+
+
+def micro_slice(tensor, micro, rank, world, b):
+    start = micro * world * b + rank * b
+    return tensor[start: start + b]
+
+
+def full_backbone(engine):
+    """The backbone's full fp32 (master) parameters, whatever the ZeRO stage."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    full = [(safe_get_full_fp32_param(p), p) for p in engine.module.backbone.parameters()]
+    return [(master if master is not None else p).detach().float().clone() for master, p in full]
+
+
+def build(stage, optimizer, gas, micro, num_classes, dtype="fp32", clip=0.0, sample_rate=1.0):
+    world = fp.get_world_size()
+    backbone = make_backbone()
+    reference_backbone = copy.deepcopy(backbone)
+    head = fp.ShardedClassifier(DIM, num_classes, margin="cosface", scale=SCALE, sample_rate=sample_rate)
+    model = fp.HybridModel(backbone, head)
+    engine, *_ = fp.initialize(model=model, config=ds_config(stage, optimizer, gas, micro, world, dtype, clip))
+    return engine, reference_backbone
+
+
+def trajectories_match_dense(configs, num_classes=11, micro=3, steps=3):
+    """Each config ``[stage, optimizer, gas, dtype]`` follows the dense single-process trajectory."""
+    rank, world = fp.get_rank(), fp.get_world_size()
+    report = {}
+    for stage, optimizer, gas, dtype in configs:
+        tol = (1e-5 if optimizer == "sgd" else 5e-5) if dtype == "fp32" else 3e-2
+        engine, ref_bb = build(stage, optimizer, gas, micro, num_classes, dtype)
+        ref_w = torch.nn.Parameter(init_class_rows(0, num_classes, DIM, 0.01, 0))
+        ref_opt = dense_optimizer(list(ref_bb.parameters()) + [ref_w], optimizer)
+        in_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        worst = 0.0
+        for step in range(steps):
+            x, y = global_batch(step, micro * gas * world, num_classes)
+            losses = []
+            for m in range(gas):
+                loss = engine(micro_slice(x, m, rank, world, micro).to(in_dtype), micro_slice(y, m, rank, world, micro))
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.item())
+            ref_opt.zero_grad()
+            ref_loss = dense_margin_loss(ref_bb(x), ref_w, y, SCALE, 1.0, 0.0, M3)
+            ref_loss.backward()
+            ref_opt.step()
+            err = abs(sum(losses) / gas - float(ref_loss)) / abs(float(ref_loss))
+            assert err < tol, f"config {stage, optimizer, gas, dtype} step {step}: loss err {err}"
+            worst = max(worst, err)
+        start, stop = engine.head.class_range
+        errs = {"centers": rel_err(engine.head.weight.detach().float(), ref_w.detach()[start:stop])}
+        for i, (p, q) in enumerate(zip(full_backbone(engine), ref_bb.parameters())):
+            errs[f"backbone{i}"] = rel_err(p, q.detach())
+        bad = {k: v for k, v in errs.items() if not v < tol}
+        assert not bad, f"rank {rank}/{world} config {stage, optimizer, gas, dtype}: {bad}"
+        assert engine.global_steps == steps
+        report[f"{stage}/{optimizer}/{gas}/{dtype}"] = max([worst] + list(errs.values()))
+    return report
+
+
+def partial_fc_touches_only_sampled_rows(stage=1, optimizer="adamw", gas=2, num_classes=40, micro=2):
+    """With Partial FC, rows outside the union of the micro-batches' samples keep weights and state."""
+    engine, _ = build(stage, optimizer, gas, micro, num_classes, sample_rate=0.25)
+    world, rank = fp.get_world_size(), fp.get_rank()
+    head, opt = engine.head, engine.head_optimizer
+    for step in range(2):
+        before = head.weight.detach().clone()
+        state_before = {k: v.clone() for k, v in opt.state.items()}
+        x, y = global_batch(step, micro * gas * world, num_classes)
+        used = []
+        for m in range(gas):
+            loss = engine(micro_slice(x, m, rank, world, micro), micro_slice(y, m, rank, world, micro))
+            used.append(head.last_sampled_rows.clone())
+            engine.backward(loss)
+            engine.step()
+        touched = torch.zeros(head.num_local, dtype=torch.bool)
+        touched[torch.cat(used)] = True
+        assert touched.sum() < head.num_local, "every row sampled: the test needs a lower sample rate"
+        assert torch.equal(head.weight[~touched], before[~touched]), "an unsampled row moved"
+        assert not torch.equal(head.weight[touched], before[touched]), "no sampled row moved"
+        for key, value in opt.state.items():
+            assert torch.equal(value[~touched], state_before[key][~touched]), f"state {key} of an unsampled row changed"
+        assert torch.equal(opt.state["step"][touched], state_before["step"][touched] + 1)
+    return int(touched.sum())
+
+
+def raw_deepspeed_initialize(num_classes=9):
+    """deepspeed.initialize on a HybridModel: refused on > 1 rank, naming fp.initialize; fine on 1."""
+    import deepspeed
+
+    world = fp.get_world_size()
+    backbone = make_backbone()
+    head = fp.ShardedClassifier(DIM, num_classes, margin="cosface", scale=SCALE)
+    model = fp.HybridModel(backbone, head)
+    x, y = global_batch(0, 2 * world, num_classes)
+    try:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                          config=ds_config(0, "sgd", 1, 2, world))
+        loss = engine(micro_slice(x, 0, fp.get_rank(), world, 2), micro_slice(y, 0, fp.get_rank(), world, 2))
+    except RuntimeError as exc:
+        return str(exc)
+    engine.backward(loss)
+    engine.step()
+    return None
