@@ -1,0 +1,96 @@
+"""The row-sparse sharded center optimizers against torch.optim (one process, no DeepSpeed)."""
+import pytest
+import torch
+
+from ffc_parallel.optim import ShardedCenterOptimizer
+
+CASES = {
+    "sgd": (dict(kind="sgd", lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
+    "sgd_momentum_wd": (dict(kind="sgd", lr=0.1, momentum=0.9, weight_decay=0.01, dampening=0.1),
+                        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01, dampening=0.1)),
+    "sgd_nesterov": (dict(kind="sgd", lr=0.05, momentum=0.8, nesterov=True),
+                     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, nesterov=True)),
+    "adam_l2": (dict(kind="adam", lr=0.01, betas=(0.8, 0.95), weight_decay=0.1),
+                lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.95), weight_decay=0.1)),
+    "adamw": (dict(kind="adamw", lr=0.01, weight_decay=0.1, eps=1e-6),
+              lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, eps=1e-6)),
+}
+
+
+def _grads(steps, rows, dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, dim, generator=g, dtype=torch.float64) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_all_rows_equals_torch_optimizer(name):
+    ours_kwargs, make_torch = CASES[name]
+    w0 = torch.randn(7, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours, ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt, ref_opt = ShardedCenterOptimizer(ours, **ours_kwargs), make_torch([ref])
+    for grad in _grads(5, 7, 4):
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step(None)
+        ref_opt.step()
+        torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_touched_rows_follow_their_own_optimizer_untouched_rows_frozen(name):
+    """Lazy semantics: each row behaves as if it had its own torch optimizer, stepped only when touched."""
+    ours_kwargs, make_torch = CASES[name]
+    n, dim = 9, 3
+    w0 = torch.randn(n, dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ours = torch.nn.Parameter(w0.clone())
+    opt = ShardedCenterOptimizer(ours, **ours_kwargs)
+    per_row = [torch.nn.Parameter(w0[i].clone()) for i in range(n)]
+    per_row_opts = [make_torch([p]) for p in per_row]
+    g = torch.Generator().manual_seed(3)
+    for grad in _grads(6, n, dim, seed=4):
+        rows = torch.randperm(n, generator=g)[: int(torch.randint(1, n, (1,), generator=g))].sort().values
+        frozen = ours.detach().clone()
+        ours.grad = torch.zeros_like(grad)
+        ours.grad[rows] = grad[rows] * 4.0          # scaled gradient, unscaled by grad_scale below
+        opt.step(rows, grad_scale=0.25)
+        for i in rows.tolist():
+            per_row[i].grad = grad[i].clone()
+            per_row_opts[i].step()
+        untouched = torch.ones(n, dtype=torch.bool)
+        untouched[rows] = False
+        assert torch.equal(ours.detach()[untouched], frozen[untouched])
+        torch.testing.assert_close(ours.detach(), torch.stack([p.detach() for p in per_row]), rtol=1e-12, atol=1e-14)
+
+
+def test_low_precision_centers_keep_fp32_state():
+    w = torch.nn.Parameter(torch.randn(5, 4).to(torch.bfloat16))
+    opt = ShardedCenterOptimizer(w, "adamw", lr=0.01)
+    w.grad = torch.randn(5, 4).to(torch.bfloat16)
+    opt.step(torch.tensor([1, 3]))
+    assert opt.state["exp_avg"].dtype == torch.float32 and w.dtype == torch.bfloat16
+    assert opt.state["step"].tolist() == [0, 1, 0, 1, 0]
+
+
+def test_from_deepspeed_config_follows_deepspeed_names():
+    w = torch.nn.Parameter(torch.zeros(3, 2))
+    adam = ShardedCenterOptimizer.from_deepspeed_config(w, {"type": "Adam", "params": {"lr": 0.1, "torch_adam": True}})
+    assert adam.kind == "adamw" and adam.lr == 0.1          # DeepSpeed's Adam is AdamW unless adam_w_mode=false
+    l2 = ShardedCenterOptimizer.from_deepspeed_config(w, {"type": "Adam", "params": {"adam_w_mode": False}})
+    assert l2.kind == "adam"
+    sgd = ShardedCenterOptimizer.from_deepspeed_config(w, {"type": "SGD", "params": {"lr": 0.2, "momentum": 0.9}})
+    assert (sgd.kind, sgd.momentum) == ("sgd", 0.9) and "momentum_buffer" in sgd.state
+    with pytest.raises(ValueError, match="no sharded center optimizer"):
+        ShardedCenterOptimizer.from_deepspeed_config(w, {"type": "Lamb", "params": {}})
+    with pytest.raises(ValueError, match="not supported by the sharded center optimizer"):
+        ShardedCenterOptimizer.from_deepspeed_config(w, {"type": "SGD", "params": {"lr": 0.1, "bogus": 1}})
+
+
+def test_state_dict_round_trip_and_mismatch_error():
+    w = torch.nn.Parameter(torch.randn(4, 2))
+    opt = ShardedCenterOptimizer(w, "sgd", lr=0.1, momentum=0.5)
+    w.grad = torch.ones(4, 2)
+    opt.step(None)
+    other = ShardedCenterOptimizer(torch.nn.Parameter(torch.randn(4, 2)), "sgd", lr=0.3, momentum=0.5)
+    other.load_state_dict(opt.state_dict())
+    assert torch.equal(other.state["momentum_buffer"], opt.state["momentum_buffer"]) and other.lr == 0.1
+    with pytest.raises(ValueError, match="does not match"):
+        ShardedCenterOptimizer(torch.nn.Parameter(torch.randn(5, 2)), "sgd", momentum=0.5).load_state_dict(opt.state_dict())
