@@ -192,7 +192,7 @@ class ClassPool(nn.Module):
             self.features[rows] = means[who]
             self.stamps[rows] = now
         self._rebuild_index()
-        return {"existing": int(existing.sum()), "inserted": int(fresh.numel()), "dropped": dropped,
+        return {"refreshed": int(existing.sum()), "inserted": int(fresh.numel()), "dropped": dropped,
                 "evicted_here": evicted}
 
     # ------------------------------------------------------------------ whole-pool views
