@@ -265,3 +265,60 @@ def reweighting_suite(runs, formulas_classes=None, zero_weight_classes=None):
     if zero_weight_classes:
         out["zero_weight_error"] = zero_weight_batch_raises_everywhere(zero_weight_classes, 4)
     return out
+
+
+# ---------------------------------------------------------------------------- mixup, CAM centers
+def mixup_and_centers_match_dense(num_classes, dim, batch_sizes, seed=0):
+    """Input and manifold mixup with the two-target ArcFace loss on the sharded head vs a dense
+    reference (the same λ on every rank, partners local); and fetch_class_centers vs the full matrix."""
+    import ffc_parallel.data.mixup as mixup_module
+    from ffc_parallel.data.cam import fetch_class_centers
+    from ffc_parallel.data.mixup import Mixup
+    rank = fp.get_rank()
+    g = torch.Generator().manual_seed(seed)
+    total = sum(batch_sizes)
+    inputs = torch.randn(total, 6, generator=g, dtype=torch.float64)
+    y_all = torch.randint(num_classes, (total,), generator=g)
+    full_w = init_class_rows(0, num_classes, dim, 0.01, seed).to(torch.float64)
+    for layers in (None, ["1"]):
+        torch.manual_seed(1)
+        backbone = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, dim)).double()
+        head = fp.ShardedClassifier(dim, num_classes, margin="arcface", dtype=torch.float64, seed=seed)
+        mixup = Mixup(alpha=1.0, layers=layers, seed=5)
+        x, y = _local(inputs, batch_sizes, rank), _local(y_all, batch_sizes, rank)
+        loss = mixup.forward_loss(backbone, head, x, y, step=3)
+        loss.backward()
+        # Dense: every rank's λ (identical) and permutation (per rank) rebuilt from the same draws.
+        lams, perms = [], []
+        for r in range(len(batch_sizes)):
+            saved = mixup_module.get_rank
+            mixup_module.get_rank = lambda r=r: r
+            plan = mixup.plan(3, batch_sizes[r])
+            mixup_module.get_rank = saved
+            lams.append(plan.lam)
+            perms.append(plan.perm + sum(batch_sizes[:r]))
+        assert len(set(lams)) == 1
+        lam, perm = lams[0], torch.cat(perms)
+        torch.manual_seed(1)
+        ref_backbone = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, dim)).double()
+        ref_w = full_w.clone().requires_grad_()
+        if layers is None:
+            emb = ref_backbone(lam * inputs + (1 - lam) * inputs[perm])
+        else:
+            hidden = ref_backbone[1](ref_backbone[0](inputs))
+            emb = ref_backbone[2](lam * hidden + (1 - lam) * hidden[perm])
+        ref = (lam * F.cross_entropy(dense_logits(emb, ref_w, y_all, 64.0, 1.0, 0.5, 0.0), y_all)
+               + (1 - lam) * F.cross_entropy(dense_logits(emb, ref_w, y_all[perm], 64.0, 1.0, 0.5, 0.0), y_all[perm]))
+        ref.backward()
+        start, stop = head.class_range
+        assert rel_err(loss.detach(), ref.detach()) < 1e-10, (layers, float(loss), float(ref))
+        assert rel_err(head.weight.grad, ref_w.grad[start:stop]) < 1e-8
+        # The backbone's gradient is the SUM over ranks of the per-rank gradients (head semantics).
+        for p, q in zip(backbone.parameters(), ref_backbone.parameters()):
+            grad = p.grad.clone()
+            if dist.is_initialized():
+                dist.all_reduce(grad)
+            assert rel_err(grad, q.grad) < 1e-8, layers
+    centers = fetch_class_centers(head, torch.tensor([num_classes - 1, 0, 3, 3]))
+    assert torch.equal(centers, full_w[[num_classes - 1, 0, 3, 3]])
+    return float(loss)
