@@ -9,8 +9,9 @@ from .splits import IdentitySplit, Subset, split_identities
 from .synthetic import SyntheticLongTail, zipf_image_counts
 from .samplers import (ClassIndex, ClassProbabilitySampler, DeferredResampling, InstanceBalancedSampler,  # noqa: F401
                        RandomOverSampler, RandomUnderSampler, class_probabilities)
+from .mixup import Mixup; from .cam import CamBalancer, fetch_class_centers  # noqa: E702,F401
 
-__all__ = ["ClassIndex", "ClassProbabilitySampler", "DeferredResampling", "InstanceBalancedSampler",
+__all__ = ["CamBalancer", "Mixup", "fetch_class_centers", "ClassIndex", "ClassProbabilitySampler", "DeferredResampling", "InstanceBalancedSampler",
            "RandomOverSampler", "RandomUnderSampler", "class_probabilities", "DEFAULT_BUCKET_EDGES", "DataBundle", "EpochBatches", "FeistelPermutation", "IdentitySplit",
            "ImageFolder", "RankLoader", "RecordIOFaces", "RecordIOReader", "RecordIOWriter", "SOURCES", "Subset",
            "SyntheticLongTail", "TensorData", "build_data", "decode_image", "frequency_buckets",
