@@ -7,6 +7,7 @@
 """
 from .distributed import DistributedInfo, get_rank, get_world_size, init_distributed
 from .heads import CombinedMargin, ShardedClassifier, shard_range
+from . import losses  # noqa: F401  (fp.losses.CrossBatchMemory, re-weighting row losses)
 from .engine import FFCEngine, HybridModel, initialize
 
 __version__ = "0.1.0"

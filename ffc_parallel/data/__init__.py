@@ -9,7 +9,8 @@ from .splits import IdentitySplit, Subset, split_identities
 from .synthetic import SyntheticLongTail, zipf_image_counts
 from .samplers import (ClassIndex, ClassProbabilitySampler, DeferredResampling, InstanceBalancedSampler,  # noqa: F401
                        RandomOverSampler, RandomUnderSampler, class_probabilities)
-from .mixup import Mixup; from .cam import CamBalancer, fetch_class_centers  # noqa: E702,F401
+from .mixup import Mixup  # noqa: F401
+from .cam import CamBalancer, fetch_class_centers  # noqa: F401
 
 __all__ = ["CamBalancer", "Mixup", "fetch_class_centers", "ClassIndex", "ClassProbabilitySampler", "DeferredResampling", "InstanceBalancedSampler",
            "RandomOverSampler", "RandomUnderSampler", "class_probabilities", "DEFAULT_BUCKET_EDGES", "DataBundle", "EpochBatches", "FeistelPermutation", "IdentitySplit",
