@@ -1,8 +1,8 @@
 """FFC's dual loader: every step combines an identity batch and an instance batch.
 
-* identity part: ``id_batch_size`` identities drawn uniformly (a shuffled pass over all identities,
-  reshuffled whenever it runs out), ``images_per_id`` distinct images of each (all of them when the
-  identity has fewer), so few-shot identities are trained as often as rich ones;
+* identity part: ``id_batch_size`` identities drawn uniformly (shuffled passes over all identities,
+  one after the other, continuing across epochs), ``images_per_id`` distinct images of each (all of
+  them when the identity has fewer), so few-shot identities are trained as often as rich ones;
 * instance part: ``instance_batch_size`` images drawn uniformly (a shuffled pass over all images).
 
 Distributed: both permutations are drawn from ``(seed, epoch)`` identically on every rank and split
@@ -83,15 +83,21 @@ class DualBatchSampler(Sampler):
         return self.steps
 
     def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 2)
 
-    def _identity_stream(self, generator):
-        """This rank's identity positions, ``id_batch_size`` at a time, passes reshuffled forever."""
+    def _identity_stream(self):
+        """This rank's identity positions, ``id_batch_size`` at a time. Passes over the identities
+        continue across epochs (pass p is permuted by ``(seed, p)``), so every identity is drawn
+        equally often in the long run, and epoch e resumes exactly where epoch e - 1 stopped."""
         per_pass = self.identities.numel() // self.world_size      # equal share per rank and pass
+        steps_per_pass = per_pass // self.id_batch_size
+        p, step = divmod(self.epoch * self.steps, steps_per_pass)
         while True:
-            mine = torch.randperm(self.identities.numel(), generator=generator)[self.rank::self.world_size][:per_pass]
-            for lo in range(0, per_pass - self.id_batch_size + 1, self.id_batch_size):
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + p) * 2 + 1)
+            mine = torch.randperm(self.identities.numel(), generator=g)[self.rank::self.world_size][:per_pass]
+            for lo in range(step * self.id_batch_size, steps_per_pass * self.id_batch_size, self.id_batch_size):
                 yield mine[lo: lo + self.id_batch_size]
+            p, step = p + 1, 0
 
     def _images_of(self, positions: torch.Tensor, generator) -> torch.Tensor:
         """Up to ``images_per_id`` distinct images of each identity: a random permutation of each
@@ -104,17 +110,19 @@ class DualBatchSampler(Sampler):
         keep = torch.arange(run.numel()) - starts[run] < self.images_per_id
         return self.order[offsets[run[keep]] + shuffled[keep]]
 
-    def __iter__(self):
+    def parts(self):
+        """This epoch's steps as ``(identity_part, instance_part)`` index tensors."""
         generator = self._generator()
         images = torch.randperm(self.num_images, generator=generator)[self.rank::self.world_size]
-        ids = self._identity_stream(generator) if self.id_batch_size else None
+        ids = self._identity_stream() if self.id_batch_size else None
         for step in range(self.steps):
-            parts = []
-            if ids is not None:
-                parts.append(self._images_of(next(ids), generator))
+            identity_part = self._images_of(next(ids), generator) if ids is not None else images[:0]
             lo = step * self.instance_batch_size
-            parts.append(images[lo: lo + self.instance_batch_size])
-            yield torch.cat(parts).tolist()
+            yield identity_part, images[lo: lo + self.instance_batch_size]
+
+    def __iter__(self):
+        for identity_part, instance_part in self.parts():
+            yield torch.cat([identity_part, instance_part]).tolist()
 
 
 def dual_loader(dataset, id_batch_size: int, instance_batch_size: int, *, labels=None, images_per_id: int = 2,

@@ -85,16 +85,17 @@ def contrastive_prior(backbone: nn.Module, batches, head: ShardedClassifier, pro
     try:
         for batch in lockstep(batches, group, progress=progress, desc="contrastive prior"):
             if batch is None:
-                feats, ids = torch.empty(0, dim, device=device), torch.empty(0, dtype=torch.long, device=device)
+                feats = torch.empty(0, dim, device=device, dtype=head.weight.dtype)
+                ids = torch.empty(0, dtype=torch.long, device=device)
             else:
                 inputs, ids = batch
-                feats = F.normalize(backbone(inputs).to(device=device, dtype=torch.float32), dim=1)
+                feats = F.normalize(backbone(inputs).to(device=device, dtype=head.weight.dtype), dim=1)
                 ids = ids.to(device=device, dtype=torch.long)
             sizes = _checked_sizes(feats, ids, dim, head.num_classes, group)
             all_feats, all_ids = gather_rows(feats, sizes, group), gather_rows(ids, sizes, group)
             own = (all_ids >= start) & (all_ids < stop)
             rows = all_ids[own] - start
-            head.weight.data[rows] = all_feats[own].to(head.weight.dtype)
+            head.weight.data[rows] = all_feats[own]
             written[rows] = True
     finally:
         backbone.load_state_dict(saved)
@@ -209,7 +210,8 @@ class HardestClassSmoothing:
         all_reduce_(table, group=head.group)
         offset = sum(sizes[: head.rank])
         classes = table[offset: offset + labels.shape[0]]
-        probs = torch.full(classes.shape, self.alpha / self.k, dtype=torch.float32, device=device)
+        dtype = torch.float64 if head.weight.dtype == torch.float64 else torch.float32
+        probs = torch.full(classes.shape, self.alpha / self.k, dtype=dtype, device=device)
         return classes, probs
 
 
@@ -231,7 +233,7 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 
 def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                          weight_decay: float = 1e-4, max_iter: int = 200) -> float:
+                          weight_decay: float = 1e-4, max_iter: int = 100) -> float:
     """Top-1 accuracy of a multinomial logistic regression (full-batch L-BFGS, L2 ``weight_decay``)
     trained on frozen, standardised ``train_x`` and evaluated on ``test_x``."""
     mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-6)
