@@ -11,8 +11,9 @@ from .samplers import (ClassIndex, ClassProbabilitySampler, DeferredResampling, 
                        RandomOverSampler, RandomUnderSampler, class_probabilities)
 from .mixup import Mixup  # noqa: F401
 from .cam import CamBalancer, fetch_class_centers  # noqa: F401
+from .dual_loader import DualBatchSampler, dual_loader, labels_of  # noqa: F401
 
-__all__ = ["CamBalancer", "Mixup", "fetch_class_centers", "ClassIndex", "ClassProbabilitySampler", "DeferredResampling", "InstanceBalancedSampler",
+__all__ = ["DualBatchSampler", "dual_loader", "labels_of", "CamBalancer", "Mixup", "fetch_class_centers", "ClassIndex", "ClassProbabilitySampler", "DeferredResampling", "InstanceBalancedSampler",
            "RandomOverSampler", "RandomUnderSampler", "class_probabilities", "DEFAULT_BUCKET_EDGES", "DataBundle", "EpochBatches", "FeistelPermutation", "IdentitySplit",
            "ImageFolder", "RankLoader", "RecordIOFaces", "RecordIOReader", "RecordIOWriter", "SOURCES", "Subset",
            "SyntheticLongTail", "TensorData", "build_data", "decode_image", "frequency_buckets",
