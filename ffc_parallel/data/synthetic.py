@@ -52,7 +52,8 @@ class SyntheticLongTail(torch.utils.data.Dataset):
             The defaults give about 11 images per identity, 90% of identities below 20 images and 2%
             at 100 or more.
         intra_class_noise: std of the per-image latent perturbation (latents have unit variance).
-        pose_degrees, pose_shift: max rotation (degrees) and shift (fraction of the image) per image.
+        pose_degrees, pose_shift: images: max rotation (degrees) and shift (fraction of the image).
+        pose_strength: vectors: weight of the 4 pose variables entering the generator next to the latent.
         pixel_noise: std of additive pixel noise.
         label_noise: probability that a training label is replaced by another identity.
         seed: everything (counts, latents, generator weights, noise) derives from it.
@@ -62,8 +63,9 @@ class SyntheticLongTail(torch.utils.data.Dataset):
 
     def __init__(self, num_identities: int = 10_000, *, mode: str = "image", image_size: int = 16,
                  channels: int = 1, feature_dim: int = 64, latent_dim: int = 32, min_images: int = 2,
-                 max_images: int = 200, zipf_exponent: float = 1.0, intra_class_noise: float = 0.35,
-                 pose_degrees: float = 12.0, pose_shift: float = 0.08, pixel_noise: float = 0.1,
+                 max_images: int = 200, zipf_exponent: float = 1.0, intra_class_noise: float = 0.5,
+                 pose_degrees: float = 12.0, pose_shift: float = 0.08, pose_strength: float = 3.0,
+                 pixel_noise: float = 0.3,
                  label_noise: float = 0.02, seed: int = 0):
         if mode not in ("image", "vector"):
             raise ValueError(f"mode must be 'image' or 'vector', got {mode!r}")
@@ -76,6 +78,7 @@ class SyntheticLongTail(torch.utils.data.Dataset):
         self.num_identities, self.mode, self.seed = int(num_identities), mode, int(seed)
         self.image_size, self.channels, self.feature_dim, self.latent_dim = image_size, channels, feature_dim, latent_dim
         self.intra_class_noise, self.pose_degrees, self.pose_shift = intra_class_noise, pose_degrees, pose_shift
+        self.pose_strength = pose_strength
         self.pixel_noise, self.label_noise = pixel_noise, label_noise
         counts = zipf_image_counts(self.num_identities, min_images, max_images, zipf_exponent, seed)
         self.starts = np.zeros(self.num_identities + 1, dtype=np.int64)   # training item range of each identity
@@ -159,7 +162,7 @@ class SyntheticLongTail(torch.utils.data.Dataset):
             hashrng.normal(self.seed, _EXPRESSION, ids, img, n=self.latent_dim)).float()
         pose = torch.from_numpy(hashrng.uniform(self.seed, _POSE, ids, img, n=4)).float() * 2 - 1  # [-1, 1]
         if self.mode == "vector":
-            h = torch.tanh(torch.cat([z, 0.7 * pose], dim=1) @ self._hidden)
+            h = torch.tanh(torch.cat([z, self.pose_strength * pose], dim=1) @ self._hidden)
             return h @ self._out + self.pixel_noise * self._pixel_noise(ids, img)
         return self._render_images(ids, img, z, pose)
 

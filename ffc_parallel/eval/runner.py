@@ -76,7 +76,8 @@ def evaluate(backbone, head, seen, unseen, class_buckets, *, batch_size: int = 5
             metrics[f"recall_at_{kk}"] = r
         metrics["unseen_images"], metrics["verification_pairs"] = len(x), len(scores)
         fpr, tpr, _ = roc_curve(scores, same)
-        keep = np.unique(np.linspace(0, len(fpr) - 1, 2000).astype(int))  # enough points for a plot
+        # A few hundred points, dense at small FAR (the curve is read on a log axis).
+        keep = np.unique(np.r_[0, np.searchsorted(fpr, np.logspace(-6, 0, 400)).clip(0, len(fpr) - 1), len(fpr) - 1])
         curves["fpr"], curves["tpr"] = fpr[keep].tolist(), tpr[keep].tolist()
     finally:
         head.train(head_was_training)

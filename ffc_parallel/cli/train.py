@@ -1,0 +1,393 @@
+"""``ffc-train``: train a backbone with a class-sharded margin-softmax head, then evaluate it.
+
+    deepspeed --num_gpus 2 --module ffc_parallel.cli.train --config my_run.yaml --epochs 5
+    mpirun -np 4 ffc-train --data imagefolder --data-path /data/faces --backbone resnet
+    ffc-train --max-steps 20                          # a single process
+
+Options come from (last wins) the defaults below, a YAML/JSON ``--config`` file with the same keys
+(underscores), and command-line flags. The DeepSpeed config (``--deepspeed-config``) supplies
+precision, ZeRO and clipping; ``ffc-train`` sets its batch size, accumulation, optimizer and schedule
+from the options. Writes under ``--output-dir``: ``metrics.json``, ``metrics.csv`` (the training log),
+``tensorboard/``, ``plots/*.png``, ``checkpoints/``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _opt(default, help: str, section: str, choices=None):
+    return field(default=default, metadata={"help": help, "section": section, "choices": choices})
+
+
+@dataclass
+class TrainOptions:
+    """Every ``ffc-train`` option (config-file key = field name; flag = ``--field-name``)."""
+
+    # data
+    data: str = _opt("synthetic", "data source", "data", ("synthetic", "digits", "imagefolder", "recordio"))
+    data_path: str = _opt(None, "ImageFolder root, or the directory / train.rec of a RecordIO data set", "data")
+    num_identities: int = _opt(10_000, "synthetic: training identities (10k to 10M+)", "data")
+    synthetic_mode: str = _opt("vector", "synthetic: render feature vectors or images", "data", ("vector", "image"))
+    feature_dim: int = _opt(64, "synthetic vectors: input dimension", "data")
+    image_size: int = _opt(16, "image side in pixels (synthetic images, ImageFolder, RecordIO)", "data")
+    channels: int = _opt(1, "image channels: 1 (grey) or 3 (RGB)", "data")
+    label_noise: float = _opt(0.02, "synthetic: fraction of wrong training labels", "data")
+    max_images: int = _opt(200, "synthetic: most images of one identity (the long tail's head)", "data")
+    unseen_identities: int = _opt(300, "synthetic: unseen identities for verification / retrieval", "data")
+    eval_ids_per_bucket: int = _opt(300, "synthetic: held-out identities per frequency bucket", "data")
+    unseen_fraction: float = _opt(0.1, "real data: fraction of classes kept out of training", "data")
+    max_eval_images: int = _opt(4000, "real data: cap on each evaluation set", "data")
+    bucket_edges: list = _opt((20, 100), "class-frequency buckets: tail < a <= medium <= b < head", "data")
+    num_workers: int = _opt(0, "DataLoader workers per rank for decoded images", "data")
+    # model
+    backbone: str = _opt("mlp", "mlp, resnet, or a torchvision/timm model name", "model")
+    embedding_dim: int = _opt(128, "embedding (and class center) dimension", "model")
+    margin: str = _opt("arcface", "arcface, cosface, none, or 's,m1,m2,m3' (CombinedMargin)", "model")
+    scale: float = _opt(None, "softmax scale s (default 64)", "model")
+    sample_rate: float = _opt(1.0, "Partial FC: fraction of each rank's classes per step", "model")
+    # optimizer and schedule
+    optimizer: str = _opt("sgd", "optimizer of backbone and centers", "optim", ("sgd", "adam", "adamw"))
+    lr: float = _opt(0.1, "peak learning rate", "optim")
+    momentum: float = _opt(0.9, "SGD momentum", "optim")
+    weight_decay: float = _opt(5e-4, "weight decay", "optim")
+    schedule: str = _opt("cosine", "learning-rate schedule after warmup", "optim", ("cosine", "linear", "constant"))
+    warmup_steps: int = _opt(50, "linear warmup steps", "optim")
+    # run
+    epochs: int = _opt(3, "passes over the training data", "run")
+    max_steps: int = _opt(None, "stop after this many optimizer steps (default: all epochs)", "run")
+    batch_size: int = _opt(256, "micro-batch per rank", "run")
+    gradient_accumulation: int = _opt(1, "micro-batches per optimizer step", "run")
+    deepspeed_config: str = _opt(None, "DeepSpeed JSON config (default: fp32, ZeRO stage 0)", "run")
+    output_dir: str = _opt("runs/quickstart", "where logs, plots, metrics and checkpoints go", "run")
+    resume: bool = _opt(False, "continue from the latest checkpoint in output_dir/checkpoints", "run")
+    checkpoint_every: int = _opt(0, "also checkpoint every N optimizer steps (0: end of each epoch only)", "run")
+    log_every: int = _opt(10, "optimizer steps between log rows", "run")
+    eval_batch_size: int = _opt(512, "batch size of the final evaluation", "run")
+    eval_before: bool = _opt(False, "also evaluate the untrained model (metrics.json: before_training)", "run")
+    seed: int = _opt(0, "seed of data, initialisation and sampling", "run")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
+
+
+def _parse_value(name: str, value):
+    f = FIELDS[name]
+    if value is None:
+        return None
+    kind = type(f.default) if f.default is not None else (float if name == "scale" else int if name == "max_steps"
+                                                          else str)
+    if name == "bucket_edges":
+        vals = [int(v) for v in (value.split(",") if isinstance(value, str) else value)]
+        if len(vals) != 2 or not 0 < vals[0] <= vals[1]:
+            raise ValueError(f"bucket_edges must be two increasing counts like 20,100, got {value!r}")
+        return vals
+    if kind is bool:
+        if isinstance(value, str):
+            return value.lower() in ("1", "true", "yes", "on")
+        return bool(value)
+    value = kind(value)
+    if f.metadata["choices"] and value not in f.metadata["choices"]:
+        raise ValueError(f"{name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+    return value
+
+
+def load_config_file(path) -> dict:
+    """A flat mapping of option names from a ``.yaml``/``.yml``/``.json`` file (sections are flattened)."""
+    text = Path(path).read_text()
+    if str(path).endswith((".yaml", ".yml")):
+        import yaml
+        raw = yaml.safe_load(text) or {}
+    else:
+        raw = json.loads(text)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values")
+    flat = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):  # optional sections: {data: {...}, model: {...}}
+            flat.update(value)
+        else:
+            flat[key] = value
+    flat = {k.replace("-", "_"): v for k, v in flat.items()}
+    unknown = sorted(set(flat) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(FIELDS)}")
+    return flat
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ffc-train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML or JSON file of options (flags override it)")
+    groups = {}
+    for f in dataclasses.fields(TrainOptions):
+        section = f.metadata["section"]
+        group = groups.setdefault(section, parser.add_argument_group(section))
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            group.add_argument(flag, action="store_const", const=True, default=None, help=f.metadata["help"])
+        else:
+            group.add_argument(flag, default=None, help=f"{f.metadata['help']} (default: {f.default})",
+                               choices=f.metadata["choices"])
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
+    return parser
+
+
+def parse_options(argv=None) -> TrainOptions:
+    """Defaults < ``--config`` file < flags."""
+    args = build_parser().parse_args(argv)
+    values = {}
+    if args.config:
+        values.update(load_config_file(args.config))
+    values.update({k: v for k, v in vars(args).items() if k in FIELDS and v is not None})
+    return TrainOptions(**{k: _parse_value(k, v) for k, v in values.items()})
+
+
+# ---------------------------------------------------------------------- DeepSpeed config
+def deepspeed_config(opts: TrainOptions, total_steps: int) -> dict:
+    """The user's DeepSpeed config (or fp32 / stage 0) with batch, optimizer and schedule from ``opts``."""
+    config = json.loads(Path(opts.deepspeed_config).read_text()) if opts.deepspeed_config else {
+        "zero_optimization": {"stage": 0}}
+    config.pop("train_batch_size", None)
+    config["train_micro_batch_size_per_gpu"] = opts.batch_size
+    config["gradient_accumulation_steps"] = opts.gradient_accumulation
+    params = {"lr": opts.lr, "weight_decay": opts.weight_decay}
+    if opts.optimizer == "sgd":
+        params["momentum"] = opts.momentum
+        config["optimizer"] = {"type": "SGD", "params": params}
+    else:
+        config["optimizer"] = {"type": "AdamW" if opts.optimizer == "adamw" else "Adam", "params": params}
+        if opts.optimizer == "adam":
+            params["adam_w_mode"] = False
+    if config.get("zero_optimization", {}).get("stage", 0) > 0:
+        config.setdefault("zero_allow_untested_optimizer", True)
+    warmup = max(2, min(opts.warmup_steps, max(2, total_steps - 1)))
+    total = max(total_steps, warmup + 1)
+    if opts.schedule == "cosine":
+        config["scheduler"] = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": total, "warmup_num_steps": warmup, "warmup_type": "linear",
+            "warmup_min_ratio": 0.0, "cos_min_ratio": 0.01}}
+    elif opts.schedule == "linear":
+        config["scheduler"] = {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": total, "warmup_num_steps": warmup, "warmup_type": "linear",
+            "warmup_min_lr": 0.0, "warmup_max_lr": opts.lr}}
+    else:
+        config["scheduler"] = {"type": "WarmupLR", "params": {
+            "warmup_num_steps": warmup, "warmup_type": "linear", "warmup_min_lr": 0.0, "warmup_max_lr": opts.lr}}
+    config.setdefault("steps_per_print", 10 ** 9)  # ffc-train logs progress itself
+    return config
+
+
+def resolve_margin(text: str):
+    import ffc_parallel as fp
+    if text is None or text.lower() == "none":
+        return None
+    if "," in text:
+        return fp.CombinedMargin(*(float(v) for v in text.split(",")))
+    return text
+
+
+# ---------------------------------------------------------------------- logging
+class RunLog:
+    """Rank 0's log rows: ``metrics.csv`` and TensorBoard scalars (other ranks log nothing)."""
+
+    COLUMNS = ("step", "epoch", "loss", "lr", "loss_scale", "samples_per_s", "elapsed_s")
+
+    def __init__(self, out_dir: Path, enabled: bool, resume: bool):
+        self.enabled, self.tb = enabled, None
+        if not enabled:
+            return
+        path = out_dir / "metrics.csv"
+        keep = resume and path.exists()
+        self.file = open(path, "a" if keep else "w", newline="")
+        self.writer = csv.writer(self.file)
+        if not keep:
+            self.writer.writerow(self.COLUMNS)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:
+            print("ffc-train: tensorboard not installed, TensorBoard logging off (pip install tensorboard)",
+                  file=sys.stderr)
+
+    def row(self, **values) -> None:
+        if not self.enabled:
+            return
+        self.writer.writerow([values[c] for c in self.COLUMNS])
+        self.file.flush()
+        if self.tb is not None:
+            for key in ("loss", "lr", "loss_scale", "samples_per_s"):
+                self.tb.add_scalar(f"train/{key}", values[key], values["step"])
+
+    def scalars(self, prefix: str, values: dict, step: int) -> None:
+        if self.enabled and self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and value is not None:
+                    self.tb.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+# ---------------------------------------------------------------------- the run
+def build_engine(opts: TrainOptions, backbone, head, total_steps: int):
+    """``fp.initialize`` on ``HybridModel(backbone, head)`` with the run's DeepSpeed config."""
+    import ffc_parallel as fp
+    model = fp.HybridModel(backbone, head)
+    engine, _, _, _ = fp.initialize(model=model, config=deepspeed_config(opts, total_steps))
+    return engine
+
+
+def train(opts: TrainOptions) -> dict | None:
+    """Train and evaluate; returns the metrics on rank 0 (None elsewhere)."""
+    import ffc_parallel as fp
+    from ffc_parallel.data import RankLoader, build_data, frequency_buckets
+    from ffc_parallel.eval import evaluate
+    from ffc_parallel.eval.report import read_log, summary_text, write_metrics_json, write_plots
+    from ffc_parallel.models import build_backbone
+
+    info = fp.init_distributed()
+    rank, world = info.rank, info.world_size
+    out_dir = Path(opts.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
+
+    torch.manual_seed(opts.seed)
+    bundle = build_data(opts.data, path=opts.data_path, num_identities=opts.num_identities,
+                        synthetic_mode=opts.synthetic_mode, image_size=opts.image_size, channels=opts.channels,
+                        feature_dim=opts.feature_dim, label_noise=opts.label_noise, max_images=opts.max_images,
+                        eval_ids_per_bucket=opts.eval_ids_per_bucket, unseen_identities=opts.unseen_identities,
+                        unseen_fraction=opts.unseen_fraction, max_eval_images=opts.max_eval_images,
+                        bucket_edges=tuple(opts.bucket_edges), seed=opts.seed)
+    if rank == 0:
+        print(f"ffc-train: {bundle.description}", file=sys.stderr, flush=True)
+    steps_per_epoch = len(RankLoader(bundle.train, opts.batch_size, 0, world)) // opts.gradient_accumulation
+    if steps_per_epoch == 0:
+        raise ValueError(f"an epoch has fewer micro-batches than gradient_accumulation={opts.gradient_accumulation}")
+    total_steps = steps_per_epoch * opts.epochs
+    if opts.max_steps is not None:
+        total_steps = min(total_steps, opts.max_steps)
+
+    backbone = build_backbone(opts.backbone, bundle.input_shape, opts.embedding_dim)
+    head = fp.ShardedClassifier(opts.embedding_dim, bundle.num_classes, margin=resolve_margin(opts.margin),
+                                scale=opts.scale, sample_rate=opts.sample_rate, seed=opts.seed)
+    engine = build_engine(opts, backbone, head, total_steps)
+    dtype = next(backbone.parameters()).dtype
+
+    step = 0
+    if opts.resume:
+        if not (ckpt_dir / "latest").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (train without --resume first)")
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+        step = int(client["step"])
+        head.sample_step = int(client.get("sample_step", 0))
+        if rank == 0:
+            print(f"ffc-train: resumed from {ckpt_dir} at step {step}", file=sys.stderr, flush=True)
+
+    log = RunLog(out_dir, enabled=rank == 0, resume=opts.resume)
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=step, desc="ffc-train", unit="step", dynamic_ncols=True,
+                   mininterval=1.0, file=sys.stderr)
+
+    def checkpoint():
+        engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}",
+                               client_state={"step": step, "sample_step": head.sample_step})
+
+    buckets = frequency_buckets(bundle.class_counts, tuple(opts.bucket_edges))
+    device = next(backbone.parameters()).device
+    before = None
+    if opts.eval_before and step == 0:
+        before, _ = evaluate(backbone, head, bundle.seen, bundle.unseen, buckets,
+                             batch_size=opts.eval_batch_size, device=device)
+
+    samples_per_step = opts.batch_size * world * opts.gradient_accumulation
+    t_start, window_t, window_steps, train_seconds = time.monotonic(), time.monotonic(), 0, 0.0
+    losses = []
+    engine.train()
+    while step < total_steps:
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        loader = RankLoader(bundle.train, opts.batch_size, rank, world, seed=opts.seed, epoch=epoch,
+                            start_step=step_in_epoch * opts.gradient_accumulation, num_workers=opts.num_workers)
+        micro = 0
+        for x, y in loader:
+            loss = engine(x.to(dtype=dtype), y)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            micro += 1
+            if micro % opts.gradient_accumulation:
+                continue
+            step += 1
+            window_steps += 1
+            if step % opts.log_every == 0 or step == total_steps:
+                now = time.monotonic()
+                rate = window_steps * samples_per_step / max(now - window_t, 1e-9)
+                row = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=float(np.mean(losses)),
+                           lr=float(engine.get_lr()[0]), loss_scale=float(engine.loss_scale),
+                           samples_per_s=rate, elapsed_s=now - t_start)
+                log.row(**row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", samples_s=f"{rate:,.0f}",
+                                    scale=f"{row['loss_scale']:g}", lr=f"{row['lr']:.3g}", refresh=False)
+                losses, window_t, window_steps = [], now, 0
+            if bar is not None:
+                bar.update(1)
+            if opts.checkpoint_every and step % opts.checkpoint_every == 0:
+                checkpoint()
+            if step >= total_steps or step % steps_per_epoch == 0:
+                break
+        train_seconds = time.monotonic() - t_start
+        checkpoint()  # end of every epoch (and of the run)
+    if bar is not None:
+        bar.close()
+
+    metrics, curves = evaluate(backbone, head, bundle.seen, bundle.unseen, buckets,
+                               batch_size=opts.eval_batch_size, device=device)
+    log.scalars("eval", metrics, step)
+    log.close()
+    if rank != 0:
+        return None
+    rows = read_log(out_dir / "metrics.csv")
+    metrics.update(
+        description=bundle.description, world_size=world, steps=step, epochs=round(step / steps_per_epoch, 3),
+        train_seconds=train_seconds,
+        samples_per_s=float(np.mean(rows["samples_per_s"][1:] or rows["samples_per_s"])) if rows else math.nan,
+        loss_first=rows["loss"][0] if rows else math.nan, loss_last=rows["loss"][-1] if rows else math.nan,
+        num_classes=bundle.num_classes)
+    if before is not None:
+        metrics["before_training"] = before
+    write_metrics_json(out_dir / "metrics.json", metrics)
+    write_plots(out_dir / "plots", rows, metrics, curves)
+    print(summary_text(metrics, out_dir), flush=True)
+    return metrics
+
+
+def main(argv=None) -> int:
+    try:
+        opts = parse_options(argv)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"ffc-train: {exc}", file=sys.stderr)
+        return 2
+    train(opts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""What a training run leaves behind: ``metrics.json``, PNG plots (rendered headless) and a one-screen summary."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from .metrics import BUCKET_NAMES
+
+
+def read_log(csv_path) -> dict[str, list[float]]:
+    """The columns of a training log CSV as float lists (empty cells become NaN)."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols = rows[0].keys() if rows else []
+    return {c: [float(r[c]) if r[c] not in ("", None) else math.nan for r in rows] for c in cols}
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def write_plots(out_dir, log: dict[str, list[float]], metrics: dict, curves: dict) -> list[Path]:
+    """``loss.png``, ``lr.png``, ``bucket_accuracy.png``, ``roc.png`` under ``out_dir``; returns the paths."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        paths.append(out_dir / name)
+
+    steps = log.get("step", [])
+    if steps:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        ax.plot(steps, log["loss"], alpha=0.35, lw=0.8, label="loss")
+        ax.plot(steps, _smooth(log["loss"], max(1, len(steps) // 50)), lw=1.6, label="moving average")
+        ax.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
+        ax.legend()
+        save(fig, "loss.png")
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        ax.plot(steps, log["lr"])
+        ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate")
+        save(fig, "lr.png")
+
+    accs = [metrics.get(f"acc_{b}") for b in BUCKET_NAMES]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    bars = ax.bar(BUCKET_NAMES, [a if a is not None else 0 for a in accs], color=["#c44", "#e93", "#4a4"])
+    for bar, a in zip(bars, accs):
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01, "n/a" if a is None else f"{a:.1%}",
+                ha="center", va="bottom")
+    ax.set(ylim=(0, 1.1), ylabel="top-1 accuracy (held-out images)",
+           title="Accuracy by class frequency")
+    save(fig, "bucket_accuracy.png")
+
+    if curves.get("fpr"):
+        fig, ax = plt.subplots(figsize=(5, 4))
+        fpr = [max(f, 1e-6) for f in curves["fpr"]]
+        ax.plot(fpr, curves["tpr"], lw=1.6, label=f"AUC {metrics.get('roc_auc', float('nan')):.3f}")
+        ax.set_xscale("log")
+        ax.set(xlim=(1e-5, 1), ylim=(0, 1.01), xlabel="false accept rate", ylabel="true accept rate",
+               title="Verification ROC (unseen identities)")
+        ax.legend(loc="lower right")
+        save(fig, "roc.png")
+    return paths
+
+
+SUMMARY_ROWS = (  # (key, label, percent?)
+    ("top1_seen", "top-1, held-out images of training ids", True),
+    ("top5_seen", "top-5, held-out images of training ids", True),
+    ("acc_head", "  top-1 on head classes (many images)", True),
+    ("acc_medium", "  top-1 on medium classes", True),
+    ("acc_tail", "  top-1 on tail classes (few images)", True),
+    ("tar_at_far_1e-3", "TAR @ FAR=1e-3, unseen ids", True),
+    ("tar_at_far_1e-4", "TAR @ FAR=1e-4, unseen ids", True),
+    ("roc_auc", "ROC AUC, unseen ids", False),
+    ("recall_at_1", "Recall@1, unseen ids", True),
+    ("recall_at_5", "Recall@5, unseen ids", True),
+)
+
+
+def summary_text(metrics: dict, out_dir) -> str:
+    """A one-screen summary of a finished run (with the untrained model's numbers when evaluated)."""
+    before = metrics.get("before_training") or {}
+
+    def fmt(value, percent):
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return "n/a"
+        return f"{value:.1%}" if percent else f"{value:.4f}"
+
+    lines = ["=" * 72, f" ffc-train: {metrics.get('description', '')}",
+             f" {metrics.get('world_size')} ranks, {metrics.get('steps')} steps ({metrics.get('epochs')} epochs) in "
+             f"{metrics.get('train_seconds', 0):.0f} s, {metrics.get('samples_per_s', 0):,.0f} samples/s; loss "
+             f"{metrics.get('loss_first', math.nan):.2f} -> {metrics.get('loss_last', math.nan):.2f}",
+             "-" * 72, f" {'metric':<44}{'trained':>12}{'untrained' if before else '':>14}"]
+    for key, label, percent in SUMMARY_ROWS:
+        untrained = fmt(before.get(key), percent) if before else ""
+        lines.append(f" {label:<44}{fmt(metrics.get(key), percent):>12}{untrained:>14}")
+    lines += ["-" * 72,
+              f" {metrics.get('seen_images')} held-out images of training ids; {metrics.get('unseen_images')} images "
+              f"of unseen ids ({metrics.get('verification_pairs', 0):,} pairs)",
+              f" outputs: {out_dir}/metrics.json, metrics.csv, plots/*.png, tensorboard/, checkpoints/",
+              "=" * 72]
+    return "\n".join(lines)
+
+
+def _finite_or_none(value):
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_metrics_json(path, metrics: dict) -> None:
+    """``metrics`` as indented JSON (NaN written as null)."""
+    Path(path).write_text(json.dumps(_finite_or_none(metrics), indent=2, sort_keys=True) + "\n")
