@@ -106,24 +106,34 @@ def _targets_in(cols, start, stop):
     return rows, cols[rows, t] - start, t
 
 
-def _chunk_logits(cos, rows, cols, t, margin: CombinedMargin, filter_threshold, inplace):
-    """Logits of one chunk from its cosines; returns ``(logits, filtered_mask or None)``.
+def _scaled_rows(weight, rows, start, stop, sdt, scale):
+    """``(v_c[n, D] = scale * w_c / |w_c|, scale / |w_c| [n] in sdt)``: one GEMM with ``v_c`` gives the
+    unmargined logits ``scale * cos`` directly (normalising the ``[n, D]`` rows is cheaper than
+    rescaling the ``[B, n]`` product when D < B)."""
+    w_c, inv = chunk_rows(weight, rows, start, stop, sdt)
+    a = inv.mul_(scale)
+    return w_c * a.unsqueeze(1).to(w_c.dtype), a
 
-    Targets ``t == 0`` get the margin. Non-target cosines above ``filter_threshold`` get logit 0
-    (insightface's interclass filtering).
-    """
+
+def _raw_logits(xn, v_c, sdt):
+    logits = torch.mm(xn, v_c.t())
+    return logits.to(sdt) if logits.dtype != sdt else logits
+
+
+def _finish_logits_(logits, rows, cols, t, margin: CombinedMargin, filter_threshold):
+    """In place: the margin on label entries (``t == 0``), logit 0 for non-target entries above
+    ``s * filter_threshold`` (insightface's interclass filtering). Returns ``(label_cos, mask)``: the
+    labels' unmargined cosines and the filtered entries (or None)."""
     label = t == 0
-    label_cos = cos[rows[label], cols[label]]
+    l_rows, l_cols = rows[label], cols[label]
+    label_cos = (logits[l_rows, l_cols] / margin.s).clamp_(-1.0, 1.0)
     mask = None
     if filter_threshold is not None:
-        mask = cos > filter_threshold
+        mask = logits > margin.s * filter_threshold
         mask[rows, cols] = False
-    logits = cos if inplace else cos.clone()
-    if mask is not None:
         logits.masked_fill_(mask, 0.0)
-    logits.mul_(margin.s)
-    logits[rows[label], cols[label]] = margin.s * margin.target(label_cos)
-    return logits, mask
+    logits[l_rows, l_cols] = margin.s * margin.target(label_cos)
+    return label_cos, mask
 
 
 def _chunks(n, chunk):
@@ -163,9 +173,9 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         q = targets.q.to(sdt) if targets.q is not None else torch.ones_like(targets.cols, dtype=sdt)
         xn = x_local.new_empty((batch, x_local.shape[1]))
         norms = torch.empty(batch, 1, dtype=x_local.dtype, device=device)
-        run_max = torch.empty(batch, dtype=sdt, device=device)
-        run_sum = torch.empty(batch, dtype=sdt, device=device)
+        run_lse = torch.empty(batch, dtype=sdt, device=device)
         target_logit = torch.empty(batch, dtype=sdt, device=device)   # sum_t q_t * z_t (local part)
+        label_cos = torch.zeros(batch, dtype=sdt, device=device)      # unmargined cosine of own labels
         cache, cache_left = {}, plan.cached * plan.chunk * batch if need_grad else 0
         timer = CommTimer()
         pieces = ([(0, x_local, torch.arange(batch, device=device))] if layout is None
@@ -176,33 +186,28 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
             xn[global_rows], norms[global_rows] = xn_p, norms_p
             cols_p, q_p = _target_slice(targets, q, global_rows)
             n = xn_p.shape[0]
-            p_max = torch.full((n,), -math.inf, dtype=sdt, device=device)
-            p_sum = torch.zeros(n, dtype=sdt, device=device)
+            p_lse = torch.full((n,), -math.inf, dtype=sdt, device=device)
             p_target = torch.zeros(n, dtype=sdt, device=device)
             for index, (start, stop) in enumerate(_chunks(num_cols, plan.chunk)):
-                cos = chunk_cosines(xn_p, *chunk_rows(weight, rows, start, stop, sdt))
-                keep = cos.numel() <= cache_left
-                if keep:
-                    cache[piece, index], cache_left = cos, cache_left - cos.numel()
+                logits = _raw_logits(xn_p, _scaled_rows(weight, rows, start, stop, sdt, margin.s)[0], sdt)
                 t_rows, t_cols, t = _targets_in(cols_p, start, stop)
-                logits, _ = _chunk_logits(cos, t_rows, t_cols, t, margin, filter_threshold, inplace=not keep)
+                cos_l, mask = _finish_logits_(logits, t_rows, t_cols, t, margin, filter_threshold)
+                label_cos[global_rows[t_rows[t == 0]]] = cos_l
                 p_target.index_add_(0, t_rows, q_p[t_rows, t] * logits[t_rows, t_cols])
-                new_max = torch.maximum(p_max, logits.amax(dim=1))
-                p_sum.mul_(torch.exp(p_max - new_max))
-                logits.sub_(new_max.unsqueeze(1)).exp_()
-                p_sum.add_(logits.sum(dim=1))
-                p_max = new_max
-            run_max[global_rows], run_sum[global_rows], target_logit[global_rows] = p_max, p_sum, p_target
-        global_max = all_reduce_(run_max.clone(), dist.ReduceOp.MAX, group)
-        # A rank without classes has run_max = -inf: its sum contributes exp(-inf) * 0 = 0.
-        parts = [run_sum * torch.exp(run_max - global_max), target_logit]
+                torch.logaddexp(p_lse, torch.logsumexp(logits, dim=1), out=p_lse)
+                if logits.numel() <= cache_left:
+                    cache[piece, index], cache_left = (logits, mask), cache_left - logits.numel()
+            run_lse[global_rows], target_logit[global_rows] = p_lse, p_target
+        global_max = all_reduce_(run_lse.clone(), dist.ReduceOp.MAX, group)
+        # A rank without classes has run_lse = -inf: it contributes exp(-inf) = 0.
+        parts = [torch.exp(run_lse - global_max), target_logit]
         if targets.class_weight_part is not None:
             parts.append(targets.class_weight_part.to(sdt))
         summed = all_reduce_(torch.stack(parts, dim=1), dist.ReduceOp.SUM, group)
         log_z = global_max + torch.log(summed[:, 0])
         class_weight = summed[:, 2] if targets.class_weight_part is not None else None
         loss, dloss_dl = row_loss(summed[:, 1] - log_z, class_weight)
-        ctx.save_for_backward(xn, norms, weight, rows, log_z, dloss_dl.to(sdt))
+        ctx.save_for_backward(xn, norms, weight, rows, log_z, dloss_dl.to(sdt), label_cos)
         ctx.targets, ctx.q, ctx.cache, ctx.layout, ctx.group = targets, q, cache, layout, group
         ctx.margin, ctx.filter_threshold, ctx.plan, ctx.comm_stats = margin, filter_threshold, plan, comm_stats
         if comm_stats is not None:
@@ -211,11 +216,14 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        xn, norms, weight, rows, log_z, dloss_dl = ctx.saved_tensors
+        xn, norms, weight, rows, log_z, dloss_dl, label_cos = ctx.saved_tensors
         margin, plan, cache, layout = ctx.margin, ctx.plan, ctx.cache, ctx.layout
         want_x, want_w = ctx.needs_input_grad[:2]
         sdt, device = log_z.dtype, xn.device
-        row_coef = (grad_loss.to(sdt) * dloss_dl).unsqueeze(1)    # d loss / d l_b
+        coef = grad_loss.to(sdt) * dloss_dl                      # d loss / d l_b   [B]
+        # d loss / d logit = coef * (q - p); fold -coef into the exponent when it is positive everywhere.
+        fold = bool((coef < 0).all())
+        shift = log_z - torch.log(-coef) if fold else log_z
         num_cols = weight.shape[0] if rows is None else rows.numel()
         num_pieces = 1 if layout is None else layout.pieces
         grad_w = None
@@ -226,34 +234,35 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         grad_x = None
         for piece in range(num_pieces):
             global_rows = torch.arange(xn.shape[0], device=device) if layout is None else layout.rows(piece)[1]
-            xn_p, coef_p = xn.index_select(0, global_rows), row_coef.index_select(0, global_rows)
+            xn_p, coef_p = xn.index_select(0, global_rows), coef.index_select(0, global_rows).unsqueeze(1)
             cols_p, q_p = _target_slice(ctx.targets, ctx.q, global_rows)
-            log_z_p = log_z.index_select(0, global_rows).unsqueeze(1)
-            grad_xn_p = torch.zeros(xn_p.shape, dtype=sdt, device=device)
+            shift_p = shift.index_select(0, global_rows).unsqueeze(1)
+            cos_p = label_cos.index_select(0, global_rows)
+            grad_xn_p = torch.zeros(xn_p.shape, dtype=sdt, device=device) if want_x else None
             for index, (start, stop) in enumerate(_chunks(num_cols, plan.chunk)):
-                w_c, inv = chunk_rows(weight, rows, start, stop, sdt)
-                cos = cache.pop((piece, index), None)  # gone after a first backward: recompute
-                if cos is None:
-                    cos = chunk_cosines(xn_p, w_c, inv)
+                v_c, a = _scaled_rows(weight, rows, start, stop, sdt, margin.s)
                 t_rows, t_cols, t = _targets_in(cols_p, start, stop)
-                grad, mask = _chunk_logits(cos, t_rows, t_cols, t, margin, ctx.filter_threshold, inplace=False)
-                grad.sub_(log_z_p).exp_().mul_(coef_p.neg())                 # -dl * p
+                grad, mask = cache.pop((piece, index), (None, None))  # gone after a first backward
+                if grad is None:
+                    grad = _raw_logits(xn_p, v_c, sdt)
+                    mask = _finish_logits_(grad, t_rows, t_cols, t, margin, ctx.filter_threshold)[1]
+                grad.sub_(shift_p).exp_()                                   # -coef * p
+                if not fold:
+                    grad.mul_(coef_p.neg())
                 grad.index_put_((t_rows, t_cols), coef_p[t_rows, 0] * q_p[t_rows, t], accumulate=True)
-                label = t == 0                                              # d logit / d cos: s (label: s f')
-                l_rows, l_cols = t_rows[label], t_cols[label]
-                grad[l_rows, l_cols] *= margin.target_grad(cos[l_rows, l_cols])
+                label = t == 0                                              # the label's logit is s f(cos)
+                grad[t_rows[label], t_cols[label]] *= margin.target_grad(cos_p[t_rows[label]])
                 if mask is not None:
                     grad.masked_fill_(mask, 0.0)
-                grad.mul_(inv).mul_(margin.s)                               # d loss / d (xn . w_c)
-                g = grad if grad.dtype == xn.dtype else grad.to(xn.dtype)
+                g = grad if grad.dtype == xn.dtype else grad.to(xn.dtype)  # d loss / d (xn . v_c)
                 if want_x and g.dtype == sdt:
-                    grad_xn_p.addmm_(g, w_c)
+                    grad_xn_p.addmm_(g, v_c)
                 elif want_x:
-                    grad_xn_p.add_(torch.mm(g, w_c))
-                if want_w:
-                    g_w = torch.mm(g.t(), xn_p)
-                    radial = grad.mul_(cos).sum(dim=0).mul_(inv)            # sum_b G cos / |w|
-                    g_w.sub_(w_c * radial.unsqueeze(1).to(w_c.dtype))
+                    grad_xn_p.add_(torch.mm(g, v_c))
+                if want_w:  # v = s w / |w|:  d w = (s/|w|) (d v - w^ (w^ . d v))
+                    g_v = torch.mm(g.t(), xn_p)
+                    radial = (g_v * v_c).sum(dim=1, keepdim=True).div_(margin.s ** 2)
+                    g_w = g_v.sub_(v_c * radial).mul_(a.unsqueeze(1).to(g_v.dtype))
                     if rows is not None:
                         grad_w.index_add_(0, rows[start:stop], g_w)
                     elif num_pieces == 1:
