@@ -1,0 +1,73 @@
+"""The benchmark runner: the full-logits baseline equals the head, and a tiny run writes the JSON
+schema (speeds are never asserted)."""
+import json
+
+import pytest
+import torch
+
+import ffc_parallel as fp
+from benchmarks import head_bench
+from benchmarks.full_logits import FullLogitsHead
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_full_logits_baseline_equals_the_head_on_its_classes(sample_rate):
+    torch.manual_seed(0)
+    dim, num_classes = 16, 300
+    x = torch.randn(12, dim, dtype=torch.float64)
+    y = torch.randint(num_classes, (12,))
+    # s=16: at s=64 the baseline, like Partial FC v2, clamps target probabilities below 1e-30. Its
+    # margin runs outside autograd, so its gradient is the straight-through one.
+    arcface = fp.CombinedMargin(16.0, 1.0, 0.5, 0.0, straight_through=True)
+    base = FullLogitsHead(dim, num_classes, sample_rate=sample_rate, s=16.0).double()
+    head = fp.ShardedClassifier(dim, num_classes, margin=arcface, dtype=torch.float64)
+    assert torch.equal(base.weight, head.weight)        # same rows from the same seed
+    xb, xh = x.clone().requires_grad_(), x.clone().requires_grad_()
+    base.generator.manual_seed(5)
+    loss_b = base(xb, y)
+    loss_b.backward()
+    if sample_rate < 1.0:   # the head restricted to the classes the baseline sampled
+        base.generator.manual_seed(5)
+        index, labels = base._sample(y)
+        assert index.numel() == int(sample_rate * num_classes) and set(y.tolist()) <= set(index.tolist())
+        head = fp.ShardedClassifier(dim, index.numel(), margin=arcface, dtype=torch.float64)
+        with torch.no_grad():
+            head.weight.copy_(base.weight[index])
+        y = labels
+    loss_h = head(xh, y)
+    loss_h.backward()
+    torch.testing.assert_close(loss_b, loss_h, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(xb.grad, xh.grad, rtol=1e-8, atol=1e-10)
+    if sample_rate == 1.0:
+        torch.testing.assert_close(base.weight.grad, head.weight.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_tiny_run_writes_the_json_schema_and_skips_what_cannot_fit(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert head_bench.main(["--case", "300,8,16,1.0,2", "--case", "4000000,1024,512,1.0,2", "--steps", "2",
+                            "--memory-limit", "3", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["schema"] == head_bench.SCHEMA and report["machine"]["cores"] >= 1
+    assert report["source"]["commit"] and report["command"].startswith("ffc-bench --case")
+    small, big = report["cases"]
+    assert small["config"] == dict(classes_per_rank=300, batch=8, dim=16, sample_rate=1.0, ranks=2, dtype="fp32")
+    for method in head_bench.METHODS:
+        r = small["results"][method]
+        assert r["status"] == "ok", r
+        assert len(r["step_times_s"]) == 2 and r["step_time_s"] > 0 and r["step_cpu_time_s"] >= 0
+        assert r["peak_rss_bytes"] > r["base_rss_bytes"] > 0
+        assert big["results"][method]["status"] == "skipped"
+        assert "> memory limit 3.0 GiB" in big["results"][method]["reason"]
+    assert all(small["results"][m]["loss"] > 0 for m in ("ffc_head", "full_logits"))
+    assert set(small["ratios"]) >= {"head_time_over_floor", "baseline_time_over_head",
+                                    "head_growth_minus_weights_and_grads_bytes"}
+    assert big["ratios"] == {}
+    table = capsys.readouterr().out
+    assert "| 3e+02 | 8 | 16 | 1.0 | 2 |" in table and "| 4e+06 | 1024 | 512 | 1.0 | 2 | skipped |" in table
+
+
+def test_time_budget_skips_instead_of_running(tmp_path):
+    out = tmp_path / "skip.json"
+    head_bench.main(["--case", "300,8,16,1.0,1", "--time-budget", "0", "--out", str(out)])
+    assert all(r["status"] == "skipped" and "time budget" in r["reason"]
+               for r in json.loads(out.read_text())["cases"][0]["results"].values())
