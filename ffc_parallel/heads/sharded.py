@@ -97,9 +97,10 @@ class ShardedClassifier(nn.Module):
         seed: seeds the center init (per global class) and Partial FC sampling (per rank and step).
         gather_pieces: the global batch is all-gathered in this many asynchronous pieces, and the
             head computes on arrived pieces while later ones are in flight (the backward sends the
-            embedding gradients back the same way). 1 = one blocking gather. Each extra piece costs
-            one more accumulation pass over the center gradient. ``head.comm_stats`` reports the
-            fraction of communication hidden in the last step.
+            embedding gradients back the same way). 1 (default) = one blocking gather. Each extra
+            piece costs one more accumulation pass over the center gradient and smaller matrix
+            products; on CPU/gloo it did not pay (docs/benchmarks.md). ``head.comm_stats`` reports the
+            time the last step spent blocked on these collectives.
         row_loss: how per-sample target log-likelihoods become the loss (default
             :class:`~ffc_parallel.heads.row_loss.CrossEntropy`); see ``heads/row_loss.py``. Class
             weights for it are set per shard with :meth:`set_class_weight`.
@@ -109,7 +110,7 @@ class ShardedClassifier(nn.Module):
                  sample_rate: float = 1.0, filter_threshold: float | None = None, *, group=None,
                  init_std: float = 0.01, seed: int = 0, dtype=None, device=None,
                  memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, chunk_size: int | None = None,
-                 check_inputs: bool = True, row_loss=None, gather_pieces: int = 2):
+                 check_inputs: bool = True, row_loss=None, gather_pieces: int = 1):
         super().__init__()
         if int(embedding_dim) < 1 or int(num_classes) < 1:
             raise ValueError(f"embedding_dim and num_classes must be >= 1, got {embedding_dim}, {num_classes}")
