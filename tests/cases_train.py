@@ -37,3 +37,9 @@ def evaluate_matches_dense(num_classes: int = 13, dim: int = 8) -> dict:
     assert np.isclose(metrics["recall_at_1"], recall_at_k(emb, unseen_ids)[1])
     assert metrics["verification_pairs"] == 36 and len(curves["fpr"]) == len(curves["tpr"])
     return metrics
+
+
+def train_run(argv: list) -> dict | None:
+    """``ffc-train`` with ``argv`` on this rank; rank 0 returns the metrics."""
+    from ffc_parallel.cli.train import parse_options, train
+    return train(parse_options(argv))

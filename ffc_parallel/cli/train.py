@@ -306,9 +306,13 @@ def train(opts: TrainOptions) -> dict | None:
         bar = tqdm(total=total_steps, initial=step, desc="ffc-train", unit="step", dynamic_ncols=True,
                    mininterval=1.0, file=sys.stderr)
 
+    saved_at = [step if opts.resume else -1]
+
     def checkpoint():
-        engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}",
-                               client_state={"step": step, "sample_step": head.sample_step})
+        if saved_at[0] != step:
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}",
+                                   client_state={"step": step, "sample_step": head.sample_step})
+            saved_at[0] = step
 
     buckets = frequency_buckets(bundle.class_counts, tuple(opts.bucket_edges))
     device = next(backbone.parameters()).device
