@@ -133,20 +133,20 @@ def pool_loss_matches_dense(pool_size, dim, batch_sizes, num_ids, margins, topk=
     return out
 
 
-def _ffc_model(dim_in, dim, pool_size, seed, **kwargs):
+def _ffc_model(dim_in, dim, pool_size, seed, dtype=torch.float64, **kwargs):
     torch.manual_seed(seed)
-    backbone = torch.nn.Sequential(torch.nn.Linear(dim_in, 16), torch.nn.Tanh(), torch.nn.Linear(16, dim)).double()
-    return FFC(backbone, dim, pool_size, **kwargs).double()
+    backbone = torch.nn.Sequential(torch.nn.Linear(dim_in, 16), torch.nn.Tanh(), torch.nn.Linear(16, dim)).to(dtype)
+    return FFC(backbone, dim, pool_size, **kwargs).to(dtype)
 
 
-def _ffc_batch(step, batch_sizes, dim_in, num_ids, seed):
+def _ffc_batch(step, batch_sizes, dim_in, num_ids, seed, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed * 7919 + step)
     total = sum(batch_sizes)
-    return torch.randn(total, dim_in, generator=g, dtype=torch.float64), torch.randint(num_ids, (total,), generator=g)
+    return torch.randn(total, dim_in, generator=g, dtype=dtype), torch.randint(num_ids, (total,), generator=g)
 
 
 def ffc_train(batch_sizes, steps, dim_in=6, dim=4, pool_size=7, num_ids=12, seed=0, lr=0.5,
-              checkpoint_at=None, checkpoint_dir=None, momentum=0.9):
+              checkpoint_at=None, checkpoint_dir=None, momentum=0.9, dtype="float64"):
     """Train FFC for ``steps`` SGD steps on a fixed global batch stream split by ``batch_sizes``.
 
     The probe's gradient is summed over ranks (the head's gradient semantics). With ``checkpoint_at``,
@@ -156,11 +156,12 @@ def ffc_train(batch_sizes, steps, dim_in=6, dim=4, pool_size=7, num_ids=12, seed
     import torch.distributed as dist
 
     rank, world = fp.get_rank(), fp.get_world_size()
-    model = _ffc_model(dim_in, dim, pool_size, seed, topk=2, scale=8.0, gallery_momentum=0.9)
+    dtype = getattr(torch, dtype)
+    model = _ffc_model(dim_in, dim, pool_size, seed, dtype, topk=2, scale=8.0, gallery_momentum=0.9)
     opt = torch.optim.SGD(model.trainable_parameters(), lr=lr, momentum=momentum)
     losses = []
     for step in range(steps):
-        x_all, y_all = _ffc_batch(step, batch_sizes, dim_in, num_ids, seed)
+        x_all, y_all = _ffc_batch(step, batch_sizes, dim_in, num_ids, seed, dtype)
         lo = sum(batch_sizes[:rank])
         loss = model(x_all[lo: lo + batch_sizes[rank]], y_all[lo: lo + batch_sizes[rank]])
         opt.zero_grad()
@@ -173,7 +174,7 @@ def ffc_train(batch_sizes, steps, dim_in=6, dim=4, pool_size=7, num_ids=12, seed
         if checkpoint_at is not None and step == checkpoint_at:
             path = os.path.join(checkpoint_dir, f"rank{rank}.pt")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
-            model = _ffc_model(dim_in, dim, pool_size, seed + 1, topk=2, scale=8.0, gallery_momentum=0.9)
+            model = _ffc_model(dim_in, dim, pool_size, seed + 1, dtype, topk=2, scale=8.0, gallery_momentum=0.9)
             opt = torch.optim.SGD(model.trainable_parameters(), lr=lr, momentum=momentum)
             state = torch.load(path)
             model.load_state_dict(state["model"])
@@ -204,3 +205,4 @@ def pool_checks(pool_kwargs, loss_kwargs, bad_rank):
     """One spawn for the pool rules, the loss vs dense and bad input (keeps the suite fast)."""
     return {"pool": pool_updates_match_reference(**pool_kwargs), "loss": pool_loss_matches_dense(**loss_kwargs),
             "bad": ffc_bad_labels(bad_rank)}
+

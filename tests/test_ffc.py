@@ -163,6 +163,29 @@ def test_uninterrupted_and_resumed_training_agree(tmp_path):
     assert straight == resumed
 
 
+def test_grad_multiplier_scales_only_the_probe_gradient():
+    grads = []
+    for multiplier in (1.0, 3.0):
+        torch.manual_seed(0)
+        model = FFC(torch.nn.Linear(3, 2).double(), 2, pool_size=4, grad_multiplier=multiplier).double()
+        x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 2])
+        model(x, y)                                    # fills the pool
+        loss = model(x, y)
+        loss.backward()
+        grads.append((float(loss.detach()), model.probe.weight.grad.clone()))
+    assert grads[0][0] == grads[1][0] and torch.allclose(grads[1][1], 3 * grads[0][1], rtol=1e-14)
+    assert grads[0][1].abs().sum() > 0 and torch.isfinite(grads[0][1]).all()
+
+
+def test_arcface_gradient_is_finite_when_the_probe_equals_its_pool_feature():
+    pool = ClassPool(2, 2, dtype=torch.float64)
+    pool.update(_unit([1, 0], [0, 1]), torch.tensor([3, 4]))
+    probe = _unit([1, 0]).requires_grad_()
+    loss, _ = pool_loss(probe, pool.lookup(torch.tensor([3])), pool, fp.CombinedMargin(64, 1, 0.5, 0))
+    loss.backward()
+    assert torch.isfinite(probe.grad).all()
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="pool_size"):
         ClassPool(0, 4)

@@ -48,3 +48,4 @@ def test_training_on_w_ranks_equals_one_process_and_resumes(world, tmp_path):
         assert _close(r["pool_features"], reference["pool_features"], 1e-9)
         assert _close(r["probe"], reference["probe"], 1e-9) and _close(r["gallery"], reference["gallery"], 1e-9)
     assert len(set(r["losses"][-1] for r in results)) == 1
+

@@ -46,6 +46,19 @@ class _SumOverRanks(torch.autograd.Function):
         return grad, None
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``factor``."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
 def sum_over_ranks(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """All-reduce SUM whose backward passes the gradient through unchanged (see :class:`_SumOverRanks`)."""
     if get_world_size(group) == 1:
@@ -249,7 +262,7 @@ def pool_loss(probe: torch.Tensor, slots: torch.Tensor, pool: ClassPool, margin,
         owned = owned & (filled_slots[col] == slots)
     rows = torch.arange(batch, device=device)
     target_cos = cos[rows, col] if filled_slots.numel() else probe.new_zeros(batch)
-    target = margin.s * margin.target(target_cos)
+    target = margin.s * _margin_target(margin, target_cos)
     logits = margin.s * cos
     is_target = torch.zeros_like(cos, dtype=torch.bool)
     is_target[rows[owned], col[owned]] = True
@@ -268,6 +281,14 @@ def pool_loss(probe: torch.Tensor, slots: torch.Tensor, pool: ClassPool, margin,
     total = total + fresh_weight * torch.where(~existing, penalty, torch.zeros_like(penalty)).sum()
     stats = {"existing": int(existing.sum()), "fresh": int((~existing).sum()), "topk": k_eff}
     return total / max(batch, 1), stats
+
+
+def _margin_target(margin, cos: torch.Tensor) -> torch.Tensor:
+    """``f(cos)`` with the margin's own derivative ``f'(cos)`` (``sin θ`` floored, as the sharded
+    head does): autograd through ``acos`` would give NaN at ``cos = 1``, which happens when a probe
+    feature equals its pool feature (early in training the gallery equals the probe)."""
+    c = cos.detach()
+    return margin.target(c) + margin.target_grad(c) * (cos - c)
 
 
 def _topk_similarity(cos: torch.Tensor, rows: torch.Tensor, topk: int, group):
@@ -314,6 +335,11 @@ class FFC(nn.Module):
 
     Gradient semantics are those of :class:`~ffc_parallel.ShardedClassifier`: the local embeddings
     receive the gradient of the global-batch loss, so the probe's true gradient is the SUM over ranks.
+    Under a wrapper that AVERAGES gradients over the data-parallel ranks (``deepspeed.initialize``,
+    DDP), pass ``grad_multiplier=world_size``: the embedding gradient is multiplied by it, so the
+    average is the sum. The pool holds no parameters and DeepSpeed broadcasts parameters only, so
+    ``deepspeed.initialize(model=ffc, model_parameters=ffc.trainable_parameters(), ...)`` keeps every
+    rank's pool shard; ZeRO stages 0-2 (ZeRO-3 partitions the probe, which the EMA needs whole).
 
     Args:
         backbone: ``nn.Module`` mapping local inputs to ``[b, embedding_dim]`` embeddings.
@@ -322,11 +348,13 @@ class FFC(nn.Module):
         margin, scale: as for :class:`~ffc_parallel.ShardedClassifier` (default ArcFace with s=32).
         topk: neighbours in the fresh-identity penalty. fresh_weight: its weight.
         refresh_momentum: weight of the old feature when an existing identity is refreshed.
+        grad_multiplier: factor on the embedding gradient (see above).
     """
 
     def __init__(self, backbone: nn.Module, embedding_dim: int, pool_size: int = 30_000, *, margin="arcface",
                  scale: float | None = 32.0, topk: int = 5, fresh_weight: float = 1.0,
-                 gallery_momentum: float = 0.99, refresh_momentum: float = 0.5, group=None, device=None):
+                 gallery_momentum: float = 0.99, refresh_momentum: float = 0.5, grad_multiplier: float = 1.0,
+                 group=None, device=None):
         super().__init__()
         if not 0.0 <= gallery_momentum <= 1.0:
             raise ValueError(f"gallery_momentum must be in [0, 1], got {gallery_momentum}")
@@ -339,6 +367,7 @@ class FFC(nn.Module):
         self.embedding_dim, self.group = int(embedding_dim), group
         self.margin = resolve_margin(margin, scale)
         self.topk, self.fresh_weight, self.gallery_momentum = int(topk), float(fresh_weight), float(gallery_momentum)
+        self.grad_multiplier = float(grad_multiplier)
         if device is None:
             device = next(iter(backbone.parameters()), torch.empty(0)).device
         self.pool = ClassPool(pool_size, embedding_dim, refresh_momentum=refresh_momentum, group=group, device=device)
@@ -349,6 +378,9 @@ class FFC(nn.Module):
         return self.probe.parameters()
 
     def update_gallery(self) -> None:
+        if any(hasattr(p, "ds_status") for p in self.probe.parameters()):
+            raise RuntimeError("FFC under DeepSpeed ZeRO-3: the probe's parameters are partitioned, so the gallery's "
+                               "EMA cannot read them; use ZeRO stage 0, 1 or 2")
         ema_update_(self.gallery, self.probe, self.gallery_momentum)
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -373,6 +405,8 @@ class FFC(nn.Module):
         if self.training:
             self.update_gallery()
         probe = self.probe(inputs)
+        if self.grad_multiplier != 1.0 and torch.is_grad_enabled():
+            probe = _ScaleGrad.apply(probe, self.grad_multiplier)
         with torch.no_grad():
             self.gallery.train(self.training)
             gallery = self.gallery(inputs)
