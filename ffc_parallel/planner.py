@@ -27,7 +27,8 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 OPTIMIZER_BUFFERS = {"none": 0, "sgd": 1, "adam": 2, "adamw": 2}  # [C_local, D] state tensors
 _CHECK_TABLE_INTS = 18   # int64 entries per rank in the head's input-check all-gather
 _WORK_BUFFERS = 3        # [B, chunk] stats-dtype buffers of the fused loss (softmax_ce._WORK_BUFFERS)
-_CHUNK_WEIGHT_BUFFERS = 3  # [chunk, D] buffers: gathered rows, their gradient, the radial correction
+_CHUNK_WEIGHT_BUFFERS = 3  # [chunk, D] buffers in the backward: scaled rows, their gradient, a temporary
+                           # (+1 under Partial FC: the gathered copy of the sampled rows)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -182,7 +183,7 @@ def memory_items(cfg: HeadConfig) -> tuple[dict, dict, ChunkPlan, int]:
         "optimizer_state": 0 if cfg.offload else optimizer,
         "logits_work": _WORK_BUFFERS * chunks.chunk * big_b * stats,
         "logits_cache": cached_cols * big_b * stats,
-        "chunk_weights": _CHUNK_WEIGHT_BUFFERS * chunks.chunk * d * e,
+        "chunk_weights": (_CHUNK_WEIGHT_BUFFERS + (cfg.sample_rate < 1.0)) * chunks.chunk * d * e,
         "embeddings": big_b * d * (3 * e + stats) + big_b * 8 * 3,
         "sampling": sampling,
         "comm_buffers": 2 * cfg.batch * d * e + 3 * big_b * stats,
