@@ -88,7 +88,8 @@ def test_gradcheck_fused_function(rows, threshold, chunk, soft):
         plan = ChunkPlan(chunk, cached)
         fn = lambda a, b: ShardedMarginSoftmaxCE.apply(a, b, rows, targets, margin, threshold, plan, None,
                                                        CrossEntropy(), None, None)
-        assert torch.autograd.gradcheck(fn, (xn, w), eps=1e-6, atol=1e-7)
+        # A second backward through the same graph recomputes the freed cache: equal up to rounding.
+        assert torch.autograd.gradcheck(fn, (xn, w), eps=1e-6, atol=1e-7, nondet_tol=1e-12)
 
 
 def test_fp32_head_close_to_float64_reference():

@@ -194,9 +194,11 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
                 cos_l, mask = _finish_logits_(logits, t_rows, t_cols, t, margin, filter_threshold)
                 label_cos[global_rows[t_rows[t == 0]]] = cos_l
                 p_target.index_add_(0, t_rows, q_p[t_rows, t] * logits[t_rows, t_cols])
-                torch.logaddexp(p_lse, torch.logsumexp(logits, dim=1), out=p_lse)
-                if logits.numel() <= cache_left:
-                    cache[piece, index], cache_left = (logits, mask), cache_left - logits.numel()
+                row_max = logits.amax(dim=1, keepdim=True)
+                exps = logits.sub_(row_max).exp_()                    # in place: exp(logit - row max)
+                torch.logaddexp(p_lse, row_max.squeeze(1) + exps.sum(dim=1).log_(), out=p_lse)
+                if exps.numel() <= cache_left:  # the backward turns these into softmax with one multiply
+                    cache[piece, index], cache_left = (exps, row_max, mask), cache_left - exps.numel()
             run_lse[global_rows], target_logit[global_rows] = p_lse, p_target
         global_max = all_reduce_(run_lse.clone(), dist.ReduceOp.MAX, group)
         # A rank without classes has run_lse = -inf: it contributes exp(-inf) = 0.
@@ -237,18 +239,22 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
             xn_p, coef_p = xn.index_select(0, global_rows), coef.index_select(0, global_rows).unsqueeze(1)
             cols_p, q_p = _target_slice(ctx.targets, ctx.q, global_rows)
             shift_p = shift.index_select(0, global_rows).unsqueeze(1)
+            log_z_p = log_z.index_select(0, global_rows).unsqueeze(1)
             cos_p = label_cos.index_select(0, global_rows)
             grad_xn_p = torch.zeros(xn_p.shape, dtype=sdt, device=device) if want_x else None
             for index, (start, stop) in enumerate(_chunks(num_cols, plan.chunk)):
                 v_c, a = _scaled_rows(weight, rows, start, stop, sdt, margin.s)
                 t_rows, t_cols, t = _targets_in(cols_p, start, stop)
-                grad, mask = cache.pop((piece, index), (None, None))  # gone after a first backward
-                if grad is None:
+                cached = cache.pop((piece, index), None)  # gone after a first backward: recompute
+                if cached is not None:
+                    grad, row_max, mask = cached                            # exp(logit - row max)
+                    grad.mul_(torch.exp(row_max - log_z_p).mul_(coef_p.neg()))   # -coef * p
+                else:
                     grad = _raw_logits(xn_p, v_c, sdt)
                     mask = _finish_logits_(grad, t_rows, t_cols, t, margin, ctx.filter_threshold)[1]
-                grad.sub_(shift_p).exp_()                                   # -coef * p
-                if not fold:
-                    grad.mul_(coef_p.neg())
+                    grad.sub_(shift_p).exp_()                               # -coef * p
+                    if not fold:
+                        grad.mul_(coef_p.neg())
                 grad.index_put_((t_rows, t_cols), coef_p[t_rows, 0] * q_p[t_rows, t], accumulate=True)
                 label = t == 0                                              # the label's logit is s f(cos)
                 grad[t_rows[label], t_cols[label]] *= margin.target_grad(cos_p[t_rows[label]])
@@ -260,14 +266,13 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
                 elif want_x:
                     grad_xn_p.add_(torch.mm(g, v_c))
                 if want_w:  # v = s w / |w|:  d w = (s/|w|) (d v - w^ (w^ . d v))
-                    g_v = torch.mm(g.t(), xn_p)
+                    direct = rows is None and num_pieces == 1
+                    g_v = torch.mm(g.t(), xn_p, out=grad_w[start:stop]) if direct else torch.mm(g.t(), xn_p)
                     radial = (g_v * v_c).sum(dim=1, keepdim=True).div_(margin.s ** 2)
                     g_w = g_v.sub_(v_c * radial).mul_(a.unsqueeze(1).to(g_v.dtype))
                     if rows is not None:
                         grad_w.index_add_(0, rows[start:stop], g_w)
-                    elif num_pieces == 1:
-                        grad_w[start:stop] = g_w
-                    else:
+                    elif not direct:
                         grad_w[start:stop] += g_w
             if want_x:  # through the normalisation: (I - xn xn^T) / |x|
                 grad_xn_p.sub_(xn_p * (grad_xn_p * xn_p).sum(dim=1, keepdim=True))
