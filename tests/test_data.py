@@ -220,3 +220,19 @@ def test_recordio_faces_round_trip(tmp_path, with_identity_records):
     (tmp_path / "train.idx").write_text("1\t3\n")
     with pytest.raises(ValueError, match="bad magic"):
         RecordIOFaces(tmp_path, image_size=6)
+
+
+def test_build_data_from_image_files(tmp_path):
+    labels = [c for c in range(4) for _ in range(3)]
+    images = [_png(20 * c + i) for i, c in enumerate(labels)]
+    for i, (c, img) in enumerate(zip(labels, images)):
+        (tmp_path / "folder" / f"id{c}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "folder" / f"id{c}" / f"{i}.png").write_bytes(img)
+    write_face_recordio(tmp_path / "train.rec", images, labels)
+    for source, path in (("imagefolder", tmp_path / "folder"), ("recordio", tmp_path)):
+        b = build_data(source, path=str(path), image_size=6, channels=1, unseen_fraction=0.25, seed=1)
+        assert b.num_classes == 3 and len(b.train) == 6 and b.class_counts.tolist() == [2, 2, 2]
+        assert b.seen[0].shape == (3, 1, 6, 6) and sorted(b.seen[1].tolist()) == [0, 1, 2]
+        assert b.unseen[0].shape == (3, 1, 6, 6) and b.unseen[1].tolist() == [0, 0, 0]
+        x, y = b.train[0]
+        assert x.shape == (1, 6, 6) and 0 <= y < 3

@@ -287,7 +287,7 @@ def train(opts: TrainOptions) -> dict | None:
     head = fp.ShardedClassifier(opts.embedding_dim, bundle.num_classes, margin=resolve_margin(opts.margin),
                                 scale=opts.scale, sample_rate=opts.sample_rate, seed=opts.seed)
     engine = build_engine(opts, backbone, head, total_steps)
-    dtype = next(backbone.parameters()).dtype
+    dtype, device = next(backbone.parameters()).dtype, next(backbone.parameters()).device
 
     step = 0
     if opts.resume:
@@ -315,7 +315,6 @@ def train(opts: TrainOptions) -> dict | None:
             saved_at[0] = step
 
     buckets = frequency_buckets(bundle.class_counts, tuple(opts.bucket_edges))
-    device = next(backbone.parameters()).device
     before = None
     if opts.eval_before and step == 0:
         before, _ = evaluate(backbone, head, bundle.seen, bundle.unseen, buckets,
@@ -331,7 +330,7 @@ def train(opts: TrainOptions) -> dict | None:
                             start_step=step_in_epoch * opts.gradient_accumulation, num_workers=opts.num_workers)
         micro = 0
         for x, y in loader:
-            loss = engine(x.to(dtype=dtype), y)
+            loss = engine(x.to(device=device, dtype=dtype), y.to(device))
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
