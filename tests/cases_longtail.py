@@ -89,7 +89,8 @@ def _sampled_global_classes(head):
 
 
 def reweighting_matches_dense(num_classes, dim, batch_sizes, methods, margins, chunk_sizes, sample_rate=1.0,
-                              gamma=2.0, alpha=None, reduction="weighted_mean", filter_threshold=None, seed=0):
+                              gamma=2.0, alpha=None, reduction="weighted_mean", filter_threshold=None, prior=None,
+                              seed=0):
     """Loss, embedding grads and center grads of every re-weighting vs the dense float64 reference."""
     rank = fp.get_rank()
     g = torch.Generator().manual_seed(seed)
@@ -120,7 +121,7 @@ def reweighting_matches_dense(num_classes, dim, batch_sizes, methods, margins, c
                     assert rel_err(head.class_weight, class_w[start:stop]) < 1e-12, "class weights differ"
                 x = _local(x_all, batch_sizes, rank).clone().requires_grad_()
                 y = _local(y_all, batch_sizes, rank)
-                loss = ShardedSigmoidFocal(gamma, alpha, reduction)(head, x, y) if sigmoid else head(x, y)
+                loss = ShardedSigmoidFocal(gamma, alpha, reduction, prior)(head, x, y) if sigmoid else head(x, y)
                 loss.backward()
                 used = _sampled_global_classes(head).sort().values
                 assert sample_rate == 1.0 or used.numel() < num_classes, "Partial FC sampled every class"
@@ -128,6 +129,8 @@ def reweighting_matches_dense(num_classes, dim, batch_sizes, methods, margins, c
                 remap[used] = torch.arange(used.numel())
                 ref_x, ref_w = x_all.clone().requires_grad_(), full_w[used].clone().requires_grad_()
                 logits = dense_logits(ref_x, ref_w, remap[y_all], s, m1, m2, m3, filter_threshold)
+                if sigmoid and prior is not None:
+                    logits = logits + math.log(prior / (1 - prior))
                 ref = dense_reweighted_loss(logits, remap[y_all], class_w[y_all], ref_method, gamma, alpha, reduction)
                 ref.backward()
                 own = (used >= start) & (used < stop)

@@ -12,7 +12,7 @@ from tests.cases_longtail import reweighting_matches_dense, reweighting_suite
 METHODS = ["cs_ce", "cb_ce", "focal", "cb_focal", "sigmoid_focal", "cb_sigmoid_focal"]
 FULL = dict(num_classes=13, dim=6, methods=METHODS, margins=["arcface", "cosface", "softmax"], chunk_sizes=[None, 3])
 PARTIAL = dict(num_classes=41, dim=6, methods=METHODS, margins=["arcface"], chunk_sizes=[None, 4], sample_rate=0.3,
-               alpha=0.25, reduction="mean", filter_threshold=0.2)
+               alpha=0.25, reduction="mean", filter_threshold=0.2, prior=0.01)
 
 
 def test_one_rank_every_method_every_margin_and_partial_fc():

@@ -224,7 +224,7 @@ def _focal_elements(z, is_target, gamma, alpha):
     return loss, grad
 
 
-def _chunk_focal(xn, weight, rows, label_cols, start, stop, sdt, margin, filter_threshold, gamma, alpha):
+def _chunk_focal(xn, weight, rows, label_cols, start, stop, sdt, margin, filter_threshold, gamma, alpha, offset):
     """One chunk: ``(w_c, inv, cos[B, n], loss[B, n], dloss_dcos[B, n])``."""
     w_c, inv = chunk_rows(weight, rows, start, stop, sdt)
     cos = chunk_cosines(xn, w_c, inv)
@@ -240,6 +240,8 @@ def _chunk_focal(xn, weight, rows, label_cols, start, stop, sdt, margin, filter_
         filtered = (cos > filter_threshold) & ~is_target
         z.masked_fill_(filtered, 0.0)
         dz_dcos.masked_fill_(filtered, 0.0)
+    if offset:
+        z.add_(offset)
     loss, dz = _focal_elements(z, is_target, gamma, alpha)
     return w_c, inv, cos, loss, dz * dz_dcos
 
@@ -253,27 +255,27 @@ class _SigmoidFocalFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xn, weight, rows, label_cols, weight_part, reduction, margin, filter_threshold,
-                gamma, alpha, plan, group):
+                gamma, alpha, offset, plan, group):
         sdt = stats_dtype(xn.dtype)
         num_cols = weight.shape[0] if rows is None else rows.numel()
         row_sums = torch.zeros(xn.shape[0], dtype=sdt, device=xn.device)
         for start in range(0, num_cols, plan.chunk):
             stop = min(start + plan.chunk, num_cols)
             loss = _chunk_focal(xn, weight, rows, label_cols, start, stop, sdt, margin, filter_threshold,
-                                gamma, alpha)[3]
+                                gamma, alpha, offset)[3]
             row_sums += loss.sum(dim=1)
         parts = [row_sums] + ([weight_part.to(sdt)] if weight_part is not None else [])
         summed = all_reduce_(torch.stack(parts, dim=1), dist.ReduceOp.SUM, group)
         w = summed[:, 1] if weight_part is not None else None
         loss, coef = _reduce(summed[:, 0], w, reduction)
         ctx.save_for_backward(xn, weight, rows, label_cols, coef)
-        ctx.settings = (margin, filter_threshold, gamma, alpha, plan)
+        ctx.settings = (margin, filter_threshold, gamma, alpha, offset, plan)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         xn, weight, rows, label_cols, coef = ctx.saved_tensors
-        margin, filter_threshold, gamma, alpha, plan = ctx.settings
+        margin, filter_threshold, gamma, alpha, offset, plan = ctx.settings
         want_x, want_w = ctx.needs_input_grad[:2]
         sdt = coef.dtype
         row_coef = (grad_loss.to(sdt) * coef).unsqueeze(1)
@@ -283,7 +285,7 @@ class _SigmoidFocalFn(torch.autograd.Function):
         for start in range(0, num_cols, plan.chunk):
             stop = min(start + plan.chunk, num_cols)
             w_c, inv, cos, _, dcos = _chunk_focal(xn, weight, rows, label_cols, start, stop, sdt, margin,
-                                                  filter_threshold, gamma, alpha)
+                                                  filter_threshold, gamma, alpha, offset)
             g = dcos.mul_(row_coef).mul_(inv)                # d loss / d (xn . w_c)
             if want_x:
                 grad_x.add_(torch.mm(g.to(xn.dtype), w_c))
@@ -295,7 +297,7 @@ class _SigmoidFocalFn(torch.autograd.Function):
                     grad_w.index_copy_(0, rows[start:stop], g_w)
         if grad_x is not None:
             grad_x = grad_x.to(xn.dtype)
-        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None, None
 
 
 class ShardedSigmoidFocal:
@@ -306,6 +308,9 @@ class ShardedSigmoidFocal:
     label, its interclass filter), ``α_t = α`` on the label and ``1 - α`` elsewhere (``alpha=None``:
     no α balancing), ``w_y`` the head's class weights (1 without), ``norm = Σ_b w_y[b]``
     (``"weighted_mean"``) or ``B`` (``"mean"``). With Partial FC the sum runs over the sampled classes.
+    ``prior=π`` adds the fixed offset ``log(π / (1 - π))`` to every logit (after the filter), RetinaNet's
+    prior: every class starts at probability about π instead of 1/2, which keeps the C - 1 negative
+    terms from swamping the positive one early in training (cosine logits have no bias to learn it).
 
     ``loss = ShardedSigmoidFocal(gamma=2)(head, local_embeddings[b, D], local_labels[b])`` is a scalar,
     identical on every rank of ``head.group``; gradients follow the head's semantics (exact gradient
@@ -314,9 +319,14 @@ class ShardedSigmoidFocal:
     matrix products in all), one all-reduce of ``[B, 2]`` numbers.
     """
 
-    def __init__(self, gamma: float = 2.0, alpha: float | None = None, reduction: str = "weighted_mean"):
+    def __init__(self, gamma: float = 2.0, alpha: float | None = None, reduction: str = "weighted_mean",
+                 prior: float | None = None):
         if not gamma >= 0:
             raise ValueError(f"ShardedSigmoidFocal: gamma must be >= 0, got {gamma}")
+        if prior is not None and not 0.0 < prior < 1.0:
+            raise ValueError(f"ShardedSigmoidFocal: prior must be in (0, 1) or None, got {prior}")
+        self.prior = prior
+        self.offset = math.log(prior / (1.0 - prior)) if prior is not None else 0.0
         if alpha is not None and not 0.0 <= alpha <= 1.0:
             raise ValueError(f"ShardedSigmoidFocal: alpha must be in [0, 1] or None, got {alpha}")
         self.gamma, self.alpha, self.reduction = float(gamma), alpha, _check_reduction(reduction)
@@ -340,7 +350,9 @@ class ShardedSigmoidFocal:
         if head.chunk_size is None:  # about six [B, chunk] buffers per chunk here, three in the head
             plan = ChunkPlan(max(1, plan.chunk // 2), 0)
         return _SigmoidFocalFn.apply(xn, head.weight, rows, cols[:, 0].contiguous(), weight_part, self.reduction,
-                                     head.margin, head.filter_threshold, self.gamma, self.alpha, plan, head.group)
+                                     head.margin, head.filter_threshold, self.gamma, self.alpha, self.offset, plan,
+                                     head.group)
 
     def __repr__(self):
-        return f"ShardedSigmoidFocal(gamma={self.gamma}, alpha={self.alpha}, reduction={self.reduction!r})"
+        return (f"ShardedSigmoidFocal(gamma={self.gamma}, alpha={self.alpha}, reduction={self.reduction!r}, "
+                f"prior={self.prior})")
