@@ -405,6 +405,7 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float, default=None,
                    help="minutes; cases not started by then are recorded as skipped")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<grid>_<time>.json)")
+    p.add_argument("--table", metavar="JSON", default=None, help="print the table of an existing report and exit")
     args = p.parse_args(argv)
     args.memory_limit = int(args.memory_limit * 2**30) if args.memory_limit else memory_limit_default()
     if args.out is None:
@@ -424,6 +425,9 @@ def _parse_case(text: str) -> Case:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return 0
     cases = [_parse_case(t) for t in args.case] or grid(args.full, args.quick)
     for case in cases:
         if case.batch % case.ranks:
