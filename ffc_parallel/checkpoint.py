@@ -209,11 +209,14 @@ def load_checkpoint(engine, load_dir, tag=None, load_optimizer_states=True, load
         raise ValueError(f"checkpoint {tag_dir} has {manifest['num_classes']} classes of dim "
                          f"{manifest['embedding_dim']} but the head has {head.num_classes} of dim {head.embedding_dim}")
     same_world = manifest["backbone_world_size"] == engine.deepspeed.dp_world_size
-    path, client_state = engine.deepspeed.load_checkpoint(
-        str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=load_optimizer_states and same_world,
-        load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=not same_world)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the backbone from {tag_dir}")
+    if same_world or engine.deepspeed.zero_optimization_stage() < 3:
+        path, client_state = engine.deepspeed.load_checkpoint(
+            str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=load_optimizer_states and same_world,
+            load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=not same_world)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the backbone from {tag_dir}")
+    else:
+        path, client_state = str(tag_dir), _load_zero3_backbone(engine, tag_dir)
     if not same_world:
         _restore_counters(engine, tag_dir)
     weight, state, hyper = read_rows(tag_dir, manifest, *head.class_range)
@@ -226,9 +229,36 @@ def load_checkpoint(engine, load_dir, tag=None, load_optimizer_states=True, load
     return path, client_state
 
 
+def _load_zero3_backbone(engine, tag_dir: Path) -> dict:
+    """ZeRO-3 saved at another world size: rebuild the fp32 backbone from the saved partitions
+    (rank 0), scatter it into this run's partitions and refresh the fp32 master copies."""
+    import deepspeed
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    rank, _ = _rank_world()
+    full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name) if rank == 0 else {}
+    ds = engine.deepspeed
+    for name, param in ds.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank == 0:
+                param.data.copy_(full[name].to(param.dtype))
+    ds.optimizer.refresh_fp32_params()
+    files = sorted(tag_dir.glob("zero_pp_rank_0_mp_rank_*_model_states.pt"))
+    if not files:
+        return {}
+    saved = torch.load(files[0], map_location="cpu", weights_only=False)
+    return {k: v for k, v in saved.items() if k not in _DEEPSPEED_KEYS}
+
+
+_DEEPSPEED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "lr_scheduler",
+                   "data_sampler", "random_ltd", "sparse_tensor_module_names", "skipped_steps", "global_steps",
+                   "global_samples", "dp_world_size", "mp_world_size", "ds_config", "ds_version",
+                   "shared_params", "frozen_param_fragments"}
+
+
 def _restore_counters(engine, tag_dir: Path) -> None:
     """After a module-only DeepSpeed load (another world size), restore the step counters."""
-    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt")) or sorted(tag_dir.glob("zero_pp_rank_0_mp_rank_*_model_states.pt"))
     if not files:
         return
     sd = torch.load(files[0], map_location="cpu", weights_only=False)

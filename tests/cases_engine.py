@@ -1,11 +1,17 @@
 """Per-rank bodies of the DeepSpeed engine tests (run through ffc_parallel.testing.run_ranks)."""
 import copy
 
+import deepspeed.comm.torch as _deepspeed_torch_comm
 import torch
 
 import ffc_parallel as fp
 from ffc_parallel.heads.sharded import init_class_rows
 from tests.reference import dense_margin_loss, rel_err
+
+# DeepSpeed's CPU shared-memory all-reduce (used only by inference_all_reduce) is JIT-compiled under a
+# file lock in ~/.cache/torch_extensions; rank processes killed mid-build by a test timeout leave that
+# lock behind and every later DeepSpeed start on the machine waits forever. Training never uses it.
+_deepspeed_torch_comm.build_shm_op = lambda: None
 
 IN_DIM, DIM, SCALE, M3 = 6, 5, 16.0, 0.4   # cosface, s=16: smooth enough for tight trajectories
 
@@ -66,12 +72,15 @@ def build(stage, optimizer, gas, micro, num_classes, dtype="fp32", clip=0.0, sam
 
 
 def trajectories_match_dense(configs, num_classes=11, micro=3, steps=3):
-    """Each config ``[stage, optimizer, gas, dtype]`` follows the dense single-process trajectory."""
+    """Each config ``[stage, optimizer, gas, dtype(, clip)]`` follows the dense single-process
+    trajectory (with ``clip``: gradients clipped to that global norm, backbone and all centers)."""
     rank, world = fp.get_rank(), fp.get_world_size()
     report = {}
-    for stage, optimizer, gas, dtype in configs:
+    for stage, optimizer, gas, dtype, *clip in configs:
+        clip = clip[0] if clip else 0.0
+        # Adam divides by sqrt(v): rounding differences of tiny gradient entries are amplified.
         tol = (1e-5 if optimizer == "sgd" else 5e-5) if dtype == "fp32" else 3e-2
-        engine, ref_bb = build(stage, optimizer, gas, micro, num_classes, dtype)
+        engine, ref_bb = build(stage, optimizer, gas, micro, num_classes, dtype, clip)
         ref_w = torch.nn.Parameter(init_class_rows(0, num_classes, DIM, 0.01, 0))
         ref_opt = dense_optimizer(list(ref_bb.parameters()) + [ref_w], optimizer)
         in_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
@@ -87,6 +96,9 @@ def trajectories_match_dense(configs, num_classes=11, micro=3, steps=3):
             ref_opt.zero_grad()
             ref_loss = dense_margin_loss(ref_bb(x), ref_w, y, SCALE, 1.0, 0.0, M3)
             ref_loss.backward()
+            if clip:
+                norm = torch.nn.utils.clip_grad_norm_(list(ref_bb.parameters()) + [ref_w], clip)
+                assert norm > 2 * clip, f"clipping inactive (norm {float(norm)}): lower the clip"
             ref_opt.step()
             err = abs(sum(losses) / gas - float(ref_loss)) / abs(float(ref_loss))
             assert err < tol, f"config {stage, optimizer, gas, dtype} step {step}: loss err {err}"
@@ -98,7 +110,7 @@ def trajectories_match_dense(configs, num_classes=11, micro=3, steps=3):
         bad = {k: v for k, v in errs.items() if not v < tol}
         assert not bad, f"rank {rank}/{world} config {stage, optimizer, gas, dtype}: {bad}"
         assert engine.global_steps == steps
-        report[f"{stage}/{optimizer}/{gas}/{dtype}"] = max([worst] + list(errs.values()))
+        report[f"{stage}/{optimizer}/{gas}/{dtype}" + (f"/clip{clip}" if clip else "")] = max([worst] + list(errs.values()))
     return report
 
 
@@ -146,3 +158,41 @@ def raw_deepspeed_initialize(num_classes=9):
     engine.backward(loss)
     engine.step()
     return None
+
+
+def fp16_overflow_on_one_rank_skips_everywhere(stage, num_classes=11, micro=2):
+    """DeepSpeed's real fp16 path on CPU (its capability check patched: the CPU accelerator refuses
+    fp16 only by policy): an inf injected into the LAST rank's center gradient makes every rank skip
+    the step (backbone and centers unchanged) and halve the one loss scale; the scale doubles back
+    after ``loss_scale_window`` clean steps; clean steps update backbone and centers."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    accelerator.is_fp16_supported = lambda: True
+    if torch.float16 not in accelerator.supported_dtypes():
+        supported = accelerator.supported_dtypes()
+        accelerator.supported_dtypes = lambda: supported + [torch.float16]
+    rank, world = fp.get_rank(), fp.get_world_size()
+    backbone = make_backbone()
+    head = fp.ShardedClassifier(DIM, num_classes, margin="cosface", scale=SCALE)
+    config = ds_config(stage, "sgd", 1, micro, world, extra={"fp16": {
+        "enabled": True, "initial_scale_power": 4, "loss_scale_window": 2, "hysteresis": 1, "min_loss_scale": 1}})
+    engine, *_ = fp.initialize(model=fp.HybridModel(backbone, head), config=config)
+    scales, applied = [engine.loss_scale], []
+    for step in range(5):
+        x, y = global_batch(step, micro * world, num_classes)
+        centers = engine.head.weight.detach().clone()
+        loss = engine(micro_slice(x, 0, rank, world, micro).half(), micro_slice(y, 0, rank, world, micro))
+        engine.backward(loss)
+        inject = step == 1
+        if inject and rank == world - 1:
+            engine.head.weight.grad[0, 0] = float("inf")
+        engine.step()
+        moved = not torch.equal(engine.head.weight.detach(), centers)
+        applied.append(engine.deepspeed.was_step_applied())
+        assert moved == applied[-1], f"step {step}: centers moved={moved} but step applied={applied[-1]}"
+        scales.append(engine.loss_scale)
+    assert applied == [True, False, True, True, True], applied
+    assert scales == [16.0, 16.0, 8.0, 8.0, 16.0, 16.0], scales
+    assert engine.skipped_steps == 1
+    return scales

@@ -31,3 +31,15 @@ def test_raw_deepspeed_initialize_refused_on_two_ranks_names_fp_initialize():
 
 def test_raw_deepspeed_initialize_works_on_one_rank():
     assert run_ranks("tests.cases_engine:raw_deepspeed_initialize", 1, timeout=200) == [None]
+
+
+def test_gradient_clipping_uses_the_global_norm_of_backbone_and_all_centers():
+    run_ranks("tests.cases_engine:trajectories_match_dense", 2, timeout=300,
+              kwargs=dict(configs=[[stage, "sgd", 1, "fp32", 0.05] for stage in (0, 1, 2, 3)]))
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_fp16_overflow_on_one_rank_skips_every_rank_and_backs_off_one_scale(stage):
+    scales = run_ranks("tests.cases_engine:fp16_overflow_on_one_rank_skips_everywhere", 2, timeout=300,
+                       kwargs=dict(stage=stage))
+    assert scales[0] == scales[1]

@@ -1,0 +1,73 @@
+"""Each launch script starts a real 2-rank (and 4-rank mpirun) run of a tiny entry point (FFC_ENTRY)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ffc_parallel.testing import _child_env, _free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "launch_scripts"
+
+
+def _config(tmp_path, micro=2, world=2):
+    config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
+              "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": 1}, "steps_per_print": 10**9}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _run(script, tmp_path, world, extra_env=None, timeout=240):
+    out = tmp_path / "out"
+    out.mkdir()
+    env = _child_env(dict(FFC_ENTRY="tests.launch_entry", PYTHON=sys.executable, MASTER_PORT=str(_free_port()),
+                          PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+                          **(extra_env or {})))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    cmd = ["bash", str(SCRIPTS / script), "--deepspeed_config", str(_config(tmp_path)), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        log, _ = proc.communicate()
+        pytest.fail(f"{script} hung for {timeout} s:\n{log.decode(errors='replace')[-4000:]}")
+    assert proc.returncode == 0, f"{script} failed:\n{log.decode(errors='replace')[-4000:]}"
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    assert all(r["world_size"] == world for r in results)
+    assert len({tuple(r["losses"]) for r in results}) == 1, "ranks disagree on the loss"
+    assert sorted(tuple(r["class_range"]) for r in results)[-1][1] == 13
+    return results
+
+
+def test_deepspeed_launcher_single_node(tmp_path):
+    _run("deepspeed_single_node.sh", tmp_path, 2, {"NUM_GPUS": "2"})
+
+
+def test_deepspeed_launcher_openmpi_hostfile(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    _run("deepspeed_multi_node.sh", tmp_path, 2, {"HOSTFILE": str(hostfile), "NO_SSH_CHECK": "1",
+                                                  "MASTER_ADDR": "127.0.0.1"})
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_mpirun(tmp_path, world):
+    results = _run("mpirun.sh", tmp_path, world, {"NP": str(world)})
+    assert all("mpirun" in r["launcher"] for r in results)
+
+
+def test_torchrun(tmp_path):
+    _run("torchrun.sh", tmp_path, 2, {"NPROC": "2"})
+
+
+def test_slurm_template_is_valid_bash_and_uses_the_entry_point():
+    text = (SCRIPTS / "slurm.sbatch").read_text()
+    assert "${FFC_ENTRY:-ffc_parallel.cli.train}" in text
+    subprocess.run(["bash", "-n", str(SCRIPTS / "slurm.sbatch")], check=True)
