@@ -267,6 +267,8 @@ def train(opts: TrainOptions) -> dict | None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
 
+    if opts.resume and not (ckpt_dir / "latest").exists():
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (train without --resume first)")
     torch.manual_seed(opts.seed)
     bundle = build_data(opts.data, path=opts.data_path, num_identities=opts.num_identities,
                         synthetic_mode=opts.synthetic_mode, image_size=opts.image_size, channels=opts.channels,
@@ -291,8 +293,6 @@ def train(opts: TrainOptions) -> dict | None:
 
     step = 0
     if opts.resume:
-        if not (ckpt_dir / "latest").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (train without --resume first)")
         _, client = engine.load_checkpoint(str(ckpt_dir))
         step = int(client["step"])
         head.sample_step = int(client.get("sample_step", 0))
@@ -333,7 +333,7 @@ def train(opts: TrainOptions) -> dict | None:
             loss = engine(x.to(device=device, dtype=dtype), y.to(device))
             engine.backward(loss)
             engine.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())  # no device sync per step
             micro += 1
             if micro % opts.gradient_accumulation:
                 continue
@@ -342,9 +342,9 @@ def train(opts: TrainOptions) -> dict | None:
             if step % opts.log_every == 0 or step == total_steps:
                 now = time.monotonic()
                 rate = window_steps * samples_per_step / max(now - window_t, 1e-9)
-                row = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=float(np.mean(losses)),
-                           lr=float(engine.get_lr()[0]), loss_scale=float(engine.loss_scale),
-                           samples_per_s=rate, elapsed_s=now - t_start)
+                row = dict(step=step, epoch=round(step / steps_per_epoch, 4),
+                           loss=torch.stack(losses).float().mean().item(), lr=float(engine.get_lr()[0]),
+                           loss_scale=float(engine.loss_scale), samples_per_s=rate, elapsed_s=now - t_start)
                 log.row(**row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", samples_s=f"{rate:,.0f}",

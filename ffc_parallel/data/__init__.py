@@ -13,8 +13,10 @@ from .mixup import Mixup  # noqa: F401
 from .cam import CamBalancer, fetch_class_centers  # noqa: F401
 from .dual_loader import DualBatchSampler, dual_loader, labels_of  # noqa: F401
 
-__all__ = ["DualBatchSampler", "dual_loader", "labels_of", "CamBalancer", "Mixup", "fetch_class_centers", "ClassIndex", "ClassProbabilitySampler", "DeferredResampling", "InstanceBalancedSampler",
-           "RandomOverSampler", "RandomUnderSampler", "class_probabilities", "DEFAULT_BUCKET_EDGES", "DataBundle", "EpochBatches", "FeistelPermutation", "IdentitySplit",
-           "ImageFolder", "RankLoader", "RecordIOFaces", "RecordIOReader", "RecordIOWriter", "SOURCES", "Subset",
-           "SyntheticLongTail", "TensorData", "build_data", "decode_image", "frequency_buckets",
-           "load_digits_tensors", "split_identities", "write_face_recordio", "zipf_image_counts"]
+__all__ = ["build_data", "CamBalancer", "class_probabilities", "ClassIndex", "ClassProbabilitySampler",
+           "DataBundle", "decode_image", "DEFAULT_BUCKET_EDGES", "DeferredResampling", "dual_loader",
+           "DualBatchSampler", "EpochBatches", "FeistelPermutation", "fetch_class_centers",
+           "frequency_buckets", "IdentitySplit", "ImageFolder", "InstanceBalancedSampler", "labels_of",
+           "load_digits_tensors", "Mixup", "RandomOverSampler", "RandomUnderSampler", "RankLoader",
+           "RecordIOFaces", "RecordIOReader", "RecordIOWriter", "SOURCES", "split_identities", "Subset",
+           "SyntheticLongTail", "TensorData", "write_face_recordio", "zipf_image_counts"]

@@ -76,7 +76,8 @@ class SyntheticLongTail(torch.utils.data.Dataset):
         if zipf_exponent <= 0 or not 0 <= label_noise < 1:
             raise ValueError("zipf_exponent must be > 0 and label_noise in [0, 1)")
         self.num_identities, self.mode, self.seed = int(num_identities), mode, int(seed)
-        self.image_size, self.channels, self.feature_dim, self.latent_dim = image_size, channels, feature_dim, latent_dim
+        self.image_size, self.channels = image_size, channels
+        self.feature_dim, self.latent_dim = feature_dim, latent_dim
         self.intra_class_noise, self.pose_degrees, self.pose_shift = intra_class_noise, pose_degrees, pose_shift
         self.pose_strength = pose_strength
         self.pixel_noise, self.label_noise = pixel_noise, label_noise
