@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/long_tail_tricks.py          # about 10 min on 2 busy CPU cores
 
 Trains a small backbone + :class:`ffc_parallel.ShardedClassifier` (cosine softmax, s=16) once per trick
-and seed on :class:`ffc_parallel.data.SyntheticLongTail` (100 identities, 5 to 250 training samples
+and training seed on :class:`ffc_parallel.data.SyntheticLongTail` (100 identities, 5 to 250 training samples
 each, Zipf exponent 0.7: 62 tail classes with < 20 samples, 28 medium, 10 head with > 100), and
 reports top-1 accuracy on 10 held-out samples of EVERY class (a balanced test set, as in long-tail
 benchmarks), split by the class's training frequency. Two parts: every trick on feature vectors
@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import ffc_parallel as fp
@@ -212,7 +211,8 @@ def markdown_table(rows: list[dict], data: dict, epochs: int, switch: int, seeds
     b = data["buckets"]
     lines = [f"{data['description']}; {int((b == 0).sum())} tail classes (< 20 images), {int((b == 1).sum())} "
              f"medium (20-100), {int((b == 2).sum())} head (> 100). {epochs} epochs, learning rate x0.1 at "
-             f"epochs {switch} and {epochs - 1}; seeds {', '.join(map(str, seeds))}.", "",
+             f"epochs {switch} and {epochs - 1}; training seeds {', '.join(map(str, seeds))} (initialisation, "
+             f"sampling, mixup draws; the data set is fixed).", "",
              "| trick | tail | medium | head | all |", "|---|---:|---:|---:|---:|"]
     for row in rows:
         cells = []
@@ -234,6 +234,7 @@ def main(argv=None):
     parser.add_argument("--test-images", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the vector part")
     parser.add_argument("--image-seeds", type=int, nargs="+", default=[0], help="seeds of the image part")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the data set (the same for every run)")
     parser.add_argument("--only", nargs="*", help="substrings of trick names to run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more only on an idle machine)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "long_tail_tricks.json"))
@@ -249,8 +250,8 @@ def main(argv=None):
         chosen = [t for t in tricks(kind, switch) if not args.only or any(s in t.name for s in args.only)]
         rows = [{"trick": asdict(t), "per_seed": []} for t in chosen]
         seeds = args.seeds if kind == "vector" else args.image_seeds
+        data = build_data(kind, args.classes, args.test_images, args.data_seed)
         for seed in seeds:
-            data = build_data(kind, args.classes, args.test_images, seed)
             for row, trick in zip(rows, chosen):
                 t0 = time.time()
                 result = train_and_eval(trick, data, epochs, switch, args.batch, seed)
