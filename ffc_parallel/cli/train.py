@@ -243,11 +243,24 @@ class RunLog:
 
 
 # ---------------------------------------------------------------------- the run
+def check_resumable(opts: TrainOptions) -> None:
+    """With ``--resume``, raise unless ``output_dir/checkpoints`` holds a complete checkpoint."""
+    ckpt_dir = Path(opts.output_dir) / "checkpoints"
+    if opts.resume and not (ckpt_dir / "latest").exists():
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (train without --resume first)")
+
+
 def build_engine(opts: TrainOptions, backbone, head, total_steps: int):
     """``fp.initialize`` on ``HybridModel(backbone, head)`` with the run's DeepSpeed config."""
     import ffc_parallel as fp
     model = fp.HybridModel(backbone, head)
     engine, _, _, _ = fp.initialize(model=model, config=deepspeed_config(opts, total_steps))
+    # DeepSpeed's bf16/fp16 casts parameters but not BatchNorm running statistics, which CPU kernels
+    # refuse to mix with low-precision weights: give the floating-point buffers the parameters' dtype.
+    dtype = next(backbone.parameters()).dtype
+    for buf in backbone.buffers():
+        if buf.is_floating_point() and buf.dtype != dtype:
+            buf.data = buf.data.to(dtype)
     return engine
 
 
@@ -267,8 +280,7 @@ def train(opts: TrainOptions) -> dict | None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
 
-    if opts.resume and not (ckpt_dir / "latest").exists():
-        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (train without --resume first)")
+    check_resumable(opts)
     torch.manual_seed(opts.seed)
     bundle = build_data(opts.data, path=opts.data_path, num_identities=opts.num_identities,
                         synthetic_mode=opts.synthetic_mode, image_size=opts.image_size, channels=opts.channels,
