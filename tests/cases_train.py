@@ -11,10 +11,15 @@ from ffc_parallel.heads.sharded import init_class_rows
 from ffc_parallel.models import MLP
 
 
-def evaluate_matches_dense(num_classes: int = 13, dim: int = 8) -> dict:
-    """fp.eval.evaluate on this rank's slice == a dense one-process computation of every metric."""
+def evaluate_matches_dense(num_classes: int = 13, dim: int = 8) -> list:
+    """fp.eval.evaluate on this rank's slice == a dense one-process computation of every metric,
+    also when a rank's slice of the held-out set is empty (1 image on 2 ranks)."""
+    return [_evaluate_case(num_classes, dim, num_seen) for num_seen in (11, 1)]
+
+
+def _evaluate_case(num_classes: int, dim: int, num_seen: int) -> dict:
     g = torch.Generator().manual_seed(0)
-    seen_x, seen_y = torch.randn(11, 5, generator=g), torch.randint(0, num_classes, (11,), generator=g)
+    seen_x, seen_y = torch.randn(num_seen, 5, generator=g), torch.randint(0, num_classes, (num_seen,), generator=g)
     unseen_x, unseen_ids = torch.randn(9, 5, generator=g), torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3])
     torch.manual_seed(1)
     backbone = MLP((5,), dim, hidden=(16,)).eval()

@@ -14,7 +14,7 @@ import torch
 from .digits import TensorData, load_digits_tensors
 from .imagefolder import ImageFolder
 from .recordio import RecordIOFaces
-from .splits import Subset, cap_indices, split_identities, stack_inputs
+from .splits import Subset, cap_positions, split_identities, stack_inputs
 from .synthetic import SyntheticLongTail
 
 SOURCES = ("synthetic", "digits", "imagefolder", "recordio")
@@ -79,8 +79,8 @@ def build_data(source: str = "synthetic", *, path: str | None = None, num_identi
                 else RecordIOFaces(path, image_size, channels))
         split = split_identities(base.labels, unseen_fraction=unseen_fraction,
                                  heldout_per_class=1 if heldout_per_class is None else heldout_per_class, seed=seed)
-        seen_pick = cap_indices(split.seen, max_eval_images, seed)
-        unseen_pick = cap_indices(split.unseen, max_eval_images, seed + 1)
+        seen_pick = cap_positions(split.seen, max_eval_images, seed)
+        unseen_pick = cap_positions(split.unseen, max_eval_images, seed + 1)
         seen = (stack_inputs(base, split.seen[seen_pick]), torch.from_numpy(split.seen_labels[seen_pick]))
         unseen = (stack_inputs(base, split.unseen[unseen_pick]), torch.from_numpy(split.unseen_ids[unseen_pick]))
         return DataBundle(Subset(base, split.train, split.train_labels), split.num_classes, split.class_counts,

@@ -66,7 +66,8 @@ def split_identities(labels, *, unseen_fraction: float = 0.1, heldout_per_class:
     cls = labels[items]
     first = np.searchsorted(cls, cls, side="left")
     rank_in_class = np.arange(len(items)) - first
-    size = np.bincount(np.searchsorted(train_classes, cls))[np.searchsorted(train_classes, cls)]
+    class_index = np.searchsorted(train_classes, cls)
+    size = np.bincount(class_index)[class_index]
     held_count = np.clip(size - min_train_per_class, 0, heldout_per_class)
     held = rank_in_class < held_count
     train, seen = np.sort(items[~held]), np.sort(items[held])
@@ -94,8 +95,8 @@ def stack_inputs(base, indices) -> torch.Tensor:
     return torch.stack([torch.as_tensor(base[int(i)][0]) for i in indices]) if len(indices) else torch.empty(0)
 
 
-def cap_indices(indices: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
-    """At most ``limit`` of ``indices`` (a seeded sample, original order kept), or all of them."""
+def cap_positions(indices: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """Positions into ``indices`` of at most ``limit`` of them (a seeded sample, in order), or of all."""
     if limit is None or len(indices) <= limit:
         return np.arange(len(indices))
     return np.sort(np.argsort(hashrng.uniform(seed, 0xCA9, np.arange(len(indices))))[:limit])

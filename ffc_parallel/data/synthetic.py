@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from . import hashrng
 
 # Salts that keep the independent random streams apart.
-_COUNT, _LATENT, _EXPRESSION, _POSE, _LIGHT, _PIXEL, _FLIP, _WRONG = range(1, 9)
+_COUNT, _LATENT, _EXPRESSION, _POSE, _LIGHT, _PIXEL, _WRONG = range(1, 8)
 _CHUNK = 1 << 20
 _NOISE_BANK = 4096  # pixel-noise patterns; each image picks one by hash and a random sign
 

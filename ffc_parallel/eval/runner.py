@@ -28,10 +28,10 @@ def embed(backbone, inputs: torch.Tensor, batch_size: int = 512, device="cpu") -
     dtype = next(backbone.parameters()).dtype
     try:
         out = [backbone(inputs[i: i + batch_size].to(device=device, dtype=dtype)).float().cpu()
-               for i in range(0, len(inputs), batch_size)]
+               for i in range(0, max(len(inputs), 1), batch_size)]  # an empty slice still gives [0, D]
     finally:
         backbone.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    return torch.cat(out)
 
 
 @torch.no_grad()
