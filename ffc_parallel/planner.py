@@ -16,7 +16,6 @@ the end of the backward (the new center gradient alive), on top of what lives th
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 

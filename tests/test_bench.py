@@ -8,6 +8,7 @@ import torch
 import ffc_parallel as fp
 from benchmarks import head_bench
 from benchmarks.full_logits import FullLogitsHead
+from ffc_parallel.cli.bench import main as bench_cli
 
 
 @pytest.mark.parametrize("sample_rate", [1.0, 0.5])
@@ -66,8 +67,11 @@ def test_tiny_run_writes_the_json_schema_and_skips_what_cannot_fit(tmp_path, cap
     assert "| 3e+02 | 8 | 16 | 1.0 | 2 |" in table and "| 4e+06 | 1024 | 512 | 1.0 | 2 | skipped |" in table
 
 
-def test_time_budget_skips_instead_of_running(tmp_path):
+def test_time_budget_skips_instead_of_running_and_ffc_bench_prints_tables(tmp_path, capsys):
     out = tmp_path / "skip.json"
     head_bench.main(["--case", "300,8,16,1.0,1", "--time-budget", "0", "--out", str(out)])
     assert all(r["status"] == "skipped" and "time budget" in r["reason"]
                for r in json.loads(out.read_text())["cases"][0]["results"].values())
+    capsys.readouterr()
+    assert bench_cli(["--table", str(out)]) == 0
+    assert "| 3e+02 | 8 | 16 | 1.0 | 1 | skipped | skipped | skipped |" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 against the peak RSS of real head training steps in fresh processes (within 10%)."""
 import json
 import resource
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,90 @@ def measure_training_steps(num_classes, dim, batch, sample_rate, steps=2, grads_
             head.weight.add_(momentum, alpha=-0.1)
             row_steps += 1
     return {"growth": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}
+
+
+def test_memory_and_communication_worked_by_hand():
+    # C=1000 on 4 GPUs: n=250 rows, D=8, fp16 (e=2), per-GPU batch 2 -> B=8, 1 MiB budget:
+    # chunk = min(250, 2**20 // (12 * 4 * 8)) = 250, cached = min((2**20 - 3*4*8*250) // (4*8*250), 1) = 1
+    cfg = planner.HeadConfig(num_classes=1000, dim=8, gpus=4, batch=2, dtype="fp16", optimizer="sgd",
+                             memory_budget_mb=1, backbone_params=1000)
+    p = planner.plan(cfg)
+    assert (p.chunk, p.cached_chunks, p.sampled_classes) == (250, 1, 250)
+    assert p.memory == {
+        "centers": 250 * 8 * 2, "center_grads": 250 * 8 * 2,
+        "master_weights": 250 * 8 * 4,                      # fp32 copy of half centers
+        "optimizer_state": 250 * 8 * 4 + 250 * 8,           # fp32 momentum + int64 step per row
+        "logits_work": 3 * 8 * 250 * 4, "logits_cache": 8 * 250 * 4,
+        "chunk_weights": 3 * 250 * 8 * 2,
+        "embeddings": 8 * 8 * (3 * 2 + 4) + 8 * 8 * 3,
+        "sampling": 0, "comm_buffers": 2 * 2 * 8 * 2 + 3 * 8 * 4, "reserve": 0}
+    # peak: everything but gradients and cache (58,992), plus the larger of the two (8,000)
+    assert p.total == 66_992
+    assert planner.plan(replace(cfg, grads_persist=True)).total == 66_992 + 4_000
+    assert p.comm == {"input_check": 3 * 18 * 8, "allgather_embeddings": 3 * 2 * 8 * 2, "allgather_labels": 3 * 2 * 8,
+                      "allreduce_max": 48, "allreduce_sums": 96,   # ring: 2 (W-1)/W x 32 and x 64 bytes
+                      "reduce_scatter_embedding_grads": 96, "backbone_allreduce": 3000}
+    one = planner.plan(replace(cfg, gpus=1, num_classes=250))
+    assert sum(one.comm.values()) == 0
+    off = planner.plan(replace(cfg, offload=True))
+    assert off.memory["master_weights"] == off.memory["optimizer_state"] == 0
+    assert off.host_memory == {"master_weights": 8000, "optimizer_state": 10000}
+
+
+def test_partial_fc_columns_and_no_momentum():
+    cfg = planner.HeadConfig(num_classes=10**6, dim=64, gpus=2, batch=128, sample_rate=0.1, optimizer="sgd",
+                             momentum=False)
+    p = planner.plan(cfg)
+    assert p.sampled_classes == 50_000                       # int(0.1 * 500,000) > B = 256 positives
+    assert p.memory["optimizer_state"] == 500_000 * 8         # step counts only
+    assert p.memory["sampling"] > 0
+    assert planner.sampled_classes(replace(cfg, sample_rate=1e-4)) == 256   # at least the positives
+
+
+def test_capacity_and_suggestions_are_consistent():
+    cfg = planner.HeadConfig(num_classes=10**9, dim=512, gpus=64, batch=512, dtype="fp16", sample_rate=0.1,
+                             optimizer="sgd", device_memory=planner.parse_bytes("80GB"),
+                             reserve=planner.parse_bytes("1GiB"))
+    p = planner.plan(cfg)
+    assert not p.fits and p.total > cfg.device_memory
+    best = p.max_classes
+    assert planner.plan(replace(cfg, num_classes=best)).fits
+    assert not planner.plan(replace(cfg, num_classes=best + 1)).fits
+    assert any(s["fits"] for s in p.suggestions)
+    gpus = int(p.suggestions[0]["change"].split()[0])
+    assert planner.plan(replace(cfg, gpus=gpus)).fits
+    assert not planner.plan(replace(cfg, gpus=gpus - 1)).fits
+    offload = next(s for s in p.suggestions if s["change"].startswith("offload"))
+    assert offload["fits"] and offload["total_bytes"] == planner.plan(replace(cfg, offload=True)).total
+    assert planner.plan(replace(cfg, num_classes=best)).suggestions == []
+
+
+def test_ffc_plan_cli_table_json_and_errors(capsys):
+    args = ["--num-classes", "1e9", "--dim", "512", "--gpus", "64", "--gpu-memory", "80GB", "--dtype", "fp16",
+            "--sample-rate", "0.1", "--optimizer", "sgd", "--batch", "512"]
+    assert plan_main(args) == 0
+    text = capsys.readouterr().out
+    assert "DOES NOT FIT" in text and "largest class count that fits" in text and "to make it fit" in text
+    assert plan_main(args + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["global_batch"] == 32768 and report["num_local"] == 15_625_000
+    assert report["memory_peak_bytes"] == planner.plan(planner.HeadConfig(
+        num_classes=10**9, dim=512, gpus=64, batch=512, dtype="fp16", sample_rate=0.1, optimizer="sgd",
+        device_memory=80 * 10**9, reserve=2**30)).total
+    with pytest.raises(SystemExit):
+        plan_main(["--num-classes", "lots", "--dim", "8"])
+    assert "cannot read a count" in capsys.readouterr().err
+    assert plan_main(["--num-classes", "10", "--dim", "8", "--sample-rate", "2"]) == 2
+    assert "sample_rate must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_size_parsing():
+    assert planner.parse_bytes("80GB") == 80 * 10**9 and planner.parse_bytes("24GiB") == 24 * 2**30
+    assert planner.parse_bytes("512MB") == 512 * 10**6 and planner.parse_bytes(1000) == 1000
+    assert planner.parse_count("1e9") == 10**9 and planner.parse_count("25.6M") == 25_600_000
+    assert planner.parse_count("100k") == 100_000
+    with pytest.raises(ValueError, match="memory size"):
+        planner.parse_bytes("80 parsecs")
 
 
 @pytest.mark.parametrize("world,sample_rate,grads_persist", [(1, 1.0, False), (2, 0.5, True)])
