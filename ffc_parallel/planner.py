@@ -293,17 +293,20 @@ def suggestions(cfg: HeadConfig) -> list[dict]:
     gpus = _min_gpus(cfg)
     if gpus is not None:
         out.append({"change": f"{gpus} GPUs (same per-GPU batch)", "total_bytes": _total(replace(cfg, gpus=gpus)),
-                    "fits": True})
+                    "fits": True, "host_bytes": 0})
     for text, new in _candidate_changes(cfg):
-        out.append({"change": text, "total_bytes": _total(new), "fits": _fits(new)})
+        out.append({"change": text, "total_bytes": _total(new), "fits": _fits(new),
+                    "host_bytes": sum(memory_items(new)[1].values())})
     if not any(s["fits"] for s in out[1 if gpus else 0:]):
         combined = _combine(cfg)
         out.append({"change": "all of: bf16 centers without master copy, SGD without momentum, offload, "
-                              "memory_budget_mb=64", "total_bytes": _total(combined), "fits": _fits(combined)})
+                              "memory_budget_mb=64", "total_bytes": _total(combined), "fits": _fits(combined),
+                    "host_bytes": sum(memory_items(combined)[1].values())})
         more = _min_gpus(combined)
         if more is not None:
-            out.append({"change": f"all of the above on {more} GPUs", "total_bytes": _total(replace(combined, gpus=more)),
-                        "fits": True})
+            on_more = replace(combined, gpus=more)
+            out.append({"change": f"all of the above on {more} GPUs", "total_bytes": _total(on_more),
+                        "fits": True, "host_bytes": sum(memory_items(on_more)[1].values())})
     return out
 
 
@@ -362,5 +365,6 @@ def format_plan(p: Plan) -> str:
         lines += ["", "  to make it fit:"]
         for s in p.suggestions:
             mark = "fits" if s["fits"] else "still too big"
-            lines.append(f"    - {s['change']}: {_size(s['total_bytes'])} per GPU ({mark})")
+            host = f", plus {_size(s['host_bytes'])} of host memory per GPU" if s["host_bytes"] else ""
+            lines.append(f"    - {s['change']}: {_size(s['total_bytes'])} per GPU ({mark}){host}")
     return "\n".join(lines)
