@@ -33,6 +33,8 @@ def test_bad_options_give_clear_errors(tmp_path):
         load_config_file(bad)
     with pytest.raises(SystemExit):
         parse_options(["--optimizer", "lamb"])
+    with pytest.raises(ValueError, match="lr must be a float, got 'fast'"):
+        parse_options(["--lr", "fast"])
     with pytest.raises(ValueError, match="bucket_edges"):
         parse_options(["--bucket-edges", "50,20"])
 

@@ -96,7 +96,10 @@ def _parse_value(name: str, value):
         if isinstance(value, str):
             return value.lower() in ("1", "true", "yes", "on")
         return bool(value)
-    value = kind(value)
+    try:
+        value = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a {kind.__name__}, got {value!r}") from None
     if f.metadata["choices"] and value not in f.metadata["choices"]:
         raise ValueError(f"{name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
     return value
@@ -126,8 +129,7 @@ def load_config_file(path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ffc-train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="ffc-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML or JSON file of options (flags override it)")
     groups = {}
     for f in dataclasses.fields(TrainOptions):
@@ -135,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         group = groups.setdefault(section, parser.add_argument_group(section))
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            group.add_argument(flag, action="store_const", const=True, default=None, help=f.metadata["help"])
+            group.add_argument(flag, action="store_const", const=True, default=None,
+                               help=f"{f.metadata['help']} (default: off)")
         else:
             group.add_argument(flag, default=None, help=f"{f.metadata['help']} (default: {f.default})",
                                choices=f.metadata["choices"])
