@@ -1,6 +1,6 @@
 """Long-tail tricks on the built-in synthetic long-tailed data: tail / medium / head accuracy.
 
-    .venv/bin/python benchmarks/long_tail_tricks.py          # about 10 min on 2 busy CPU cores
+    .venv/bin/python benchmarks/long_tail_tricks.py          # 10 to 14 min on 2 busy CPU cores
 
 Trains a small backbone + :class:`ffc_parallel.ShardedClassifier` (cosine softmax, s=16) once per trick
 and training seed on :class:`ffc_parallel.data.SyntheticLongTail` (100 identities, 5 to 250 training samples
