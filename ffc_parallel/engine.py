@@ -127,6 +127,7 @@ class FFCEngine:
         self._rows: torch.Tensor | None = None   # union of Partial FC rows since the last step
         self._all_rows = False                   # a forward used every row
         self._pending = False                    # a training forward happened since the last step
+        self._loss_multiplier = None             # d(what DeepSpeed back-propagated) / d loss
 
     # ------------------------------------------------------------------ DeepSpeed-like API
     def __call__(self, inputs, labels):
@@ -136,7 +137,14 @@ class FFCEngine:
         loss = self.deepspeed(inputs, labels)
         if self.head.training and torch.is_grad_enabled():
             self._note_rows(getattr(self.head, "last_sampled_rows", None))
+            if loss.requires_grad:
+                loss.register_hook(self._record_loss_multiplier)
         return loss
+
+    def _record_loss_multiplier(self, grad):
+        """The gradient reaching the loss is DeepSpeed's (loss scale / accumulation steps): the head's
+        gradient carries exactly this factor, whatever path DeepSpeed scaled the loss through."""
+        self._loss_multiplier = float(grad)
 
     def _note_rows(self, rows):
         self._pending = True
@@ -157,7 +165,9 @@ class FFCEngine:
             return self.deepspeed.step(**kwargs)
         rows = None if self._all_rows else self._rows
         lr = self.deepspeed.get_lr()[0]
-        scale = self.loss_scale
+        scale = 1.0  # the loss scale the head's gradient carries (measured; 1 without fp16)
+        if self._loss_multiplier is not None and self.deepspeed.fp16_enabled():
+            scale = self._loss_multiplier * self.deepspeed.gradient_accumulation_steps()
         grad = self.head.weight.grad
         if self._pending and rows is not None:
             rows = rows.to(grad.device if grad is not None else self.head.weight.device)
@@ -170,7 +180,7 @@ class FFCEngine:
         if self.deepspeed.was_step_applied() and self._pending and grad is not None:
             self.head_optimizer.step(rows, lr=lr, grad_scale=1.0 / (scale * self.hooks.clip_factor))
         self.head.weight.grad = None
-        self._rows, self._all_rows, self._pending = None, False, False
+        self._rows, self._all_rows, self._pending, self._loss_multiplier = None, False, False, None
         return result
 
     def train(self, mode: bool = True):
@@ -188,7 +198,7 @@ class FFCEngine:
     def loss_scale(self) -> float:
         if not self.deepspeed.fp16_enabled():
             return 1.0
-        return float(getattr(self.deepspeed.optimizer, "cur_scale", 1.0))
+        return float(self.deepspeed.optimizer.loss_scale)
 
     @property
     def global_steps(self) -> int:

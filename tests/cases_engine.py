@@ -1,7 +1,7 @@
 """Per-rank bodies of the DeepSpeed engine tests (run through ffc_parallel.testing.run_ranks)."""
 import copy
+import importlib
 
-import deepspeed.comm.torch as _deepspeed_torch_comm
 import torch
 
 import ffc_parallel as fp
@@ -11,7 +11,8 @@ from tests.reference import dense_margin_loss, rel_err
 # DeepSpeed's CPU shared-memory all-reduce (used only by inference_all_reduce) is JIT-compiled under a
 # file lock in ~/.cache/torch_extensions; rank processes killed mid-build by a test timeout leave that
 # lock behind and every later DeepSpeed start on the machine waits forever. Training never uses it.
-_deepspeed_torch_comm.build_shm_op = lambda: None
+# (``import deepspeed.comm.torch as m`` would bind the torch package, an attribute of deepspeed.comm.)
+importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 IN_DIM, DIM, SCALE, M3 = 6, 5, 16.0, 0.4   # cosface, s=16: smooth enough for tight trajectories
 
@@ -160,7 +161,7 @@ def raw_deepspeed_initialize(num_classes=9):
     return None
 
 
-def fp16_overflow_on_one_rank_skips_everywhere(stage, num_classes=11, micro=2):
+def fp16_overflow_on_one_rank_skips_everywhere(stage, num_classes=11, micro=2, debug=False):
     """DeepSpeed's real fp16 path on CPU (its capability check patched: the CPU accelerator refuses
     fp16 only by policy): an inf injected into the LAST rank's center gradient makes every rank skip
     the step (backbone and centers unchanged) and halve the one loss scale; the scale doubles back
@@ -177,8 +178,11 @@ def fp16_overflow_on_one_rank_skips_everywhere(stage, num_classes=11, micro=2):
     head = fp.ShardedClassifier(DIM, num_classes, margin="cosface", scale=SCALE)
     config = ds_config(stage, "sgd", 1, micro, world, extra={"fp16": {
         "enabled": True, "initial_scale_power": 4, "loss_scale_window": 2, "hysteresis": 1, "min_loss_scale": 1}})
+    reference_backbone = copy.deepcopy(backbone)
     engine, *_ = fp.initialize(model=fp.HybridModel(backbone, head), config=config)
-    scales, applied = [engine.loss_scale], []
+    ref_w = torch.nn.Parameter(init_class_rows(0, num_classes, DIM, 0.01, 0))
+    ref_opt = dense_optimizer(list(reference_backbone.parameters()) + [ref_w], "sgd")
+    scales, applied, errors, bb_errors = [engine.loss_scale], [], [], []
     for step in range(5):
         x, y = global_batch(step, micro * world, num_classes)
         centers = engine.head.weight.detach().clone()
@@ -192,6 +196,15 @@ def fp16_overflow_on_one_rank_skips_everywhere(stage, num_classes=11, micro=2):
         applied.append(engine.deepspeed.was_step_applied())
         assert moved == applied[-1], f"step {step}: centers moved={moved} but step applied={applied[-1]}"
         scales.append(engine.loss_scale)
+        if not inject:  # the dense fp32 reference takes the same (unskipped) steps
+            ref_opt.zero_grad()
+            dense_margin_loss(reference_backbone(x), ref_w, y, SCALE, 1.0, 0.0, M3).backward()
+            ref_opt.step()
+        start, stop = engine.head.class_range
+        errors.append(rel_err(engine.head.weight.detach(), ref_w.detach()[start:stop]))
+        bb_errors.append(max(rel_err(p, q.detach()) for p, q in zip(full_backbone(engine), reference_backbone.parameters())))
+    if debug:
+        return [errors, bb_errors, applied, scales]
     assert applied == [True, False, True, True, True], applied
     assert scales == [16.0, 16.0, 8.0, 8.0, 16.0, 16.0], scales
     assert engine.skipped_steps == 1

@@ -12,7 +12,6 @@ extends both decisions with the class-sharded centers, which DeepSpeed never see
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -70,14 +69,17 @@ class CenterGradientHooks:
     def _wrap_clipping(self, ds, opt):
         if hasattr(opt, "unscale_and_clip_grads"):
             original = opt.unscale_and_clip_grads
-            signature = inspect.signature(original)
+            # (grad_groups | sub_group_id, total_norm, ...) everywhere but FP16_UnfusedOptimizer's (total_norm, ...)
+            position = 0 if type(opt).__name__ == "FP16_UnfusedOptimizer" else 1
 
             def clipped(*args, **kwargs):
-                bound = signature.bind(*args, **kwargs)
-                scale = float(getattr(opt, "cur_scale", 1.0) or 1.0)
-                norm = bound.arguments["total_norm"]
-                bound.arguments["total_norm"] = self._global_norm(norm, scale)
-                return original(*bound.args, **bound.kwargs)
+                scale = float(getattr(opt, "loss_scale", 1.0) or 1.0)
+                if "total_norm" in kwargs:
+                    kwargs["total_norm"] = self._global_norm(kwargs["total_norm"], scale)
+                else:
+                    args = list(args)
+                    args[position] = self._global_norm(args[position], scale)
+                return original(*args, **kwargs)
             opt.unscale_and_clip_grads = clipped
         elif not (ds.fp16_enabled() or ds.bfloat16_enabled() or ds.zero_optimization()):
             ds.clip_fp32_gradients = self._clip_fp32_backbone
