@@ -324,4 +324,23 @@ def mixup_and_centers_match_dense(num_classes, dim, batch_sizes, seed=0):
             assert rel_err(grad, q.grad) < 1e-8, layers
     centers = fetch_class_centers(head, torch.tensor([num_classes - 1, 0, 3, 3]))
     assert torch.equal(centers, full_w[[num_classes - 1, 0, 3, 3]])
+    _samplers_take_rank_and_world_from_the_process_group()
     return float(loss)
+
+
+def _samplers_take_rank_and_world_from_the_process_group():
+    """Default samplers pick up rank and world size; their streams partition one epoch across ranks."""
+    from ffc_parallel.data.samplers import ClassProbabilitySampler, InstanceBalancedSampler
+    world = fp.get_world_size()
+    labels = long_tailed_labels(9, seed=0)
+    for sampler in (InstanceBalancedSampler(labels, seed=4), ClassProbabilitySampler(labels, "sqrt", seed=4)):
+        sampler.set_epoch(2)
+        mine = torch.tensor(list(sampler))
+        everyone = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(everyone, mine)
+        merged = torch.stack(everyone, dim=1).reshape(-1)
+        size = sampler.epoch_size
+        assert torch.equal(merged, sampler.global_epoch().repeat(2)[: merged.numel()]), type(sampler).__name__
+        assert mine.numel() == -(-size // world)
+        if isinstance(sampler, InstanceBalancedSampler):
+            assert set(merged.tolist()) == set(range(size))

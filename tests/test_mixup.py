@@ -70,5 +70,7 @@ def test_two_target_loss_single_process_equals_two_head_calls():
 
 
 def test_two_target_loss_on_two_ranks_matches_dense_reference():
+    # The same 2-rank job also checks fetch_class_centers and that samplers built without rank/world
+    # arguments read them from the process group (tests/cases_longtail.py).
     run_ranks("tests.cases_longtail:mixup_and_centers_match_dense", 2, timeout=120,
               kwargs=dict(num_classes=11, dim=5, batch_sizes=[4, 3]))
