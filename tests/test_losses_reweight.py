@@ -7,7 +7,7 @@ import ffc_parallel as fp
 from ffc_parallel.losses import (DeferredReweighting, SoftmaxFocal, WeightedCrossEntropy, cb_weights,
                                  configure_reweighting, cs_weights, shard_class_counts)
 from ffc_parallel.testing import run_ranks
-from tests.cases_longtail import reweighting_matches_dense, reweighting_suite
+from tests.cases_longtail import reweighting_matches_dense
 
 METHODS = ["cs_ce", "cb_ce", "focal", "cb_focal", "sigmoid_focal", "cb_sigmoid_focal"]
 FULL = dict(num_classes=13, dim=6, methods=METHODS, margins=["arcface", "cosface", "softmax"], chunk_sizes=[None, 3])
