@@ -1,6 +1,6 @@
 """Million-way instance classification, small: self-supervised features on shifted digits, evaluated by kNN.
 
-    .venv/bin/python benchmarks/instance_knn.py                       # one process, ~2-4 min on 2 cores
+    .venv/bin/python benchmarks/instance_knn.py                       # one process, ~10 min on 2 busy cores
     torchrun --nproc_per_node 2 benchmarks/instance_knn.py            # same run, head sharded over 2 ranks
 
 Data: scikit-learn's built-in digits (no download), 8x8 images placed at a random position of a
@@ -70,9 +70,9 @@ def evaluate(net, train_x, train_y, test_x, test_y) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=128, help="global batch")
-    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=1.0)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.15)
     parser.add_argument("--neighbours", type=int, default=5, help="K of hardest-class smoothing (0: off)")
