@@ -246,6 +246,10 @@ def initialize(model: HybridModel, config, training_data=None, lr_scheduler=None
     if deepspeed_kwargs.get("optimizer") is not None:
         raise ValueError("pass the optimizer through the config's `optimizer` section, not as an object: "
                          "the centers need a sharded copy of it")
+    if config.get("fp16", {}).get("enabled") and config.get("zero_optimization", {}).get("stage", 0) == 0:
+        raise ValueError("fp16 with ZeRO stage 0 is not supported: DeepSpeed 0.19's stage-0 fp16 optimizer does not "
+                         "scale the loss in engine.backward but unscales in step(). Use ZeRO stage 1, 2 or 3 "
+                         "(deepspeed_configs/zero1_fp16.json) or bf16.")
     head = model.head
     if not getattr(getattr(head, "weight", None), "ffc_class_sharded", False):
         raise TypeError("HybridModel.head must be an ffc_parallel.ShardedClassifier (weight.ffc_class_sharded)")
