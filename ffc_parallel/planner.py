@@ -72,8 +72,8 @@ class HeadConfig:
         memory_budget_mb / chunk_size: the head's settings (see ``ShardedClassifier``).
         backbone_params: the backbone's parameter count, for its gradient all-reduce volume.
         grads_persist: center gradients are kept between steps (``zero_grad(set_to_none=False)``,
-            gradient accumulation); the head's backward then holds a second gradient buffer while
-            it is added into ``weight.grad``. Default False: ``set_to_none=True``, torch's default.
+            gradient accumulation); with the full softmax the head's backward then holds a second
+            gradient buffer while it is added into ``weight.grad`` (Partial FC adds in place). Default False: ``set_to_none=True``, torch's default.
         device_memory: bytes per GPU (None: no fit check). reserve: bytes kept back for the CUDA
             context, NCCL buffers, allocator slack and the backbone (not modelled by this planner).
     """
@@ -214,10 +214,11 @@ def comm_volume(cfg: HeadConfig) -> dict:
 def peak_bytes(items: dict, cfg: HeadConfig) -> int:
     """Peak of a step from :func:`memory_items`: everything else, plus the larger of the cached
     cosines (end of forward) and the new center gradient (end of backward); plus the kept gradient
-    when gradients persist between steps."""
+    when gradients persist between steps and the head returns a new dense gradient (full softmax;
+    Partial FC adds its rows straight into the kept one)."""
     grads, cache = items["center_grads"], items["logits_cache"]
     rest = sum(items.values()) - grads - cache
-    return rest + max(cache, grads) + (grads if cfg.grads_persist else 0)
+    return rest + max(cache, grads) + (grads if cfg.grads_persist and cfg.sample_rate >= 1.0 else 0)
 
 
 def _total(cfg: HeadConfig) -> int:

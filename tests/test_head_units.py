@@ -152,3 +152,22 @@ def test_init_distributed_alone_with_no_environment():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1 0 gloo single process"
     assert "ffc_parallel: launcher=single process, world_size=1" in out.stderr
+
+
+def test_partial_fc_adds_only_sampled_rows_into_existing_grad():
+    torch.manual_seed(3)
+    make = lambda: fp.ShardedClassifier(4, 60, sample_rate=0.2, dtype=torch.float64, seed=5)
+    head, twin = make(), make()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(60, (6,))
+    head(x, y).backward()
+    head.weight.grad.fill_(7.0)            # a gradient that is already there (accumulation)
+    head(x, y).backward()                  # second draw of negatives
+    rows = head.last_sampled_rows
+    twin.sample_step = 1                   # the same draw, from no gradient at all
+    twin(x, y).backward()
+    assert torch.equal(twin.last_sampled_rows, rows)
+    untouched = torch.ones(60, dtype=torch.bool)
+    untouched[rows] = False
+    assert (head.weight.grad[untouched] == 7.0).all()
+    assert torch.allclose(head.weight.grad[rows], 7.0 + twin.weight.grad[rows], rtol=0, atol=1e-12)
+    assert not twin.weight.grad[untouched].any()

@@ -86,7 +86,10 @@ class ShardedClassifier(nn.Module):
         scale: softmax scale ``s`` for the shorthands and for ``margin=None`` (default 64).
         sample_rate: Partial FC. Below 1, each training step uses every class that is a target in
             the global batch plus uniformly sampled negatives, ``max(P, sample_rate * num_local)``
-            rows per rank; other rows get zero gradient. Evaluation mode uses every class.
+            rows per rank; other rows get zero gradient. Evaluation mode uses every class. The
+            center gradient of the sampled rows is added straight into ``weight.grad`` (nothing else
+            is touched once it exists) instead of flowing through autograd, so ``torch.autograd.grad``
+            with respect to the weight sees no gradient in that mode.
         filter_threshold: if set, negatives whose cosine exceeds it get logit 0 (interclass
             filtering for noisy labels).
         memory_budget_mb: extra memory the loss may use beyond weights and gradients; sets the
@@ -135,7 +138,9 @@ class ShardedClassifier(nn.Module):
         self.weight.ffc_class_sharded = True  # read by the engine: never broadcast or averaged
         self.weight.class_range = self.class_range
         self.row_loss = row_loss if row_loss is not None else CrossEntropy()
-        self.register_buffer("class_weight", None)  # [num_local] or None: weights of own classes
+        # [num_local] or None: weights of own classes. Not in state_dict: it differs per rank and is
+        # recomputed from class counts (losses.configure_reweighting) after a resume.
+        self.register_buffer("class_weight", None, persistent=False)
         self.sample_step = 0          # Partial FC draws depend on (seed, rank, sample_step)
         self.last_sampled_rows = None  # local rows used by the last training forward (None: all)
 
@@ -162,8 +167,9 @@ class ShardedClassifier(nn.Module):
         self.class_weight = local_weight
 
     # ------------------------------------------------------------------ inputs
-    def _exchange(self, embeddings, labels=None, k: int = 0, soft_targets=None) -> list[int]:
-        """Validate every rank's inputs with one all-gather; return the per-rank batch sizes.
+    def exchange_inputs(self, embeddings, labels=None, k: int = 0, soft_targets=None) -> list[int]:
+        """Validate every rank's inputs with one all-gather (over ``group``); return the per-rank
+        batch sizes. Losses built on the head call this first, as ``forward`` does.
 
         Every rank sees the same table and raises the same ``ValueError`` before any other
         collective, so a bad input on one rank never leaves the others waiting.
@@ -241,6 +247,14 @@ class ShardedClassifier(nn.Module):
         self.last_sampled_rows = rows
         return rows, torch.where(owned, local, torch.full_like(local, -1))
 
+    def label_weight_part(self, labels: torch.Tensor, label_cols: torch.Tensor):
+        """``[B]``: each label's class weight where this rank owns it, else 0 (None without class
+        weights); summed over ranks it is every sample's ``w_y``."""
+        if self.class_weight is None:
+            return None
+        local = (labels - self.class_range[0]).clamp(0, max(self.num_local - 1, 0))
+        return torch.where(label_cols >= 0, self.class_weight[local], torch.zeros_like(self.class_weight[:1]))
+
     # ------------------------------------------------------------------ forward / predict
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
                 soft_targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -249,7 +263,7 @@ class ShardedClassifier(nn.Module):
         ``local_embeddings[b, D]``, ``local_labels[b]`` int; optional ``soft_targets`` =
         ``(classes[b, K] int, probs[b, K])``: see the class docstring.
         """
-        sizes = self._exchange(local_embeddings, local_labels, soft_targets=soft_targets)
+        sizes = self.exchange_inputs(local_embeddings, local_labels, soft_targets=soft_targets)
         device = self.weight.device
         x = local_embeddings.to(device=device, dtype=self.weight.dtype)
         layout = PieceLayout(sizes, self.gather_pieces, self.rank, device) if self.world_size > 1 else None
@@ -263,21 +277,17 @@ class ShardedClassifier(nn.Module):
             q = gather_rows(q, sizes, self.group)
         classes = gather_rows(classes, sizes, self.group)
         rows, cols = self.select_classes(classes)
-        weight_part = None
-        if self.class_weight is not None:
-            own = cols[:, 0] >= 0
-            label_rows = classes[:, 0] - self.class_range[0]
-            weight_part = torch.where(own, self.class_weight[label_rows.clamp(0, max(self.num_local - 1, 0))],
-                                      torch.zeros((), dtype=self.class_weight.dtype, device=device))
+        weight_part = self.label_weight_part(classes[:, 0], cols[:, 0])
         num_cols = self.num_local if rows is None else rows.numel()
         return ShardedMarginSoftmaxCE.apply(x, self.weight, rows, Targets(cols, q, weight_part), self.margin,
                                             self.filter_threshold, self._plan(sum(sizes), num_cols),
-                                            self.group, self.row_loss, layout, self.comm_stats)
+                                            self.group, self.row_loss, layout, self.comm_stats,
+                                            rows is not None)
 
     @torch.no_grad()
     def predict(self, local_embeddings: torch.Tensor, k: int = 1):
         """Distributed top-k over all classes by cosine: ``(scores[b, k], class_ids[b, k])``."""
-        sizes = self._exchange(local_embeddings, None, k=int(k))
+        sizes = self.exchange_inputs(local_embeddings, None, k=int(k))
         xn = self._gather_normalized(local_embeddings, sizes)
         batch, sdt = xn.shape[0], stats_dtype(xn.dtype)
         best = torch.full((batch, k), -float("inf"), dtype=sdt, device=xn.device)

@@ -160,11 +160,15 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         row_loss: a :class:`~ffc_parallel.heads.row_loss.RowLoss`.
         layout: a :class:`~ffc_parallel.distributed.collectives.PieceLayout` (None: one process).
         comm_stats: a dict that receives the forward/backward :class:`CommTimer` summaries.
+        accumulate_rows: with ``rows``, add the center gradient of those rows straight into
+            ``weight.grad`` (allocated with zeros if None) instead of returning a dense
+            ``[num_local, D]`` gradient, so a step costs O(rows) once ``weight.grad`` exists (the
+            engine zeroes only the touched rows after its step).
     """
 
     @staticmethod
     def forward(ctx, x_local, weight, rows, targets, margin, filter_threshold, plan, group, row_loss,
-                layout, comm_stats):
+                layout, comm_stats, accumulate_rows=False):
         sdt = stats_dtype(x_local.dtype)
         device = x_local.device
         batch = x_local.shape[0] if layout is None else sum(layout.sizes)
@@ -212,6 +216,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         ctx.save_for_backward(xn, norms, weight, rows, log_z, dloss_dl.to(sdt), label_cos)
         ctx.targets, ctx.q, ctx.cache, ctx.layout, ctx.group = targets, q, cache, layout, group
         ctx.margin, ctx.filter_threshold, ctx.plan, ctx.comm_stats = margin, filter_threshold, plan, comm_stats
+        ctx.accumulate_into = weight if accumulate_rows and rows is not None else None
         if comm_stats is not None:
             comm_stats["forward"] = timer.summary()
         return loss
@@ -228,8 +233,12 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         shift = log_z - torch.log(-coef) if fold else log_z
         num_cols = weight.shape[0] if rows is None else rows.numel()
         num_pieces = 1 if layout is None else layout.pieces
-        grad_w = None
-        if want_w:
+        grad_w, param = None, ctx.accumulate_into
+        if want_w and param is not None:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            grad_w = param.grad
+        elif want_w:
             grad_w = torch.empty_like(weight) if rows is None and num_pieces == 1 else torch.zeros_like(weight)
         timer = CommTimer()
         scatter = None if layout is None else ReduceScatterPieces(layout, xn, ctx.group, timer)
@@ -271,7 +280,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
                     radial = (g_v * v_c).sum(dim=1, keepdim=True).div_(margin.s ** 2)
                     g_w = g_v.sub_(v_c * radial).mul_(a.unsqueeze(1).to(g_v.dtype))
                     if rows is not None:
-                        grad_w.index_add_(0, rows[start:stop], g_w)
+                        grad_w.index_add_(0, rows[start:stop], g_w.to(grad_w.dtype))
                     elif not direct:
                         grad_w[start:stop] += g_w
             if want_x:  # through the normalisation: (I - xn xn^T) / |x|
@@ -285,4 +294,6 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
             grad_x = scatter.finish()
         if ctx.comm_stats is not None:
             ctx.comm_stats["backward"] = timer.summary()
-        return grad_x, grad_w, None, None, None, None, None, None, None, None, None
+        if param is not None:
+            grad_w = None  # already in weight.grad
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None

@@ -332,17 +332,13 @@ class ShardedSigmoidFocal:
         self.gamma, self.alpha, self.reduction = float(gamma), alpha, _check_reduction(reduction)
 
     def __call__(self, head, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        sizes = head._exchange(local_embeddings, local_labels)
+        sizes = head.exchange_inputs(local_embeddings, local_labels)
         x = local_embeddings.to(device=head.weight.device, dtype=head.weight.dtype)
         xn = torch.nn.functional.normalize(gather_rows(x, sizes, head.group), dim=1)
         labels = gather_rows(local_labels.to(device=head.weight.device, dtype=torch.long).unsqueeze(1),
                              sizes, head.group)
         rows, cols = head.select_classes(labels)
-        weight_part = None
-        if head.class_weight is not None:
-            own = cols[:, 0] >= 0
-            local = (labels[:, 0] - head.class_range[0]).clamp(0, max(head.num_local - 1, 0))
-            weight_part = torch.where(own, head.class_weight[local], torch.zeros_like(head.class_weight[:1]))
+        weight_part = head.label_weight_part(labels[:, 0], cols[:, 0])
         num_cols = head.num_local if rows is None else rows.numel()
         elem = torch.finfo(stats_dtype(head.weight.dtype)).bits // 8
         plan = ChunkPlan.for_budget(xn.shape[0], num_cols, elem, int(head.memory_budget_mb * 2**20),
