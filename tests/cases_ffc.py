@@ -206,3 +206,29 @@ def pool_checks(pool_kwargs, loss_kwargs, bad_rank):
     return {"pool": pool_updates_match_reference(**pool_kwargs), "loss": pool_loss_matches_dense(**loss_kwargs),
             "bad": ffc_bad_labels(bad_rank)}
 
+
+
+def ffc_deepspeed_train(batch_sizes, steps, stage, dim_in=6, dim=4, pool_size=7, num_ids=12, seed=0, lr=0.5):
+    """FFC given to deepspeed.initialize (SGD momentum 0.9, ZeRO ``stage``, fp32, no clipping: DeepSpeed's
+    default ``gradient_clipping`` is 1.0), ``grad_multiplier=W``; the same data stream as ffc_train."""
+    import deepspeed
+
+    rank, world = fp.get_rank(), fp.get_world_size()
+    model = _ffc_model(dim_in, dim, pool_size, seed, torch.float32, topk=2, scale=8.0, gallery_momentum=0.9,
+                       grad_multiplier=world)
+    config = {"train_micro_batch_size_per_gpu": batch_sizes[rank], "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "SGD", "params": {"lr": lr, "momentum": 0.9}}, "gradient_clipping": 0.0,
+              "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.trainable_parameters()), config=config)
+    losses = []
+    for step in range(steps):
+        x_all, y_all = _ffc_batch(step, batch_sizes, dim_in, num_ids, seed, torch.float32)
+        lo = sum(batch_sizes[:rank])
+        loss = engine(x_all[lo: lo + batch_sizes[rank]], y_all[lo: lo + batch_sizes[rank]])
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    full = model.pool.full_state()
+    return {"losses": losses, "pool_ids": full["ids"].tolist(), "pool_features": full["features"].tolist(),
+            "probe": [p.detach().flatten().tolist() for p in model.probe.parameters()],
+            "gallery": [p.detach().flatten().tolist() for p in model.gallery.parameters()]}

@@ -49,3 +49,14 @@ def test_training_on_w_ranks_equals_one_process_and_resumes(world, tmp_path):
         assert _close(r["probe"], reference["probe"], 1e-9) and _close(r["gallery"], reference["gallery"], 1e-9)
     assert len(set(r["losses"][-1] for r in results)) == 1
 
+
+
+def test_deepspeed_zero1_on_two_ranks_equals_one_process():
+    reference = ffc_train([10], steps=4, dtype="float32")
+    results = run_ranks("tests.cases_ffc:ffc_deepspeed_train", 2, timeout=420,
+                        kwargs=dict(batch_sizes=[5, 5], steps=4, stage=1))
+    for r in results:
+        assert _close(r["losses"], reference["losses"], 1e-5), (r["losses"], reference["losses"])
+        assert r["pool_ids"] == reference["pool_ids"]
+        assert _close(r["pool_features"], reference["pool_features"], 1e-5)
+        assert _close(r["probe"], reference["probe"], 1e-5) and _close(r["gallery"], reference["gallery"], 1e-5)
