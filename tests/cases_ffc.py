@@ -211,8 +211,13 @@ def pool_checks(pool_kwargs, loss_kwargs, bad_rank):
 def ffc_deepspeed_train(batch_sizes, steps, stage, dim_in=6, dim=4, pool_size=7, num_ids=12, seed=0, lr=0.5):
     """FFC given to deepspeed.initialize (SGD momentum 0.9, ZeRO ``stage``, fp32, no clipping: DeepSpeed's
     default ``gradient_clipping`` is 1.0), ``grad_multiplier=W``; the same data stream as ffc_train."""
+    import importlib
+
     import deepspeed
 
+    # Skip DeepSpeed's JIT-compiled CPU shm all-reduce (inference only; a build killed mid-way leaves a
+    # file lock that hangs every later start), as tests/cases_engine.py does.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     rank, world = fp.get_rank(), fp.get_world_size()
     model = _ffc_model(dim_in, dim, pool_size, seed, torch.float32, topk=2, scale=8.0, gallery_momentum=0.9,
                        grad_multiplier=world)
