@@ -94,3 +94,28 @@ def test_state_dict_round_trip_and_mismatch_error():
     assert torch.equal(other.state["momentum_buffer"], opt.state["momentum_buffer"]) and other.lr == 0.1
     with pytest.raises(ValueError, match="does not match"):
         ShardedCenterOptimizer(torch.nn.Parameter(torch.randn(5, 2)), "sgd", momentum=0.5).load_state_dict(opt.state_dict())
+
+
+def test_every_shipped_deepspeed_config_is_documented_and_drives_the_center_optimizer():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "deepspeed_configs"
+    readme = (root / "README.md").read_text()
+    names = sorted(p.name for p in root.glob("*.json"))
+    expected = {f"zero{s}_{d}.json" for s in (1, 2, 3) for d in ("fp32", "fp16", "bf16")} | {"zero3_bf16_offload.json"}
+    assert set(names) == expected
+    for name in names:
+        config = json.loads((root / name).read_text())
+        assert f"`{name}`" in readme, f"{name} is not described in deepspeed_configs/README.md"
+        stage = config["zero_optimization"]["stage"]
+        assert f"zero{stage}_" in name
+        if "fp16" in name:
+            assert config["fp16"]["enabled"] and {"initial_scale_power", "loss_scale_window", "hysteresis",
+                                                   "min_loss_scale"} <= set(config["fp16"])
+        if "bf16" in name:
+            assert config["bf16"]["enabled"]
+        if "offload" in name:
+            assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        opt = ShardedCenterOptimizer.from_deepspeed_config(torch.nn.Parameter(torch.zeros(2, 2)), config["optimizer"])
+        assert opt.lr == config["optimizer"]["params"]["lr"]
