@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # First contact: trains a small face-recognition-style model with the class-sharded head on 2 ranks
 # (DeepSpeed launcher) on the built-in synthetic long-tailed data (10,000 identities), then evaluates it.
-# A fresh machine gets .venv first. Measured: about 6 minutes on 2 CPU cores that other jobs were also
-# using. Results: runs/quickstart/.
+# A fresh machine gets .venv first. Measured on 2 CPU cores: 2.5 minutes (about 6 while other jobs
+# loaded the cores). Results: runs/quickstart/.
 # Extra arguments go to ffc-train (e.g. launch_scripts/quickstart.sh --epochs 4 --sample-rate 0.1);
 # FFC_RANKS sets the number of ranks.
 set -euo pipefail
