@@ -63,6 +63,9 @@ class TrainOptions:
     weight_decay: float = _opt(5e-4, "weight decay", "optim")
     schedule: str = _opt("cosine", "learning-rate schedule after warmup", "optim", ("cosine", "linear", "constant"))
     warmup_steps: int = _opt(50, "linear warmup steps", "optim")
+    gradient_clipping: float = _opt(None, "clip the global gradient norm (backbone + every center shard once) "
+                                          "at this value, 0 = off (default: the DeepSpeed config's value; "
+                                          "DeepSpeed 0.19 itself defaults to 1.0)", "optim")
     # run
     epochs: int = _opt(3, "passes over the training data", "run")
     max_steps: int = _opt(None, "stop after this many optimizer steps (default: all epochs)", "run")
@@ -174,6 +177,8 @@ def deepspeed_config(opts: TrainOptions, total_steps: int) -> dict:
             params["adam_w_mode"] = False
     if config.get("zero_optimization", {}).get("stage", 0) > 0:
         config.setdefault("zero_allow_untested_optimizer", True)
+    if opts.gradient_clipping is not None:
+        config["gradient_clipping"] = opts.gradient_clipping
     warmup = max(2, min(opts.warmup_steps, max(2, total_steps - 1)))
     total = max(total_steps, warmup + 1)
     if opts.schedule == "cosine":
