@@ -71,3 +71,11 @@ def test_slurm_template_is_valid_bash_and_uses_the_entry_point():
     text = (SCRIPTS / "slurm.sbatch").read_text()
     assert "${FFC_ENTRY:-ffc_parallel.cli.train}" in text
     subprocess.run(["bash", "-n", str(SCRIPTS / "slurm.sbatch")], check=True)
+
+
+def test_run_ranks_through_the_deepspeed_launcher():
+    from ffc_parallel.testing import run_ranks
+
+    touched = run_ranks("tests.cases_engine:partial_fc_touches_only_sampled_rows", 2, launcher="deepspeed",
+                        timeout=300)
+    assert len(touched) == 2 and all(t > 0 for t in touched)
