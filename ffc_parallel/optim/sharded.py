@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 SUPPORTED = ("sgd", "adam", "adamw")
-_IGNORED_KEYS = {"torch_adam", "fused", "foreach", "fp32_optimizer_states", "amsgrad_disabled", "maximize_disabled"}
+_IGNORED_KEYS = {"torch_adam", "fused", "foreach", "fp32_optimizer_states"}  # DeepSpeed implementation switches
 
 
 class ShardedCenterOptimizer:
