@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .distributed.init import init_distributed
+from .distributed.init import init_deepspeed_comm, init_distributed
 from .optim.consensus import CenterGradientHooks, center_grad_stats
 from .optim.sharded import ShardedCenterOptimizer
 
@@ -179,7 +179,10 @@ class FFCEngine:
         result = self.deepspeed.step(**kwargs)
         if self.deepspeed.was_step_applied() and self._pending and grad is not None:
             self.head_optimizer.step(rows, lr=lr, grad_scale=1.0 / (scale * self.hooks.clip_factor))
-        self.head.weight.grad = None
+        if grad is not None and rows is not None and self._pending:
+            grad.index_fill_(0, rows, 0.0)  # Partial FC wrote only these rows: keep the buffer, O(rows)
+        else:
+            self.head.weight.grad = None
         self._rows, self._all_rows, self._pending, self._loss_multiplier = None, False, False, None
         return result
 
@@ -238,7 +241,7 @@ def initialize(model: HybridModel, config, training_data=None, lr_scheduler=None
         raise TypeError("ffc_parallel.initialize expects an ffc_parallel.HybridModel(backbone, head); "
                         "for a model without a sharded head use deepspeed.initialize")
     info = init_distributed(verbose=False)
-    deepspeed.init_distributed(dist_backend=info.backend, auto_mpi_discovery=False)
+    init_deepspeed_comm(info.backend)
     config = _load_config(config)
     if "optimizer" not in config:
         raise ValueError("the DeepSpeed config needs an `optimizer` section: it configures both the backbone's "

@@ -251,18 +251,6 @@ class RunLog:
 
 
 # ---------------------------------------------------------------------- the run
-def skip_cpu_shm_op() -> None:
-    """Without CUDA, keep DeepSpeed from JIT-compiling its shared-memory all-reduce op.
-
-    DeepSpeed 0.19 builds it with gcc when its comm backend starts on the CPU accelerator (minutes on
-    a busy 2-core machine; a build killed mid-way leaves a file lock that hangs every later start), yet
-    only ``inference_all_reduce`` uses it; training falls back to torch.distributed without it.
-    """
-    if not torch.cuda.is_available():
-        import importlib
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-
 def check_resumable(opts: TrainOptions) -> None:
     """With ``--resume``, raise unless ``output_dir/checkpoints`` holds a complete checkpoint."""
     ckpt_dir = Path(opts.output_dir) / "checkpoints"
@@ -292,7 +280,6 @@ def train(opts: TrainOptions) -> dict | None:
     from ffc_parallel.eval.report import read_log, summary_text, write_metrics_json, write_plots
     from ffc_parallel.models import build_backbone
 
-    skip_cpu_shm_op()
     info = fp.init_distributed()
     rank, world = info.rank, info.world_size
     out_dir = Path(opts.output_dir)

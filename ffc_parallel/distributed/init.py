@@ -125,16 +125,26 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None,
     master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     _INFO = DistributedInfo(rank, world, local_rank, backend, launcher, device, master)
     if "deepspeed" in sys.modules:
-        _init_deepspeed_comm(backend)
+        init_deepspeed_comm(backend)
     if verbose and rank == 0:
         print(_INFO.describe(), file=sys.stderr, flush=True)
     return _INFO
 
 
-def _init_deepspeed_comm(backend: str) -> None:
-    """Let DeepSpeed wrap the process group we started (no MPI discovery of its own)."""
+def init_deepspeed_comm(backend: str) -> None:
+    """Let DeepSpeed wrap the process group we started (no MPI discovery of its own).
+
+    Without CUDA, DeepSpeed 0.19 would first JIT-compile its shared-memory all-reduce op with gcc
+    (minutes on a small machine, and a build killed mid-way leaves a file lock that hangs every later
+    start); only its ``inference_all_reduce`` uses that op, so it is skipped: training collectives go
+    through torch.distributed either way.
+    """
+    import importlib
+
     import deepspeed
 
+    if not torch.cuda.is_available():
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
