@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .distributed.collectives import scale_grad
 from .distributed.init import init_deepspeed_comm, init_distributed
 from .optim.consensus import CenterGradientHooks, center_grad_stats
 from .optim.sharded import ShardedCenterOptimizer
@@ -68,19 +69,6 @@ def _refuse_raw_deepspeed(head) -> None:
         frame = frame.f_back
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by ``factor``."""
-
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
-
-
 class _BackbonePath(nn.Module):
     """What DeepSpeed sees: the backbone's parameters only; the head runs outside its view.
 
@@ -98,7 +86,7 @@ class _BackbonePath(nn.Module):
     def forward(self, inputs, labels):
         emb = self.backbone(inputs)
         if self.grad_multiplier != 1.0 and torch.is_grad_enabled():
-            emb = _ScaleGrad.apply(emb, self.grad_multiplier)
+            emb = scale_grad(emb, self.grad_multiplier)
         return self.head(emb, labels)
 
 

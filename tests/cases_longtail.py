@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import ffc_parallel as fp
 from ffc_parallel.heads.sharded import init_class_rows
 from ffc_parallel.losses import ShardedSigmoidFocal, configure_reweighting, shard_class_counts
-from tests.reference import margin_target, rel_err
+from tests.reference import dense_logits, rel_err
 
 MARGINS = {"arcface": ("arcface", (64.0, 1.0, 0.5, 0.0)), "cosface": ("cosface", (64.0, 1.0, 0.0, 0.4)),
            "softmax": (None, (16.0, 1.0, 0.0, 0.0))}
@@ -32,17 +32,6 @@ def dense_class_weights(counts, method, gamma=1.0, beta=0.999):
         return (counts.min() / counts) ** gamma
     raw = (1 - beta) / (1 - beta ** counts)
     return raw / raw.sum() * counts.numel()
-
-
-def dense_logits(x, weight, labels, s, m1, m2, m3, filter_threshold=None):
-    cos = F.normalize(x, dim=1) @ F.normalize(weight, dim=1).t()
-    rows = torch.arange(x.shape[0])
-    logits = s * cos
-    if filter_threshold is not None:
-        dirty = cos > filter_threshold
-        dirty[rows, labels] = False
-        logits = logits.masked_fill(dirty, 0.0)
-    return logits.index_put((rows, labels), margin_target(cos[rows, labels], s, m1, m2, m3))
 
 
 def dense_reweighted_loss(logits, labels, w_y, method, gamma, alpha, reduction):

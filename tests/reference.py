@@ -17,9 +17,9 @@ def margin_target(cos, s, m1, m2, m3, straight_through=False):
     return s * value
 
 
-def dense_margin_loss(x, weight, labels, s, m1=1.0, m2=0.0, m3=0.0, filter_threshold=None,
-                      straight_through=False):
-    """Mean margin-softmax cross-entropy of x[B, D] against all C rows of weight[C, D]."""
+def dense_logits(x, weight, labels, s, m1=1.0, m2=0.0, m3=0.0, filter_threshold=None,
+                 straight_through=False):
+    """Full margin logits ``[B, C]`` of x[B, D] against all C rows of weight[C, D]."""
     cos = F.normalize(x, dim=1) @ F.normalize(weight, dim=1).t()
     rows = torch.arange(x.shape[0])
     logits = s * cos
@@ -28,8 +28,14 @@ def dense_margin_loss(x, weight, labels, s, m1=1.0, m2=0.0, m3=0.0, filter_thres
         dirty[rows, labels] = False
         logits = logits.masked_fill(dirty, 0.0)
     target = margin_target(cos[rows, labels], s, m1, m2, m3, straight_through)
-    logits = logits.index_put((rows, labels), target)
-    return F.cross_entropy(logits, labels)
+    return logits.index_put((rows, labels), target)
+
+
+def dense_margin_loss(x, weight, labels, s, m1=1.0, m2=0.0, m3=0.0, filter_threshold=None,
+                      straight_through=False):
+    """Mean margin-softmax cross-entropy of x[B, D] against all C rows of weight[C, D]."""
+    return F.cross_entropy(dense_logits(x, weight, labels, s, m1, m2, m3, filter_threshold, straight_through),
+                           labels)
 
 
 def rel_err(a, b):

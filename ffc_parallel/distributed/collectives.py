@@ -22,6 +22,23 @@ def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch
     return tensor
 
 
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity in the forward; multiplies the gradient by ``factor`` in the backward (e.g. the world
+    size, so that a data-parallel wrapper's AVERAGE over ranks becomes the SUM the head needs)."""
+    return _ScaleGrad.apply(x, factor)
+
+
 def all_gather_table(row: torch.Tensor, group=None) -> torch.Tensor:
     """Gather one small 1-D int64 tensor per rank into ``[world, len(row)]`` (rank order)."""
     world = get_world_size(group)

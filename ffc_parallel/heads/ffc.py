@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed.collectives import all_gather_table, all_reduce_, gather_rows
+from ..distributed.collectives import all_gather_table, all_reduce_, gather_rows, scale_grad
 from ..distributed.init import get_rank, get_world_size
 from .margins import resolve_margin
 from .sharded import shard_range
@@ -44,19 +44,6 @@ class _SumOverRanks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by ``factor``."""
-
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
 
 
 def sum_over_ranks(tensor: torch.Tensor, group=None) -> torch.Tensor:
@@ -406,7 +393,7 @@ class FFC(nn.Module):
             self.update_gallery()
         probe = self.probe(inputs)
         if self.grad_multiplier != 1.0 and torch.is_grad_enabled():
-            probe = _ScaleGrad.apply(probe, self.grad_multiplier)
+            probe = scale_grad(probe, self.grad_multiplier)
         with torch.no_grad():
             self.gallery.train(self.training)
             gallery = self.gallery(inputs)
