@@ -215,13 +215,16 @@ class FFCEngine:
 
 
 def initialize(model: HybridModel, config, training_data=None, lr_scheduler=None, *, args=None,
-               model_parameters=None, collate_fn=None, mpu=None, **deepspeed_kwargs):
+               model_parameters=None, collate_fn=None, mpu=None, center_master_weights: bool | None = None,
+               **deepspeed_kwargs):
     """``engine, optimizer, loader, scheduler``, like ``deepspeed.initialize`` for a :class:`HybridModel`.
 
     ``config``: a DeepSpeed config dict or JSON path; its ``optimizer`` section (SGD, Adam, AdamW)
     also configures the centers' optimizer, which follows the backbone's learning rate (the
     ``scheduler`` section or ``lr_scheduler``). ``model_parameters`` defaults to the backbone's
     parameters. Works whether or not :func:`ffc_parallel.init_distributed` was called first.
+    ``center_master_weights``: an fp32 master copy of bf16/fp16 centers (default: yes for half
+    centers; see ``docs/deepspeed.md`` for the bytes per class).
     """
     import deepspeed
 
@@ -254,7 +257,8 @@ def initialize(model: HybridModel, config, training_data=None, lr_scheduler=None
     if ds_engine.dp_world_size != head_world:
         raise ValueError(f"the head's process group has {head_world} ranks but DeepSpeed's data-parallel group "
                          f"has {ds_engine.dp_world_size}: ffc_parallel needs them to be the same ranks")
-    head_opt = ShardedCenterOptimizer.from_deepspeed_config(head.weight, config["optimizer"])
+    head_opt = ShardedCenterOptimizer.from_deepspeed_config(head.weight, config["optimizer"],
+                                                            master_weights=center_master_weights)
     head_opt.lr = ds_engine.get_lr()[0]
     engine = FFCEngine(ds_engine, model, head_opt, config)
     return engine, ds_engine.optimizer, loader, scheduler

@@ -119,3 +119,32 @@ def test_every_shipped_deepspeed_config_is_documented_and_drives_the_center_opti
             assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
         opt = ShardedCenterOptimizer.from_deepspeed_config(torch.nn.Parameter(torch.zeros(2, 2)), config["optimizer"])
         assert opt.lr == config["optimizer"]["params"]["lr"]
+
+
+def test_fp32_master_copy_of_bf16_centers_keeps_small_updates():
+    torch.manual_seed(0)
+    start = torch.randn(6, 4).to(torch.bfloat16)
+    grads = [torch.randn(6, 4) for _ in range(50)]
+    runs = {}
+    for master in (True, False):
+        w = torch.nn.Parameter(start.clone())
+        opt = ShardedCenterOptimizer(w, "sgd", lr=1e-4, momentum=0.9, master_weights=master)
+        assert ("master" in opt.state) is master
+        for step, g in enumerate(grads):
+            w.grad = g.to(torch.bfloat16)
+            opt.step(torch.tensor([0, 2, 5]) if step % 2 else None)
+        runs[master] = (w.detach().clone(), opt)
+    # Reference: the same steps on fp32 weights, same (bf16-rounded) gradients.
+    ref = torch.nn.Parameter(start.float())
+    ref_opt = ShardedCenterOptimizer(ref, "sgd", lr=1e-4, momentum=0.9)
+    for step, g in enumerate(grads):
+        ref.grad = g.to(torch.bfloat16).float()
+        ref_opt.step(torch.tensor([0, 2, 5]) if step % 2 else None)
+    weight, opt = runs[True]
+    assert torch.equal(opt.state["master"], ref.detach())
+    assert torch.equal(weight, ref.detach().to(torch.bfloat16))
+    lost = runs[False][0]  # updates below half a bf16 step are rounded away every step
+    assert (lost == start).sum() > (weight == start).sum()
+    assert (lost.float() - ref.detach()).abs().mean() > 2 * (weight.float() - ref.detach()).abs().mean()
+    with pytest.raises(ValueError, match="needs bf16/fp16 centers"):
+        ShardedCenterOptimizer(torch.nn.Parameter(torch.zeros(2, 2)), "sgd", master_weights=True)

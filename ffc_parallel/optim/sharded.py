@@ -5,6 +5,11 @@ lives on the weight's device. :meth:`ShardedCenterOptimizer.step` updates the ro
 Partial FC rows touched since the last step) or every row (``rows=None``); rows not given keep their
 weights AND their state untouched, so the cost of a step scales with the rows touched.
 
+Half-precision centers (bf16/fp16) get an fp32 master copy by default (``master_weights=True``, state
+key ``"master"``): updates are applied to it and rounded into the centers, so steps smaller than the
+half-precision resolution of a weight are not lost. ``master_weights=False`` updates in fp32 and rounds
+back each step, saving 4 bytes per weight.
+
 Lazy semantics: a row's step count, momentum and moments advance only when the row is touched; weight
 decay applies only to touched rows; Adam's bias correction uses the row's own step count. With every
 row touched each step (``sample_rate=1``) this is exactly ``torch.optim.SGD`` / ``Adam`` / ``AdamW``.
@@ -23,7 +28,8 @@ class ShardedCenterOptimizer:
 
     def __init__(self, weight: torch.nn.Parameter, kind: str = "sgd", lr: float = 1e-3, *,
                  momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
+                 weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
+                 master_weights: bool | None = None):
         kind = kind.lower()
         if kind not in SUPPORTED:
             raise ValueError(f"center optimizer {kind!r} is not supported: use one of {SUPPORTED}")
@@ -39,9 +45,15 @@ class ShardedCenterOptimizer:
         if kind in ("adam", "adamw"):
             self.state["exp_avg"] = torch.zeros_like(weight, dtype=self._state_dtype())
             self.state["exp_avg_sq"] = torch.zeros_like(weight, dtype=self._state_dtype())
+        half = weight.dtype in (torch.float16, torch.bfloat16)
+        if master_weights if master_weights is not None else half:
+            if not half:
+                raise ValueError("master_weights=True needs bf16/fp16 centers: fp32 centers are their own master")
+            self.state["master"] = weight.detach().to(torch.float32).clone()
 
     @classmethod
-    def from_deepspeed_config(cls, weight, optimizer_section: dict) -> "ShardedCenterOptimizer":
+    def from_deepspeed_config(cls, weight, optimizer_section: dict,
+                              master_weights: bool | None = None) -> "ShardedCenterOptimizer":
         """Build from a DeepSpeed config's ``optimizer`` section (``{"type": ..., "params": {...}}``).
 
         ``"Adam"`` follows DeepSpeed: decoupled weight decay (AdamW) unless ``"adam_w_mode": false``.
@@ -61,7 +73,7 @@ class ShardedCenterOptimizer:
         if kind not in SUPPORTED:
             raise ValueError(f"the DeepSpeed optimizer type {optimizer_section.get('type')!r} has no sharded "
                              f"center optimizer: use SGD, Adam or AdamW")
-        return cls(weight, kind, **params)
+        return cls(weight, kind, master_weights=master_weights, **params)
 
     def _state_dtype(self):
         return torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
@@ -76,13 +88,16 @@ class ShardedCenterOptimizer:
             return
         sdt = self._state_dtype()
         if rows is None:
-            p, g = w.data.to(sdt), grad.to(sdt)
+            g = grad.to(sdt)
             if grad_scale != 1.0:
                 g = g * grad_scale
             st = {k: v for k, v in self.state.items()}
+            p = st["master"] if "master" in st else w.data.to(sdt)
         else:
-            p, g = w.data.index_select(0, rows).to(sdt), grad.index_select(0, rows).to(sdt) * grad_scale
+            g = grad.index_select(0, rows).to(sdt) * grad_scale
             st = {k: v.index_select(0, rows) for k, v in self.state.items()}
+            p = st["master"] if "master" in st else w.data.index_select(0, rows).to(sdt)
+        # p is updated in place: the centers (fp32), the master rows, or an fp32 copy rounded back below
         st["step"] += 1
         if self.kind == "sgd":
             self._sgd(p, g, st)
@@ -134,4 +149,6 @@ class ShardedCenterOptimizer:
                 raise ValueError(f"center optimizer state {key!r}: checkpoint shape "
                                  f"{tuple(value.shape)} does not match {tuple(self.state.get(key, value).shape)}")
             self.state[key].copy_(value)
+        if "master" in self.state and "master" not in sd["state"]:
+            self.state["master"].copy_(self.weight.detach())  # a checkpoint without masters: start from the centers
         self.lr = float(sd["lr"])
