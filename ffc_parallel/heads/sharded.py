@@ -93,7 +93,7 @@ class ShardedClassifier(nn.Module):
         filter_threshold: if set, negatives whose cosine exceeds it get logit 0 (interclass
             filtering for noisy labels).
         memory_budget_mb: extra memory the loss may use beyond weights and gradients; sets the
-            class chunk and how many chunks' cosines are kept for the backward.
+            class chunk and how many chunks are kept for the backward.
         chunk_size: classes per chunk, overriding the budget's choice.
         check_inputs: validate labels, shapes and finiteness (one small all-gather, which the
             uneven-batch gather needs anyway; the NaN scan costs one pass over the embeddings).

@@ -11,13 +11,15 @@ computed chunk by chunk over the local classes, never materialising ``[B, num_lo
 
 * gather: the global batch arrives in ``pieces`` asynchronous all-gathers, all issued at once; the
   classes are walked for piece p while pieces p+1.. are still in flight.
-* forward: per chunk one GEMM ``xn @ w_c.T``; an online log-sum-exp keeps the running row max and
-  sum; two all-reduces (MAX of the row max, SUM of the rescaled sums stacked with the target logit)
-  combine the ranks. Extra memory is about three ``[B, chunk]`` buffers.
-* backward: per chunk ``G = d loss / d cos`` (softmax minus one-hot, margin derivative on the
-  target), then ``d xn += G @ w_c`` and ``d w_c = G.T @ xn`` minus the normalisation's radial part.
-  Cosines of the leading chunks that fit the memory budget are kept from the forward; the others
-  are recomputed (one extra GEMM for those chunks only). With the default budget, small shards keep
+* forward: per chunk one GEMM ``xn @ v_c.T`` with ``v_c = s * w_c / |w_c|`` gives the logits; an
+  online log-sum-exp per row is combined across ranks by two all-reduces (MAX of the row
+  log-sum-exp, SUM of the rescaled sums stacked with the target logit). Extra memory is a few
+  ``[B, chunk]`` buffers.
+* backward: per chunk ``G = d loss / d logit`` (softmax minus targets, margin derivative on the
+  label), then ``d xn += G @ v_c`` and ``d v_c = G.T @ xn`` mapped to ``d w_c`` through the
+  normalisation (an ``[n, D]`` operation). ``exp(logit - row max)`` of the leading chunks that fit
+  the memory budget is kept from the forward (the softmax is then one multiply); the others are
+  recomputed (one extra GEMM for those chunks only). With the default budget, small shards keep
   everything and run exactly three matrix products. The backward walks the pieces in order and
   reduce-scatters each piece's embedding gradient (summed over ranks, since every rank holds a part
   of every sample's softmax) while the next piece is computed. With more than one piece the center
@@ -42,7 +44,7 @@ _WORK_BUFFERS = 3  # [B, chunk] buffers alive at once inside a chunk step
 @dataclass(frozen=True)
 class ChunkPlan:
     """How the local classes are walked: ``chunk`` classes at a time, the first ``cached`` chunks'
-    cosines kept between forward and backward."""
+    exponentiated logits kept between forward and backward."""
 
     chunk: int
     cached: int
@@ -51,7 +53,7 @@ class ChunkPlan:
     def for_budget(batch: int, num_cols: int, elem_bytes: int, budget_bytes: int,
                    chunk_size: int | None = None) -> "ChunkPlan":
         """Largest chunk whose work buffers use at most a quarter of ``budget_bytes``; the rest of
-        the budget caches cosines. ``chunk_size`` overrides the chunk."""
+        the budget caches chunks for the backward. ``chunk_size`` overrides the chunk."""
         row_bytes = max(batch, 1) * elem_bytes
         if chunk_size is None:
             chunk_size = max(1, budget_bytes // (4 * _WORK_BUFFERS * row_bytes))
