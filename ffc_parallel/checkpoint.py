@@ -226,6 +226,7 @@ def load_checkpoint(engine, load_dir, tag=None, load_optimizer_states=True, load
         engine.head_optimizer.load_state_dict(dict(hyper, state=state))
     engine.head_optimizer.lr = engine.deepspeed.get_lr()[0]
     head.sample_step = int(manifest["sample_step"])
+    _barrier()  # no rank moves on (and perhaps deletes or re-saves checkpoints) while another still reads
     return path, client_state
 
 

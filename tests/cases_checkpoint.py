@@ -103,9 +103,9 @@ def crash_during_save_keeps_previous(ckpt, stage=1):
     engine.load_checkpoint(ckpt)
     assert torch.equal(engine.head.weight.detach(), good_weight) and engine.global_steps == 1
     # A crash between renaming the old copy of a re-saved tag away and the new one in.
-    fp_rank = fp.get_rank()
     import torch.distributed as dist
-    if fp_rank == 0:
+    dist.barrier()  # every rank has finished reading the good checkpoint before rank 0 moves it
+    if fp.get_rank() == 0:
         (Path(ckpt) / good_tag).rename(Path(ckpt) / f".trash-{good_tag}")
     dist.barrier()
     engine.load_checkpoint(ckpt)
