@@ -128,37 +128,45 @@ def read_rows(tag_dir: Path, manifest: dict, start: int, stop: int):
 # ---------------------------------------------------------------------- save / load
 def save_checkpoint(engine, save_dir, tag=None, client_state=None) -> str:
     """Save backbone (DeepSpeed), centers and their optimizer state atomically; returns the tag."""
+    head = engine.head
     rank, world = _rank_world()
+    ranges = [None] * world
+    if dist.is_initialized():
+        dist.all_gather_object(ranges, list(head.class_range))
+    else:
+        ranges = [list(head.class_range)]
+    manifest = build_manifest(head, ranges, engine.global_steps, engine.head_optimizer.kind,
+                              engine.deepspeed.dp_world_size)
+    return _staged_save(engine.deepspeed, save_dir, tag, client_state, HEAD_DIR,
+                        lambda: head_shard_state(head, engine.head_optimizer), manifest, "head shard")
+
+
+def _staged_save(ds_engine, save_dir, tag, client_state, part_dir: str, rank_state, manifest: dict,
+                 what: str) -> str:
+    """DeepSpeed's files plus ``part_dir/shard_<rank>.pt`` (``rank_state()``) of every rank and rank
+    0's ``part_dir/manifest.json``, staged and published atomically (collective); returns the tag."""
+    rank, _ = _rank_world()
     save_dir = Path(save_dir)
-    tag = str(tag if tag is not None else f"global_step{engine.global_steps}")
+    tag = str(tag if tag is not None else f"global_step{ds_engine.global_steps}")
     if "/" in tag or tag.startswith("."):
         raise ValueError(f"checkpoint tag {tag!r} must be a plain name (no '/', not starting with '.')")
     staging_root = save_dir / f".staging-{tag}"
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging_root, ignore_errors=True)
-        (staging_root / tag / HEAD_DIR).mkdir(parents=True)
+        (staging_root / tag / part_dir).mkdir(parents=True)
     _barrier()
-    engine.deepspeed.save_checkpoint(str(staging_root), tag=tag, client_state=client_state or {},
-                                     save_latest=False)
+    ds_engine.save_checkpoint(str(staging_root), tag=tag, client_state=client_state or {}, save_latest=False)
     staged = staging_root / tag
-    head = engine.head
     ok = True
     try:
-        atomic_torch_save(head_shard_state(head, engine.head_optimizer), staged / HEAD_DIR / shard_name(rank))
+        atomic_torch_save(rank_state(), staged / part_dir / shard_name(rank))
     except OSError as exc:
         ok = False
-        print(f"ffc_parallel: rank {rank} could not write its head shard: {exc}", flush=True)
-    _all_ok(ok, "writing the head shards")
-    ranges = [None] * world
-    if dist.is_initialized():
-        dist.all_gather_object(ranges, list(head.class_range))
-    else:
-        ranges = [list(head.class_range)]
+        print(f"ffc_parallel: rank {rank} could not write its {what}: {exc}", flush=True)
+    _all_ok(ok, f"writing the {what}s")
     if rank == 0:
-        manifest = build_manifest(head, ranges, engine.global_steps, engine.head_optimizer.kind,
-                                  engine.deepspeed.dp_world_size)
-        atomic_write_bytes(staged / HEAD_DIR / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        atomic_write_bytes(staged / part_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         _publish(save_dir, staging_root, tag)
     _barrier()
     return tag
@@ -300,3 +308,62 @@ def reshard(src, dst, world_size: int, tag=None, progress: bool = True) -> Path:
     atomic_write_bytes(staged / HEAD_DIR / MANIFEST, lambda f: f.write(json.dumps(new_manifest, indent=1).encode()))
     _publish(dst, staging_root, tag)
     return dst / tag
+
+
+# ---------------------------------------------------------------------- FFC: probe, gallery and class pool
+POOL_DIR = "ffc_pool"
+
+
+def save_pool_checkpoint(engine, save_dir, tag=None, client_state=None) -> str:
+    """Save an :class:`~ffc_parallel.engine.PoolEngine`: DeepSpeed's files (probe, gallery, optimizer)
+    and every rank's slots of the class pool (``ffc_pool/shard_<rank>.pt``), atomically."""
+    pool = engine.module.pool
+    _, world = _rank_world()
+    manifest = {"format": FORMAT, "pool_size": pool.pool_size, "embedding_dim": pool.embedding_dim,
+                "world_size": world, "global_steps": int(engine.global_steps),
+                "backbone_world_size": int(engine.deepspeed.dp_world_size)}
+    return _staged_save(engine.deepspeed, save_dir, tag, client_state, POOL_DIR,
+                        lambda: {k: v.detach().cpu().clone() for k, v in pool.state_dict().items()}, manifest,
+                        "class-pool shard")
+
+
+def load_pool_checkpoint(engine, load_dir, tag=None, load_optimizer_states=True, load_lr_scheduler_states=True):
+    """Load :func:`save_pool_checkpoint`'s files at any world size (the pool is resharded by slot);
+    returns ``(path, client_state)`` like DeepSpeed."""
+    tag, tag_dir = resolve_tag(load_dir, tag)
+    path = tag_dir / POOL_DIR / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {tag_dir} is not an FFC checkpoint (save it with "
+                                "PoolEngine.save_checkpoint)")
+    manifest = json.loads(path.read_text())
+    pool = engine.module.pool
+    if (manifest["pool_size"], manifest["embedding_dim"]) != (pool.pool_size, pool.embedding_dim):
+        raise ValueError(f"checkpoint {tag_dir} has a pool of {manifest['pool_size']} x {manifest['embedding_dim']} "
+                         f"but the model's pool is {pool.pool_size} x {pool.embedding_dim}")
+    same_world = manifest["backbone_world_size"] == engine.deepspeed.dp_world_size
+
+    def load_all_but_the_pool(src, dst):   # rank 0's pool slots are in src: every rank loads its own below
+        missing, unexpected = dst.load_state_dict({k: v for k, v in src.items() if not k.startswith("pool.")},
+                                                  strict=False)
+        if unexpected or any(not k.startswith("pool.") for k in missing):
+            raise RuntimeError(f"FFC checkpoint {tag_dir}: model keys differ (missing {missing}, unexpected {unexpected})")
+
+    result, client_state = engine.deepspeed.load_checkpoint(
+        str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=load_optimizer_states and same_world,
+        load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=not same_world,
+        custom_load_fn=load_all_but_the_pool)
+    if result is None:
+        raise RuntimeError(f"DeepSpeed could not load the probe and gallery from {tag_dir}")
+    if not same_world:
+        _restore_counters(engine, tag_dir)
+    rank, world = _rank_world()
+    shards = [torch.load(tag_dir / POOL_DIR / shard_name(r), map_location="cpu", weights_only=True)
+              for r in ([rank] if manifest["world_size"] == world else range(manifest["world_size"]))]
+    if manifest["world_size"] == world:
+        pool.load_state_dict(shards[0])
+    else:
+        pool.load_full_state({"features": torch.cat([s["features"] for s in shards]),
+                              "ids": torch.cat([s["ids"] for s in shards]),
+                              "stamps": torch.cat([s["stamps"] for s in shards]), "clock": shards[0]["clock"]})
+    _barrier()
+    return result, client_state

@@ -24,23 +24,34 @@ from .optim.consensus import CenterGradientHooks, center_grad_stats
 from .optim.sharded import ShardedCenterOptimizer
 
 
+def head_loss(backbone: nn.Module, head: nn.Module, inputs, labels):
+    """The default loss of a :class:`HybridModel`: ``head(backbone(inputs), labels)``."""
+    return head(backbone(inputs), labels)
+
+
 class HybridModel(nn.Module):
-    """``head(backbone(inputs), labels)``: a data-parallel backbone and a class-sharded head.
+    """``loss_fn(backbone, head, inputs, labels)``: a data-parallel backbone and a class-sharded head.
 
     ``forward(inputs, labels) -> loss`` (mean over the global batch, same on every rank). Train it
     with :func:`initialize`; plain PyTorch use (one process, or summing backbone gradients yourself)
     works too. Wrapped directly by ``deepspeed.initialize`` on more than one rank it raises, since
     DeepSpeed would overwrite every rank's class shard with rank 0's and average center gradients.
+
+    ``loss_fn`` (default :func:`head_loss`) composes the step's loss from the backbone and the head,
+    e.g. soft targets, mixup's two head calls, or the head's loss plus a cross-batch-memory loss.
+    Every term must follow the head's convention: a scalar identical on every rank whose gradient
+    for this rank's embeddings is this rank's part (the true backbone gradient is the SUM over ranks).
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module, loss_fn=head_loss):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.loss_fn = loss_fn
 
     def forward(self, inputs, labels):
         _refuse_raw_deepspeed(self.head)
-        return self.head(self.backbone(inputs), labels)
+        return self.loss_fn(self.backbone, self.head, inputs, labels)
 
     def _apply(self, fn, *args, **kwargs):
         # deepspeed.initialize moves the module (module.to) before it broadcasts any parameter:
@@ -72,22 +83,29 @@ def _refuse_raw_deepspeed(head) -> None:
 class _BackbonePath(nn.Module):
     """What DeepSpeed sees: the backbone's parameters only; the head runs outside its view.
 
-    ``forward(inputs, labels)`` = ``head(backbone(inputs), labels)``, with the embedding gradient
-    multiplied by ``grad_multiplier`` (the data-parallel size) so that DeepSpeed's average over ranks
-    yields the sum over ranks.
+    ``forward(inputs, labels)`` = ``model.loss_fn(backbone, head, inputs, labels)``, where every
+    backbone output's gradient is multiplied by ``grad_multiplier`` (the data-parallel size) so that
+    DeepSpeed's average over ranks yields the sum over ranks.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, grad_multiplier: float):
+    def __init__(self, model: HybridModel, grad_multiplier: float):
         super().__init__()
-        self.backbone = backbone
-        object.__setattr__(self, "head", head)  # not a submodule: DeepSpeed must not see its weight
+        self.backbone = model.backbone
+        object.__setattr__(self, "head", model.head)  # not a submodule: DeepSpeed must not see its weight
+        object.__setattr__(self, "model", model)
         self.grad_multiplier = float(grad_multiplier)
 
+    def _scale_output_grad(self, _module, _inputs, output):
+        return scale_grad(output, self.grad_multiplier) if torch.is_grad_enabled() else output
+
     def forward(self, inputs, labels):
-        emb = self.backbone(inputs)
-        if self.grad_multiplier != 1.0 and torch.is_grad_enabled():
-            emb = scale_grad(emb, self.grad_multiplier)
-        return self.head(emb, labels)
+        if self.grad_multiplier == 1.0:
+            return self.model.loss_fn(self.backbone, self.head, inputs, labels)
+        handle = self.backbone.register_forward_hook(self._scale_output_grad)
+        try:
+            return self.model.loss_fn(self.backbone, self.head, inputs, labels)
+        finally:
+            handle.remove()
 
 
 def _load_config(config) -> dict:
@@ -111,6 +129,7 @@ class FFCEngine:
     def __init__(self, ds_engine, model: HybridModel, head_optimizer: ShardedCenterOptimizer, config: dict):
         self.deepspeed, self.module, self.head_optimizer, self.config = ds_engine, model, head_optimizer, config
         self.head = model.head
+        self.head.rows_listener = self._note_rows
         self.hooks = CenterGradientHooks(ds_engine)
         self._rows: torch.Tensor | None = None   # union of Partial FC rows since the last step
         self._all_rows = False                   # a forward used every row
@@ -123,10 +142,8 @@ class FFCEngine:
 
     def forward(self, inputs, labels):
         loss = self.deepspeed(inputs, labels)
-        if self.head.training and torch.is_grad_enabled():
-            self._note_rows(getattr(self.head, "last_sampled_rows", None))
-            if loss.requires_grad:
-                loss.register_hook(self._record_loss_multiplier)
+        if self.head.training and torch.is_grad_enabled() and loss.requires_grad:
+            loss.register_hook(self._record_loss_multiplier)
         return loss
 
     def _record_loss_multiplier(self, grad):
@@ -135,6 +152,9 @@ class FFCEngine:
         self._loss_multiplier = float(grad)
 
     def _note_rows(self, rows):
+        """Called by the head for every training class selection (every head call of a step)."""
+        if not torch.is_grad_enabled():
+            return
         self._pending = True
         if rows is None:
             self._all_rows = True
@@ -214,10 +234,85 @@ class FFCEngine:
         return getattr(self.deepspeed, name)
 
 
-def initialize(model: HybridModel, config, training_data=None, lr_scheduler=None, *, args=None,
+class PoolEngine:
+    """The DeepSpeed engine of an :class:`~ffc_parallel.FFC` model (from :func:`initialize`).
+
+    DeepSpeed trains the probe (its parameters only); the gallery (EMA) and the slot-sharded class
+    pool change inside the model's forward. Use it like a DeepSpeed engine: ``loss = engine(inputs,
+    labels)``, ``engine.backward(loss)``, ``engine.step()``. Its checkpoints also hold every rank's
+    pool slots and load at any world size. Other attributes are DeepSpeed's.
+    """
+
+    def __init__(self, ds_engine, model):
+        self.deepspeed, self.module = ds_engine, model
+
+    def __call__(self, inputs, labels):
+        return self.deepspeed(inputs, labels)
+
+    def backward(self, loss, **kwargs):
+        return self.deepspeed.backward(loss, **kwargs)
+
+    def step(self, **kwargs):
+        return self.deepspeed.step(**kwargs)
+
+    def train(self, mode: bool = True):
+        self.deepspeed.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    @property
+    def loss_scale(self) -> float:
+        return float(self.deepspeed.optimizer.loss_scale) if self.deepspeed.fp16_enabled() else 1.0
+
+    @property
+    def global_steps(self) -> int:
+        return self.deepspeed.global_steps
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None):
+        from .checkpoint import save_pool_checkpoint
+        return save_pool_checkpoint(self, save_dir, tag=tag, client_state=client_state)
+
+    def load_checkpoint(self, load_dir, tag=None, load_optimizer_states=True, load_lr_scheduler_states=True):
+        from .checkpoint import load_pool_checkpoint
+        return load_pool_checkpoint(self, load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
+                                    load_lr_scheduler_states=load_lr_scheduler_states)
+
+    def __getattr__(self, name):
+        if name in ("deepspeed", "module"):  # not set yet: avoid recursion
+            raise AttributeError(name)
+        return getattr(self.deepspeed, name)
+
+
+def _initialize_ffc(model, config, args, training_data, lr_scheduler, collate_fn, mpu, deepspeed_kwargs):
+    """``deepspeed.initialize`` of an FFC model: the probe's parameters only, gradient multiplier = the
+    data-parallel size (DeepSpeed averages, FFC's loss needs the sum), ZeRO 0-2."""
+    import deepspeed
+
+    if config.get("zero_optimization", {}).get("stage", 0) >= 3:
+        raise ValueError("FFC under ZeRO-3 is not supported: ZeRO-3 partitions the probe, whose whole parameters "
+                         "the gallery's EMA reads every step. Use ZeRO stage 0, 1 or 2.")
+    world = dist.get_world_size(model.group) if dist.is_initialized() else 1
+    if model.grad_multiplier not in (1.0, float(world)):
+        raise ValueError(f"FFC(grad_multiplier={model.grad_multiplier}): fp.initialize sets it to the data-parallel "
+                         f"size {world} itself; build the model with the default 1.0")
+    model.grad_multiplier = float(world)
+    ds_engine, optimizer, loader, scheduler = deepspeed.initialize(
+        args=args, model=model, model_parameters=[p for p in model.trainable_parameters() if p.requires_grad],
+        training_data=training_data, lr_scheduler=lr_scheduler, collate_fn=collate_fn, mpu=mpu, config=config,
+        **deepspeed_kwargs)
+    if ds_engine.dp_world_size != world:
+        raise ValueError(f"the FFC pool's process group has {world} ranks but DeepSpeed's data-parallel group has "
+                         f"{ds_engine.dp_world_size}: ffc_parallel needs them to be the same ranks")
+    return PoolEngine(ds_engine, model), optimizer, loader, scheduler
+
+
+def initialize(model, config, training_data=None, lr_scheduler=None, *, args=None,
                model_parameters=None, collate_fn=None, mpu=None, center_master_weights: bool | None = None,
                **deepspeed_kwargs):
-    """``engine, optimizer, loader, scheduler``, like ``deepspeed.initialize`` for a :class:`HybridModel`.
+    """``engine, optimizer, loader, scheduler``, like ``deepspeed.initialize`` for a :class:`HybridModel`
+    (engine: :class:`FFCEngine`) or an :class:`~ffc_parallel.FFC` model (engine: :class:`PoolEngine`).
 
     ``config``: a DeepSpeed config dict or JSON path; its ``optimizer`` section (SGD, Adam, AdamW)
     also configures the centers' optimizer, which follows the backbone's learning rate (the
@@ -228,12 +323,16 @@ def initialize(model: HybridModel, config, training_data=None, lr_scheduler=None
     """
     import deepspeed
 
-    if not isinstance(model, HybridModel):
-        raise TypeError("ffc_parallel.initialize expects an ffc_parallel.HybridModel(backbone, head); "
-                        "for a model without a sharded head use deepspeed.initialize")
+    from .heads.ffc import FFC
+
+    if not isinstance(model, (HybridModel, FFC)):
+        raise TypeError("ffc_parallel.initialize expects an ffc_parallel.HybridModel(backbone, head) or an "
+                        "ffc_parallel.FFC model; for a model without a sharded head use deepspeed.initialize")
     info = init_distributed(verbose=False)
     init_deepspeed_comm(info.backend)
     config = _load_config(config)
+    if isinstance(model, FFC):
+        return _initialize_ffc(model, config, args, training_data, lr_scheduler, collate_fn, mpu, deepspeed_kwargs)
     if "optimizer" not in config:
         raise ValueError("the DeepSpeed config needs an `optimizer` section: it configures both the backbone's "
                          "and the centers' optimizer (a client optimizer cannot be sharded by class)")
@@ -248,7 +347,7 @@ def initialize(model: HybridModel, config, training_data=None, lr_scheduler=None
     if not getattr(getattr(head, "weight", None), "ffc_class_sharded", False):
         raise TypeError("HybridModel.head must be an ffc_parallel.ShardedClassifier (weight.ffc_class_sharded)")
     head_world = dist.get_world_size(head.group) if dist.is_initialized() else 1
-    path = _BackbonePath(model.backbone, head, grad_multiplier=head_world)
+    path = _BackbonePath(model, grad_multiplier=head_world)
     if model_parameters is None:
         model_parameters = [p for p in model.backbone.parameters() if p.requires_grad]
     ds_engine, _, loader, scheduler = deepspeed.initialize(

@@ -224,3 +224,80 @@ def fp16_overflow_on_one_rank_skips_everywhere(stage, num_classes=11, micro=2):
     assert scales == [16.0, 16.0, 8.0, 8.0, 8.0, 16.0], scales
     assert engine.skipped_steps == 1
     return scales
+
+
+def loss_fn_trajectories_match_dense(num_classes=11, micro=3, steps=3, xbm_size=8, seed=5):
+    """``HybridModel(loss_fn=...)`` under fp.initialize on W ranks follows the dense one-process
+    trajectory for input mixup (two head calls, per-rank partners) and head + cross-batch memory;
+    with Partial FC, the rows of BOTH mixup head calls are stepped."""
+    import numpy as np
+    import torch.distributed as dist
+
+    from ffc_parallel.cli.recipe import StepLoss
+    from ffc_parallel.heads.sampling import step_generator
+
+    rank, world = fp.get_rank(), fp.get_world_size()
+    own_group = [dist.new_group([r]) for r in range(world)][rank]   # a one-rank world for the reference
+    report = {}
+    for case in ("mixup", "xbm"):
+        backbone = make_backbone()
+        ref_bb = copy.deepcopy(backbone)
+        head = fp.ShardedClassifier(DIM, num_classes, margin="cosface", scale=SCALE)
+        mixup = fp.data.Mixup(alpha=0.7, seed=seed) if case == "mixup" else None
+        xbm = fp.losses.CrossBatchMemory(xbm_size, DIM, warmup_steps=1) if case == "xbm" else None
+        ref_xbm = fp.losses.CrossBatchMemory(xbm_size, DIM, warmup_steps=1, group=own_group) if xbm else None
+        loss_fn = StepLoss(mixup=mixup, xbm=xbm)
+        engine, *_ = fp.initialize(model=fp.HybridModel(backbone, head, loss_fn=loss_fn),
+                                   config=ds_config(1, "sgd", 1, micro, world))
+        ref_w = torch.nn.Parameter(init_class_rows(0, num_classes, DIM, 0.01, 0))
+        ref_opt = dense_optimizer(list(ref_bb.parameters()) + [ref_w], "sgd")
+        for step in range(steps):
+            x, y = global_batch(step, micro * world, num_classes)
+            loss_fn.step = step
+            loss = engine(micro_slice(x, 0, rank, world, micro), micro_slice(y, 0, rank, world, micro))
+            engine.backward(loss)
+            engine.step()
+            ref_opt.zero_grad()
+            if mixup is not None:   # λ from (seed, step); partners: a permutation of each rank's own batch
+                lam = float(np.random.default_rng([seed, step]).beta(0.7, 0.7))
+                perm = torch.cat([torch.randperm(micro, generator=step_generator(seed, r + 1, step)) + r * micro
+                                  for r in range(world)])
+                emb = ref_bb(lam * x + (1 - lam) * x[perm])
+                ref_loss = lam * dense_margin_loss(emb, ref_w, y, SCALE, 1.0, 0.0, M3) + \
+                    (1 - lam) * dense_margin_loss(emb, ref_w, y[perm], SCALE, 1.0, 0.0, M3)
+            else:
+                emb = ref_bb(x)
+                ref_loss = dense_margin_loss(emb, ref_w, y, SCALE, 1.0, 0.0, M3) + ref_xbm(emb, y)
+            ref_loss.backward()
+            ref_opt.step()
+            assert abs(loss.item() - ref_loss.item()) < 1e-5 * abs(ref_loss.item()), (case, step, loss.item(), ref_loss.item())
+        start, stop = head.class_range
+        errs = {"centers": rel_err(head.weight.detach(), ref_w.detach()[start:stop])}
+        errs.update({f"backbone{i}": rel_err(p, q.detach()) for i, (p, q) in
+                     enumerate(zip(full_backbone(engine), ref_bb.parameters()))})
+        assert max(errs.values()) < 1e-5, (case, errs)
+        report[case] = max(errs.values())
+
+    # Partial FC: a mixup step's two head calls draw different rows; both sets are stepped.
+    head = fp.ShardedClassifier(DIM, 200, margin="cosface", scale=SCALE, sample_rate=0.1)
+    loss_fn = StepLoss(mixup=fp.data.Mixup(alpha=0.7, seed=seed))
+    engine, *_ = fp.initialize(model=fp.HybridModel(make_backbone(), head, loss_fn=loss_fn),
+                               config=ds_config(1, "sgd", 1, micro, world))
+    calls = []
+    listener = head.rows_listener
+    head.rows_listener = lambda rows: (calls.append(rows.clone()), listener(rows))
+    before = head.weight.detach().clone()
+    x, y = global_batch(0, micro * world, 200)
+    engine.backward(engine(micro_slice(x, 0, rank, world, micro), micro_slice(y, 0, rank, world, micro)))
+    engine.step()
+    assert len(calls) == 2
+    first_only = calls[0][~torch.isin(calls[0], calls[1])]
+    assert first_only.numel() > 0, "the two draws coincide: change the seed"
+    moved = (head.weight.detach() != before).any(1)
+    assert moved[first_only].all(), "rows drawn only by the first head call were not stepped"
+    union = torch.zeros(head.num_local, dtype=torch.bool)
+    union[torch.cat(calls)] = True
+    assert not moved[~union].any(), "a row drawn by neither call moved"
+    assert head.weight.grad is None or not head.weight.grad.any(), "gradient left behind for the next step"
+    report["partial_fc_rows"] = int(union.sum())
+    return report

@@ -48,3 +48,9 @@ def test_fp16_overflow_on_one_rank_skips_every_rank_and_backs_off_one_scale(stag
 def test_fp16_at_zero_stage_0_is_refused_with_a_clear_error():
     message = run_ranks("tests.cases_engine:fp16_at_zero_stage_0_is_refused", 1, timeout=200)[0]
     assert message is not None and "ZeRO stage 1" in message, message
+
+
+@pytest.mark.timeout(120)
+def test_loss_fn_mixup_and_cross_batch_memory_follow_the_dense_trajectory():
+    reports = run_ranks("tests.cases_engine:loss_fn_trajectories_match_dense", 2, timeout=100)
+    assert reports[0]["mixup"] < 1e-5 and reports[1]["xbm"] < 1e-5

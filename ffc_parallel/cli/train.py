@@ -26,8 +26,10 @@ import numpy as np
 import torch
 
 
-def _opt(default, help: str, section: str, choices=None):
-    return field(default=default, metadata={"help": help, "section": section, "choices": choices})
+def _opt(default, help: str, section: str, choices=None, kind=None):
+    """An option; ``kind`` (default: the default's type) parses its values."""
+    kind = kind or (type(default) if default is not None else str)
+    return field(default=default, metadata={"help": help, "section": section, "choices": choices, "type": kind})
 
 
 @dataclass
@@ -54,8 +56,46 @@ class TrainOptions:
     backbone: str = _opt("mlp", "mlp, resnet, or a torchvision/timm model name", "model")
     embedding_dim: int = _opt(128, "embedding (and class center) dimension", "model")
     margin: str = _opt("arcface", "arcface, cosface, none, or 's,m1,m2,m3' (CombinedMargin)", "model")
-    scale: float = _opt(None, "softmax scale s (default 64)", "model")
+    scale: float = _opt(None, "softmax scale s (default 64; FFC: 32)", "model", kind=float)
     sample_rate: float = _opt(1.0, "Partial FC: fraction of each rank's classes per step", "model")
+    task: str = _opt("classify", "classify identities, or instance classification (one class per image, "
+                                 "self-supervised)", "model", ("classify", "instance"))
+    head: str = _opt("sharded", "class-sharded classifier, or FFC's dynamic class pool", "model", ("sharded", "ffc"))
+    # FFC (--head ffc)
+    pool_size: float = _opt(30_000.0, "FFC: class-pool slots, or a fraction of the identities if <= 1", "ffc")
+    gallery_momentum: float = _opt(0.99, "FFC: EMA momentum of the gallery network", "ffc")
+    ffc_identities: int = _opt(None, "FFC dual loader: identities per rank and step, 2 images each (default "
+                                     "batch_size/4); the rest of the batch is uniform images", "ffc", kind=int)
+    prefill_fraction: float = _opt(0.1, "FFC: fraction of the pool filled with gallery features before training",
+                                   "ffc")
+    # instance classification (--task instance)
+    temperature: float = _opt(0.15, "instance: cosine-softmax temperature", "instance")
+    smoothing_neighbours: int = _opt(5, "instance: K of hardest-class label smoothing (0: off)", "instance")
+    smoothing_alpha: float = _opt(0.2, "instance: target mass spread over the K hardest classes", "instance")
+    no_contrastive_prior: bool = _opt(False, "instance: keep the random class rows (skip the contrastive prior)",
+                                      "instance")
+    view_noise: float = _opt(0.2, "instance: Gaussian noise of a random view (input units)", "instance")
+    view_shift: int = _opt(2, "instance: random translation of a view in pixels (images)", "instance")
+    # long-tail tricks and cross-batch memory (--task classify, sharded head)
+    reweight: str = _opt("ce", "re-weighting of the loss", "long-tail",
+                         ("ce", "cs_ce", "cb_ce", "focal", "cb_focal", "sigmoid_focal"))
+    reweight_beta: float = _opt(0.999, "cb_ce / cb_focal: class-balanced beta", "long-tail")
+    reweight_gamma: float = _opt(1.0, "cs_ce: weights (n_min / n_c)^gamma", "long-tail")
+    focal_gamma: float = _opt(2.0, "focal, cb_focal, sigmoid_focal: focusing gamma", "long-tail")
+    drw_epoch: int = _opt(None, "DRW: apply the --reweight class weights from this epoch on", "long-tail", kind=int)
+    sampler: str = _opt("instance", "re-sampling of the training data", "long-tail",
+                        ("instance", "class_balanced", "sqrt", "progressive", "oversample", "undersample"))
+    drs_epoch: int = _opt(None, "DRS: plain shuffling before this epoch, --sampler from it on", "long-tail", kind=int)
+    mixup_alpha: float = _opt(0.0, "mixup: lambda ~ Beta(alpha, alpha) (0: off)", "long-tail")
+    mixup_layers: str = _opt(None, "manifold mixup: comma-separated backbone module names ('input' = input "
+                                   "mixup; default input only)", "long-tail")
+    mixup_stop_epoch: int = _opt(None, "mixup off from this epoch on (fine-tuning after mixup)", "long-tail", kind=int)
+    xbm_size: int = _opt(0, "cross-batch memory slots (0: off); its pair loss is added to the head's", "xbm")
+    xbm_weight: float = _opt(1.0, "weight of the memory term", "xbm")
+    xbm_warmup: int = _opt(0, "micro-batches before the memory is used and filled", "xbm")
+    xbm_loss: str = _opt("contrastive", "pair loss of the batch and memory terms", "xbm",
+                         ("contrastive", "multi_similarity"))
+    xbm_margin: float = _opt(0.5, "contrastive pair loss margin", "xbm")
     # optimizer and schedule
     optimizer: str = _opt("sgd", "optimizer of backbone and centers", "optim", ("sgd", "adam", "adamw"))
     lr: float = _opt(0.1, "peak learning rate", "optim")
@@ -65,10 +105,10 @@ class TrainOptions:
     warmup_steps: int = _opt(50, "linear warmup steps", "optim")
     gradient_clipping: float = _opt(None, "clip the global gradient norm (backbone + every center shard once) "
                                           "at this value, 0 = off (default: the DeepSpeed config's value; "
-                                          "DeepSpeed 0.19 itself defaults to 1.0)", "optim")
+                                          "DeepSpeed 0.19 itself defaults to 1.0)", "optim", kind=float)
     # run
     epochs: int = _opt(3, "passes over the training data", "run")
-    max_steps: int = _opt(None, "stop after this many optimizer steps (default: all epochs)", "run")
+    max_steps: int = _opt(None, "stop after this many optimizer steps (default: all epochs)", "run", kind=int)
     batch_size: int = _opt(256, "micro-batch per rank", "run")
     gradient_accumulation: int = _opt(1, "micro-batches per optimizer step", "run")
     deepspeed_config: str = _opt(None, "DeepSpeed JSON config (default: fp32, ZeRO stage 0)", "run")
@@ -88,8 +128,7 @@ def _parse_value(name: str, value):
     f = FIELDS[name]
     if value is None:
         return None
-    kind = type(f.default) if f.default is not None else (float if name == "scale" else int if name == "max_steps"
-                                                          else str)
+    kind = f.metadata["type"]
     if name == "bucket_edges":
         vals = [int(v) for v in (value.split(",") if isinstance(value, str) else value)]
         if len(vals) != 2 or not 0 < vals[0] <= vals[1]:
@@ -258,10 +297,9 @@ def check_resumable(opts: TrainOptions) -> None:
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (train without --resume first)")
 
 
-def build_engine(opts: TrainOptions, backbone, head, total_steps: int):
-    """``fp.initialize`` on ``HybridModel(backbone, head)`` with the run's DeepSpeed config."""
+def build_engine(opts: TrainOptions, model, backbone, total_steps: int):
+    """``fp.initialize`` on ``model`` (a ``HybridModel`` or an ``FFC``) with the run's DeepSpeed config."""
     import ffc_parallel as fp
-    model = fp.HybridModel(backbone, head)
     engine, _, _, _ = fp.initialize(model=model, config=deepspeed_config(opts, total_steps))
     # DeepSpeed's bf16/fp16 casts parameters but not BatchNorm running statistics, which CPU kernels
     # refuse to mix with low-precision weights: give the floating-point buffers the parameters' dtype.
@@ -272,16 +310,40 @@ def build_engine(opts: TrainOptions, backbone, head, total_steps: int):
     return engine
 
 
+class EpochPlan:
+    """Optimizer steps of every epoch (re-samplers and DRS change an epoch's length) and the map
+    from a global step to ``(epoch, step in epoch)``."""
+
+    def __init__(self, steps_per_epoch: list[int], max_steps: int | None):
+        if not steps_per_epoch or min(steps_per_epoch) == 0:
+            raise ValueError(f"an epoch has fewer micro-batches than one optimizer step needs (steps per epoch: "
+                             f"{steps_per_epoch}): lower --batch-size or --gradient-accumulation")
+        self.ends = np.cumsum(steps_per_epoch).tolist()
+        self.steps_per_epoch = steps_per_epoch
+        self.total = min(self.ends[-1], max_steps) if max_steps is not None else self.ends[-1]
+
+    def locate(self, step: int) -> tuple[int, int]:
+        epoch = int(np.searchsorted(self.ends, step, side="right"))
+        return epoch, step - (self.ends[epoch - 1] if epoch else 0)
+
+    def epochs_done(self, step: int) -> float:
+        if step >= self.ends[-1]:
+            return float(len(self.ends))
+        epoch, within = self.locate(step)
+        return epoch + within / self.steps_per_epoch[epoch]
+
+
 def train(opts: TrainOptions) -> dict | None:
     """Train and evaluate; returns the metrics on rank 0 (None elsewhere)."""
     import ffc_parallel as fp
-    from ffc_parallel.data import RankLoader, build_data, frequency_buckets
-    from ffc_parallel.eval import evaluate
+    from ffc_parallel.cli.recipe import Recipe, check_options
+    from ffc_parallel.data import build_data
     from ffc_parallel.eval.report import read_log, summary_text, write_metrics_json, write_plots
-    from ffc_parallel.models import build_backbone
 
+    check_options(opts)
     info = fp.init_distributed()
     rank, world = info.rank, info.world_size
+    device = info.device
     out_dir = Path(opts.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     if rank == 0:
@@ -298,24 +360,18 @@ def train(opts: TrainOptions) -> dict | None:
                         bucket_edges=tuple(opts.bucket_edges), seed=opts.seed)
     if rank == 0:
         print(f"ffc-train: {bundle.description}", file=sys.stderr, flush=True)
-    steps_per_epoch = len(RankLoader(bundle.train, opts.batch_size, 0, world)) // opts.gradient_accumulation
-    if steps_per_epoch == 0:
-        raise ValueError(f"an epoch has fewer micro-batches than gradient_accumulation={opts.gradient_accumulation}")
-    total_steps = steps_per_epoch * opts.epochs
-    if opts.max_steps is not None:
-        total_steps = min(total_steps, opts.max_steps)
-
-    backbone = build_backbone(opts.backbone, bundle.input_shape, opts.embedding_dim)
-    head = fp.ShardedClassifier(opts.embedding_dim, bundle.num_classes, margin=resolve_margin(opts.margin),
-                                scale=opts.scale, sample_rate=opts.sample_rate, seed=opts.seed)
-    engine = build_engine(opts, backbone, head, total_steps)
-    dtype, device = next(backbone.parameters()).dtype, next(backbone.parameters()).device
+    recipe = Recipe(opts, bundle, rank, world, device)
+    gas = opts.gradient_accumulation
+    plan = EpochPlan([recipe.micro_batches(e) // gas for e in range(opts.epochs)], opts.max_steps)
+    total_steps = plan.total
+    engine = recipe.prepare(lambda model: build_engine(opts, model, recipe.backbone, total_steps), opts.resume)
+    dtype = next(recipe.backbone.parameters()).dtype
 
     step = 0
     if opts.resume:
         _, client = engine.load_checkpoint(str(ckpt_dir))
         step = int(client["step"])
-        head.sample_step = int(client.get("sample_step", 0))
+        recipe.load_client_state(client)
         if rank == 0:
             print(f"ffc-train: resumed from {ckpt_dir} at step {step}", file=sys.stderr, flush=True)
 
@@ -330,39 +386,37 @@ def train(opts: TrainOptions) -> dict | None:
 
     def checkpoint():
         if saved_at[0] != step:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}",
-                                   client_state={"step": step, "sample_step": head.sample_step})
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step, **recipe.client_state()})
             saved_at[0] = step
 
-    buckets = frequency_buckets(bundle.class_counts, tuple(opts.bucket_edges))
     before = None
     if opts.eval_before and step == 0:
-        before, _ = evaluate(backbone, head, bundle.seen, bundle.unseen, buckets,
-                             batch_size=opts.eval_batch_size, device=device)
+        before, _ = recipe.evaluate(device)
 
-    samples_per_step = opts.batch_size * world * opts.gradient_accumulation
+    samples_per_step = opts.batch_size * world * gas
     t_start, window_t, window_steps, train_seconds = time.monotonic(), time.monotonic(), 0, 0.0
     losses = []
     engine.train()
     while step < total_steps:
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        loader = RankLoader(bundle.train, opts.batch_size, rank, world, seed=opts.seed, epoch=epoch,
-                            start_step=step_in_epoch * opts.gradient_accumulation, num_workers=opts.num_workers)
+        epoch, step_in_epoch = plan.locate(step)
+        recipe.start_epoch(epoch)
         micro = 0
-        for x, y in loader:
+        for x, y in recipe.batches(epoch, step_in_epoch * gas):
+            if hasattr(recipe, "loss"):
+                recipe.loss.step = step * gas + micro % gas  # global micro-batch index: mixup's draws
             loss = engine(x.to(device=device, dtype=dtype), y.to(device))
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach())  # no device sync per step
             micro += 1
-            if micro % opts.gradient_accumulation:
+            if micro % gas:
                 continue
             step += 1
             window_steps += 1
             if step % opts.log_every == 0 or step == total_steps:
                 now = time.monotonic()
                 rate = window_steps * samples_per_step / max(now - window_t, 1e-9)
-                row = dict(step=step, epoch=round(step / steps_per_epoch, 4),
+                row = dict(step=step, epoch=round(plan.epochs_done(step), 4),
                            loss=torch.stack(losses).float().mean().item(), lr=float(engine.get_lr()[0]),
                            loss_scale=float(engine.loss_scale), samples_per_s=rate, elapsed_s=now - t_start)
                 log.row(**row)
@@ -374,26 +428,25 @@ def train(opts: TrainOptions) -> dict | None:
                 bar.update(1)
             if opts.checkpoint_every and step % opts.checkpoint_every == 0:
                 checkpoint()
-            if step >= total_steps or step % steps_per_epoch == 0:
+            if step >= total_steps or step == plan.ends[epoch]:
                 break
         train_seconds = time.monotonic() - t_start
         checkpoint()  # end of every epoch (and of the run)
     if bar is not None:
         bar.close()
 
-    metrics, curves = evaluate(backbone, head, bundle.seen, bundle.unseen, buckets,
-                               batch_size=opts.eval_batch_size, device=device)
+    metrics, curves = recipe.evaluate(device)
     log.scalars("eval", metrics, step)
     log.close()
     if rank != 0:
         return None
     rows = read_log(out_dir / "metrics.csv")
     metrics.update(
-        description=bundle.description, world_size=world, steps=step, epochs=round(step / steps_per_epoch, 3),
+        description=bundle.description, world_size=world, steps=step, epochs=round(plan.epochs_done(step), 3),
         train_seconds=train_seconds,
         samples_per_s=float(np.mean(rows["samples_per_s"][1:] or rows["samples_per_s"])) if rows else math.nan,
         loss_first=rows["loss"][0] if rows else math.nan, loss_last=rows["loss"][-1] if rows else math.nan,
-        num_classes=bundle.num_classes)
+        num_classes=bundle.num_classes, task=opts.task, head=opts.head)
     if before is not None:
         metrics["before_training"] = before
     write_metrics_json(out_dir / "metrics.json", metrics)
@@ -405,6 +458,8 @@ def train(opts: TrainOptions) -> dict | None:
 def main(argv=None) -> int:
     try:
         opts = parse_options(argv)
+        from ffc_parallel.cli.recipe import check_options
+        check_options(opts)
     except (ValueError, FileNotFoundError) as exc:
         print(f"ffc-train: {exc}", file=sys.stderr)
         return 2

@@ -77,24 +77,55 @@ class EpochBatches:
             yield self.permutation(positions) if self.permutation is not None else positions
 
 
+def load_batches(source, index_batches, num_workers: int = 0):
+    """``(inputs, labels)`` of every index batch (a sequence of int arrays/lists) of ``source``:
+    rendered in-process when ``source`` has a vectorised ``batch(indices)``, else through a
+    ``DataLoader`` with ``num_workers`` workers."""
+    if hasattr(source, "batch"):
+        return (source.batch(np.asarray(idx, dtype=np.int64)) for idx in index_batches)
+    return iter(torch.utils.data.DataLoader(source, batch_sampler=index_batches, num_workers=num_workers))
+
+
+class SamplerBatches:
+    """Consecutive ``batch_size`` batches of one epoch of a per-rank ``sampler`` of indices (the
+    incomplete last batch dropped; samplers of :mod:`ffc_parallel.data.samplers` give every rank
+    the same length, so every rank runs the same number of steps). ``start_step`` skips batches."""
+
+    def __init__(self, sampler, batch_size: int, epoch: int, start_step: int = 0):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        self.sampler, self.batch_size, self.start_step = sampler, int(batch_size), int(start_step)
+        self.steps = len(sampler) // self.batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step)
+
+    def __iter__(self):
+        indices = torch.as_tensor(list(iter(self.sampler)), dtype=torch.long)
+        for step in range(self.start_step, self.steps):
+            yield indices[step * self.batch_size: (step + 1) * self.batch_size].numpy()
+
+
 class RankLoader:
     """``(inputs, labels)`` training batches of ``source`` for one rank and one epoch; ``len()`` = steps.
 
-    Sources with a vectorised ``batch(indices)`` (the synthetic data) are rendered in-process; other
-    map-style data sets go through a ``torch.utils.data.DataLoader`` with ``num_workers`` workers.
+    Batches come from a shuffled epoch (:class:`EpochBatches`), or from ``sampler`` (a per-rank
+    index sampler such as :class:`~ffc_parallel.data.ClassProbabilitySampler`, reseeded with
+    ``set_epoch(epoch)``). Sources with a vectorised ``batch(indices)`` (the synthetic data) are
+    rendered in-process; other map-style data sets go through a ``DataLoader`` with ``num_workers``.
     """
 
     def __init__(self, source, batch_size: int, rank: int, world_size: int, *, seed: int = 0, epoch: int = 0,
-                 start_step: int = 0, num_workers: int = 0):
+                 start_step: int = 0, num_workers: int = 0, sampler=None):
         self.source, self.num_workers = source, num_workers
-        self.batches = EpochBatches(len(source), batch_size, rank, world_size, seed=seed, epoch=epoch,
-                                    start_step=start_step)
+        if sampler is not None:
+            self.batches = SamplerBatches(sampler, batch_size, epoch, start_step)
+        else:
+            self.batches = EpochBatches(len(source), batch_size, rank, world_size, seed=seed, epoch=epoch,
+                                        start_step=start_step)
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self):
-        if hasattr(self.source, "batch"):
-            return (self.source.batch(idx) for idx in self.batches)
-        return iter(torch.utils.data.DataLoader(self.source, batch_sampler=self.batches,
-                                                num_workers=self.num_workers))
+        return load_batches(self.source, self.batches, self.num_workers)

@@ -89,6 +89,8 @@ SUMMARY_ROWS = (  # (key, label, percent?)
     ("roc_auc", "ROC AUC, unseen ids", False),
     ("recall_at_1", "Recall@1, unseen ids", True),
     ("recall_at_5", "Recall@5, unseen ids", True),
+    ("knn_top1", "kNN top-1 (k=20), held-out labelled images", True),
+    ("linear_probe_top1", "linear-probe top-1, held-out labelled images", True),
 )
 
 
@@ -107,11 +109,14 @@ def summary_text(metrics: dict, out_dir) -> str:
              f"{metrics.get('loss_first', math.nan):.2f} -> {metrics.get('loss_last', math.nan):.2f}",
              "-" * 72, f" {'metric':<44}{'trained':>12}{'untrained' if before else '':>14}"]
     for key, label, percent in SUMMARY_ROWS:
+        if key not in metrics and key not in before:
+            continue  # not measured for this task (e.g. no classifier of training ids under FFC)
         untrained = fmt(before.get(key), percent) if before else ""
         lines.append(f" {label:<44}{fmt(metrics.get(key), percent):>12}{untrained:>14}")
     lines += ["-" * 72,
-              f" {metrics.get('seen_images')} held-out images of training ids; {metrics.get('unseen_images')} images "
-              f"of unseen ids ({metrics.get('verification_pairs', 0):,} pairs)",
+              (f" {metrics['seen_images']} held-out images of training ids; " if "seen_images" in metrics else
+               f" {metrics.get('probe_images')} held-out labelled images (half bank, half queries); ")
+              + f"{metrics.get('unseen_images')} images of unseen ids ({metrics.get('verification_pairs', 0):,} pairs)",
               f" outputs: {out_dir}/metrics.json, metrics.csv, plots/*.png, tensorboard/, checkpoints/",
               "=" * 72]
     return "\n".join(lines)

@@ -39,32 +39,21 @@ def evaluate(backbone, head, seen, unseen, class_buckets, *, batch_size: int = 5
              group=None, fars=(1e-3, 1e-4)) -> tuple[dict, dict]:
     """Evaluate on ``seen = (inputs, labels)`` (held-out images of training classes) and
     ``unseen = (inputs, identities)``; every rank of ``group`` must call it with the same sets.
+    ``head=None`` (a model without a class per training identity: FFC's pool, instance
+    classification) skips the seen-class classification.
 
     Returns ``(metrics, curves)``: metrics ``top1_seen``, ``top5_seen``, ``acc_<bucket>`` (bucket of
     ``class_buckets[C]``: 0 tail, 1 medium, 2 head), ``tar_at_far_<far>``, ``roc_auc``,
     ``recall_at_1``, ``recall_at_5``; curves ``fpr``/``tpr`` (lists) for an ROC plot.
     """
     rank, world = get_rank(group), get_world_size(group)
-    head_was_training = head.training
-    head.eval()
+    head_was_training = head is not None and head.training
+    if head is not None:
+        head.eval()
     metrics, curves = {}, {}
     try:
-        x, labels = seen
-        part, sizes = _my_slice(len(x), rank, world)
-        emb = embed(backbone, x[part], batch_size, device)
-        k = min(5, head.num_classes)
-        predicted = []
-        for i in range(0, max(max(sizes), 1), batch_size):  # same number of predict calls on every rank
-            _, ids = head.predict(emb[i: i + batch_size].to(device), k=k)
-            predicted.append(ids.cpu())
-        predicted = gather_rows(torch.cat(predicted), sizes, group).cpu()
-        correct = predicted == labels[:, None]
-        metrics["top1_seen"] = float(correct[:, :1].any(1).float().mean())
-        metrics["top5_seen"] = float(correct.any(1).float().mean())
-        for name, acc in bucket_accuracy(correct[:, 0].numpy(), labels.numpy(), class_buckets).items():
-            metrics[f"acc_{name}"] = acc
-        metrics["seen_images"] = len(x)
-
+        if head is not None:
+            metrics.update(_classify_seen(backbone, head, seen, class_buckets, batch_size, device, group))
         x, identities = unseen
         part, sizes = _my_slice(len(x), rank, world)
         emb = gather_rows(embed(backbone, x[part], batch_size, device).to(device), sizes, group).cpu()
@@ -80,8 +69,30 @@ def evaluate(backbone, head, seen, unseen, class_buckets, *, batch_size: int = 5
         keep = np.unique(np.r_[0, np.searchsorted(fpr, np.logspace(-6, 0, 400)).clip(0, len(fpr) - 1), len(fpr) - 1])
         curves["fpr"], curves["tpr"] = fpr[keep].tolist(), tpr[keep].tolist()
     finally:
-        head.train(head_was_training)
+        if head is not None:
+            head.train(head_was_training)
     return metrics, curves
+
+
+def _classify_seen(backbone, head, seen, class_buckets, batch_size, device, group) -> dict:
+    """``top1_seen``, ``top5_seen``, ``acc_<bucket>`` of ``seen`` through the head's distributed top-k."""
+    rank, world = get_rank(group), get_world_size(group)
+    x, labels = seen
+    part, sizes = _my_slice(len(x), rank, world)
+    emb = embed(backbone, x[part], batch_size, device)
+    k = min(5, head.num_classes)
+    predicted = []
+    for i in range(0, max(max(sizes), 1), batch_size):  # same number of predict calls on every rank
+        _, ids = head.predict(emb[i: i + batch_size].to(device), k=k)
+        predicted.append(ids.cpu())
+    predicted = gather_rows(torch.cat(predicted), sizes, group).cpu()
+    correct = predicted == labels[:, None]
+    metrics = {"top1_seen": float(correct[:, :1].any(1).float().mean()),
+               "top5_seen": float(correct.any(1).float().mean())}
+    for name, acc in bucket_accuracy(correct[:, 0].numpy(), labels.numpy(), class_buckets).items():
+        metrics[f"acc_{name}"] = acc
+    metrics["seen_images"] = len(x)
+    return metrics
 
 
 __all__ = ["BUCKET_NAMES", "embed", "evaluate"]

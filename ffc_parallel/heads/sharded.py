@@ -143,6 +143,7 @@ class ShardedClassifier(nn.Module):
         self.register_buffer("class_weight", None, persistent=False)
         self.sample_step = 0          # Partial FC draws depend on (seed, rank, sample_step)
         self.last_sampled_rows = None  # local rows used by the last training forward (None: all)
+        self.rows_listener = None  # called with the rows of every training selection (set by FFCEngine)
 
     def extra_repr(self) -> str:
         m = self.margin
@@ -245,6 +246,8 @@ class ShardedClassifier(nn.Module):
             self.sample_step += 1
             local = torch.searchsorted(rows, local)
         self.last_sampled_rows = rows
+        if self.training and self.rows_listener is not None:
+            self.rows_listener(rows)
         return rows, torch.where(owned, local, torch.full_like(local, -1))
 
     def label_weight_part(self, labels: torch.Tensor, label_cols: torch.Tensor):

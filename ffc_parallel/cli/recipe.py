@@ -1,0 +1,337 @@
+"""What an ``ffc-train`` run builds from its options around the training loop of ``cli/train.py``.
+
+A :class:`Recipe` holds, for one of the three kinds of run,
+
+* ``--task classify`` (default): the backbone and :class:`~ffc_parallel.ShardedClassifier` under
+  :func:`ffc_parallel.initialize`, with the long-tail tricks: re-weighting (``--reweight``, DRW
+  ``--drw-epoch``), re-sampling (``--sampler``, DRS ``--drs-epoch``), mixup (``--mixup-alpha``) and
+  cross-batch memory (``--xbm-size``);
+* ``--task instance``: one class per training image (:func:`ffc_parallel.instance_classifier`),
+  random views of the images, the contrastive prior, hardest-class label smoothing, kNN and
+  linear-probe evaluation;
+* ``--head ffc``: the :class:`~ffc_parallel.FFC` model (probe, EMA gallery, slot-sharded class pool)
+  under :class:`~ffc_parallel.PoolEngine`, fed by FFC's dual loader;
+
+the engine, the number of micro-batches and the batches of each epoch, what happens at the start of
+an epoch, the extra checkpoint state and the end-of-run evaluation.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from itertools import islice
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import ffc_parallel as fp
+from ffc_parallel.data import RankLoader, frequency_buckets, labels_of
+from ffc_parallel.data import hashrng
+from ffc_parallel.data.loader import load_batches
+
+SAMPLERS = ("instance", "class_balanced", "sqrt", "progressive", "oversample", "undersample")
+REWEIGHTING = ("ce", "cs_ce", "cb_ce", "focal", "cb_focal", "sigmoid_focal")
+PAIR_LOSSES = ("contrastive", "multi_similarity")
+
+
+def check_options(opts) -> None:
+    """Raise ``ValueError`` for combinations a run cannot honour (before any process group work)."""
+    tricks = {"--reweight": opts.reweight != "ce", "--sampler": opts.sampler != "instance",
+              "--mixup-alpha": opts.mixup_alpha > 0, "--xbm-size": opts.xbm_size > 0}
+    used = [flag for flag, on in tricks.items() if on]
+    if opts.head == "ffc" and (used or opts.task != "classify" or opts.sample_rate < 1.0):
+        raise ValueError("--head ffc trains identities through its class pool: it takes no "
+                         f"{', '.join(used) or '--task instance / --sample-rate'} (use the sharded head for those)")
+    if opts.task == "instance" and used:
+        raise ValueError(f"--task instance uses its own targets (hardest-class smoothing): drop {', '.join(used)}")
+    if opts.xbm_size and opts.mixup_alpha > 0:
+        raise ValueError("--xbm-size with --mixup-alpha: a mixed embedding has no single label for the memory; "
+                         "use one of them")
+    if opts.drw_epoch is not None and opts.reweight not in ("cs_ce", "cb_ce", "cb_focal"):
+        raise ValueError(f"--drw-epoch defers class weights, but --reweight {opts.reweight} has none: "
+                         "use cs_ce, cb_ce or cb_focal")
+    if opts.drs_epoch is not None and opts.sampler == "instance":
+        raise ValueError("--drs-epoch switches to --sampler at that epoch: choose a re-sampler "
+                         f"({', '.join(SAMPLERS[1:])})")
+
+
+class StepLoss:
+    """``HybridModel.loss_fn`` of a classification or instance run.
+
+    ``backbone(inputs)`` (mixed by ``mixup`` while it is active) -> the head's loss (with
+    ``smoothing``'s soft targets, or ``focal`` = sigmoid focal instead of the softmax) -> plus the
+    cross-batch-memory loss ``xbm``. ``epoch`` and ``step`` (micro-batch counter, the same on every
+    rank) are set by the training loop; mixup draws λ from them.
+    """
+
+    def __init__(self, mixup=None, xbm=None, focal=None, smoothing=None):
+        self.mixup, self.xbm, self.focal, self.smoothing = mixup, xbm, focal, smoothing
+        self.epoch = self.step = 0
+
+    def __call__(self, backbone, head, inputs, labels):
+        if self.mixup is not None and self.mixup.active(self.epoch):
+            embeddings, plan = self.mixup.forward_embeddings(backbone, inputs, self.step)
+            partner = labels[plan.perm.to(labels.device)]
+            loss = plan.lam * self._head(head, embeddings, labels) + (1 - plan.lam) * self._head(head, embeddings, partner)
+        else:
+            embeddings = backbone(inputs)
+            loss = self._head(head, embeddings, labels)
+        if self.xbm is not None:
+            loss = loss + self.xbm(embeddings, labels)
+        return loss
+
+    def _head(self, head, embeddings, labels):
+        if self.focal is not None:
+            return self.focal(head, embeddings, labels)
+        soft = self.smoothing.soft_targets(labels) if self.smoothing is not None else None
+        return head(embeddings, labels, soft_targets=soft)
+
+
+class InstanceViews:
+    """``source``'s training items as instance-classification data: label = item index, input = a
+    random view (Gaussian pixel noise ``noise``; for images also a random translation of up to
+    ``shift`` pixels), drawn from ``(seed, epoch, items)`` so every epoch sees new views."""
+
+    def __init__(self, source, noise: float, shift: int, seed: int):
+        self.source, self.noise, self.shift, self.seed, self.epoch = source, float(noise), int(shift), seed, 0
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batch(self, indices):
+        indices = np.asarray(indices, dtype=np.int64)
+        if hasattr(self.source, "batch"):
+            x = self.source.batch(indices)[0]
+        else:
+            x = torch.stack([torch.as_tensor(self.source[int(i)][0]) for i in indices])
+        g = torch.Generator().manual_seed(int(hashrng.hash_keys(self.seed, 0x1257, self.epoch, int(indices[0]),
+                                                                len(indices)).item()) & (2**62 - 1))
+        if x.dim() == 4 and self.shift > 0:
+            shifts = torch.randint(-self.shift, self.shift + 1, (x.shape[0], 2), generator=g).tolist()
+            x = torch.stack([torch.roll(img, (dy, dx), dims=(1, 2)) for img, (dy, dx) in zip(x, shifts)])
+        if self.noise > 0:
+            x = x + self.noise * torch.randn(x.shape, generator=g, dtype=x.dtype)
+        return x, torch.from_numpy(indices)
+
+
+class Recipe:
+    """The model, engine, epochs and evaluation of one ``ffc-train`` run (see the module docstring)."""
+
+    def __init__(self, opts, bundle, rank: int, world: int, device):
+        from ffc_parallel.models import build_backbone
+
+        check_options(opts)
+        self.opts, self.bundle, self.rank, self.world = opts, bundle, rank, world
+        self.source = bundle.train
+        self.sampler = self.drs = self.drw = self.smoothing = self.xbm = None
+        self.head = self.dual = None
+        self.backbone = build_backbone(opts.backbone, bundle.input_shape, opts.embedding_dim)
+        self._labels = None
+        if opts.head == "ffc":
+            self._build_ffc(device)
+            return
+        if opts.task == "instance":
+            self.source = InstanceViews(bundle.train, opts.view_noise, opts.view_shift, opts.seed)
+            self.head = fp.instance_classifier(len(bundle.train), opts.embedding_dim, opts.temperature,
+                                               sample_rate=opts.sample_rate, seed=opts.seed, device=device)
+            if opts.smoothing_neighbours:
+                self.smoothing = fp.HardestClassSmoothing(self.head, k=opts.smoothing_neighbours,
+                                                          alpha=opts.smoothing_alpha)
+        else:
+            from ffc_parallel.cli.train import resolve_margin
+            self.head = fp.ShardedClassifier(opts.embedding_dim, bundle.num_classes, margin=resolve_margin(opts.margin),
+                                             scale=opts.scale, sample_rate=opts.sample_rate, seed=opts.seed,
+                                             device=device)
+            self._build_sampler()
+        self.loss = StepLoss(mixup=self._mixup(), xbm=self._xbm(device), focal=self._sigmoid_focal(),
+                             smoothing=self.smoothing)
+        self.model = fp.HybridModel(self.backbone, self.head, loss_fn=self.loss)
+
+    # ------------------------------------------------------------------ building
+    @property
+    def labels(self) -> torch.Tensor:
+        """Training labels ``[N]`` (computed once, for the samplers and the dual loader)."""
+        if self._labels is None:
+            self._labels = labels_of(self.bundle.train)
+        return self._labels
+
+    def _build_ffc(self, device) -> None:
+        opts = self.opts
+        from ffc_parallel.cli.train import resolve_margin
+        size = opts.pool_size
+        pool_size = int(round(size * self.bundle.num_classes)) if size <= 1 else int(size)
+        self.model = fp.FFC(self.backbone.to(device), opts.embedding_dim, max(1, pool_size),
+                            margin=resolve_margin(opts.margin), scale=opts.scale or 32.0,
+                            gallery_momentum=opts.gallery_momentum, device=device)
+        id_batch = opts.ffc_identities if opts.ffc_identities is not None else opts.batch_size // 4
+        instance_batch = opts.batch_size - 2 * id_batch
+        if instance_batch < 0:
+            raise ValueError(f"--ffc-identities {id_batch} x 2 images exceeds --batch-size {opts.batch_size}")
+        self.dual = fp.data.DualBatchSampler(self.labels, id_batch, instance_batch, seed=opts.seed,
+                                             rank=self.rank, world_size=self.world)
+
+    def _build_sampler(self) -> None:
+        opts = self.opts
+        if opts.sampler == "instance":
+            return
+        data = fp.data
+        kw = dict(rank=self.rank, world_size=self.world, seed=opts.seed, num_classes=self.bundle.num_classes)
+        if opts.sampler == "oversample":
+            sampler = data.RandomOverSampler(self.labels, **kw)
+        elif opts.sampler == "undersample":
+            sampler = data.RandomUnderSampler(self.labels, **kw)
+        else:
+            sampler = data.ClassProbabilitySampler(self.labels, opts.sampler, total_epochs=opts.epochs, **kw)
+        self.sampler = sampler
+        if opts.drs_epoch is not None:
+            self.drs = data.DeferredResampling(opts.drs_epoch, before=None, after=sampler)
+
+    def _mixup(self):
+        opts = self.opts
+        if opts.mixup_alpha <= 0:
+            return None
+        layers = [name.strip() for name in opts.mixup_layers.split(",")] if opts.mixup_layers else None
+        return fp.data.Mixup(opts.mixup_alpha, layers=layers, stop_epoch=opts.mixup_stop_epoch, seed=opts.seed)
+
+    def _xbm(self, device):
+        opts = self.opts
+        if not opts.xbm_size:
+            return None
+        from ffc_parallel.losses.pairs import ContrastiveLoss, MultiSimilarityLoss
+        pair = ContrastiveLoss(opts.xbm_margin) if opts.xbm_loss == "contrastive" else MultiSimilarityLoss()
+        self.xbm = fp.losses.CrossBatchMemory(opts.xbm_size, opts.embedding_dim, pair_loss=pair,
+                                              weight=opts.xbm_weight, warmup_steps=opts.xbm_warmup, device=device)
+        return self.xbm
+
+    def _sigmoid_focal(self):
+        if self.opts.reweight != "sigmoid_focal":
+            return None
+        from ffc_parallel.losses.reweight import ShardedSigmoidFocal
+        return ShardedSigmoidFocal(gamma=self.opts.focal_gamma, prior=1.0 / self.bundle.num_classes)
+
+    def configure_reweighting(self) -> None:
+        """Class weights and row loss of ``--reweight`` (collective; again after a resume: the
+        weights are recomputed from the class counts, not checkpointed)."""
+        opts = self.opts
+        if self.head is None or opts.reweight in ("ce", "sigmoid_focal"):
+            return
+        from ffc_parallel.losses.reweight import DeferredReweighting, configure_reweighting
+        start, stop = self.head.class_range
+        counts = torch.as_tensor(np.asarray(self.bundle.class_counts)[start:stop], dtype=torch.long)
+        configure_reweighting(self.head, opts.reweight, counts, gamma=opts.reweight_gamma, beta=opts.reweight_beta,
+                              focal_gamma=opts.focal_gamma)
+        if opts.drw_epoch is not None:
+            self.drw = DeferredReweighting(opts.drw_epoch, after=self.head.class_weight)
+
+    # ------------------------------------------------------------------ before training
+    def prepare(self, engine_factory, resume: bool):
+        """Initialise what training starts from (contrastive prior, FFC pool prefill) unless
+        resuming, then build the engine; returns it."""
+        opts = self.opts
+        if opts.head == "ffc":
+            if not resume and opts.prefill_fraction > 0:
+                self._prefill_pool()
+            return engine_factory(self.model)
+        if opts.task == "instance" and not opts.no_contrastive_prior and not resume:
+            # before fp.initialize: the centers' fp32 master copy is taken from the written rows
+            mine = np.arange(self.rank, len(self.source), self.world)   # every image once, over all ranks
+            batches = (self.source.batch(mine[i: i + opts.batch_size]) for i in range(0, len(mine), opts.batch_size))
+            written = fp.contrastive_prior(self.backbone, batches, self.head, progress=self.rank == 0)
+            if self.rank == 0:
+                print(f"ffc-train: contrastive prior wrote {written:,} of {self.head.num_classes:,} class rows",
+                      file=sys.stderr)
+        engine = engine_factory(self.model)
+        self.configure_reweighting()
+        return engine
+
+    def _prefill_pool(self) -> None:
+        """Gallery features of the first ``prefill_fraction`` of the identities' worth of images (the
+        paper fills about 10% of the pool before training)."""
+        opts = self.opts
+        loader = RankLoader(self.bundle.train, opts.batch_size, self.rank, self.world, seed=opts.seed + 1)
+        wanted = opts.prefill_fraction * self.model.pool.pool_size
+        steps = max(1, min(len(loader), math.ceil(wanted / (opts.batch_size * self.world))))
+        filled = self.model.prefill(islice(iter(loader), steps), progress=self.rank == 0)
+        if self.rank == 0:
+            print(f"ffc-train: class pool prefilled: {filled:,} of {self.model.pool.pool_size:,} slots", file=sys.stderr)
+
+    # ------------------------------------------------------------------ epochs
+    def _epoch_sampler(self, epoch: int):
+        """The re-sampler of ``epoch`` (None: the plain shuffled epoch)."""
+        return self.drs.sampler(epoch) if self.drs is not None else self.sampler
+
+    def micro_batches(self, epoch: int) -> int:
+        """Micro-batches of ``epoch`` on every rank."""
+        if self.dual is not None:
+            return len(self.dual)
+        sampler = self._epoch_sampler(epoch)
+        if sampler is not None:
+            return len(sampler) // self.opts.batch_size
+        return len(RankLoader(self.source, self.opts.batch_size, 0, self.world))
+
+    def start_epoch(self, epoch: int) -> None:
+        """Per-epoch switches: DRW weights, smoothing refresh, fresh instance views (collective)."""
+        if self.drw is not None:
+            self.drw.apply(self.head, epoch)
+        if self.smoothing is not None and (self.smoothing.neighbours is None
+                                           or epoch % self.smoothing.refresh_every == 0):
+            if self.smoothing.refreshed_at != epoch:  # also on a resume: neighbours are not checkpointed
+                self.smoothing.refresh(progress=False)
+                self.smoothing.refreshed_at = epoch
+        if isinstance(self.source, InstanceViews):
+            self.source.epoch = epoch
+        if hasattr(self, "loss"):
+            self.loss.epoch = epoch
+
+    def batches(self, epoch: int, start_micro: int):
+        """This rank's ``(inputs, labels)`` of ``epoch`` from micro-batch ``start_micro`` on."""
+        opts = self.opts
+        if self.dual is not None:
+            self.dual.set_epoch(epoch)
+            return load_batches(self.bundle.train, islice(iter(self.dual), start_micro, None), opts.num_workers)
+        return iter(RankLoader(self.source, opts.batch_size, self.rank, self.world, seed=opts.seed, epoch=epoch,
+                               start_step=start_micro, num_workers=opts.num_workers, sampler=self._epoch_sampler(epoch)))
+
+    # ------------------------------------------------------------------ checkpoint state and evaluation
+    def client_state(self) -> dict:
+        state = {"sample_step": self.head.sample_step} if self.head is not None else {}
+        if self.xbm is not None:
+            state["xbm"] = {k: v.cpu() for k, v in self.xbm.state_dict().items()}
+        return state
+
+    def load_client_state(self, state: dict) -> None:
+        if self.head is not None:
+            self.head.sample_step = int(state.get("sample_step", 0))
+        if self.xbm is not None:
+            if "xbm" not in state:
+                raise ValueError("--xbm-size: the checkpoint holds no cross-batch memory (saved without --xbm-size)")
+            self.xbm.load_state_dict(state["xbm"])
+
+    def evaluate(self, device):
+        """``(metrics, curves)``: the head's seen-class accuracy (classification), verification and
+        retrieval on unseen identities, and kNN / linear probe of held-out labelled images."""
+        from ffc_parallel.eval import evaluate
+        opts, bundle = self.opts, self.bundle
+        backbone = self.model.probe if opts.head == "ffc" else self.backbone
+        head = self.head if opts.task == "classify" and opts.head != "ffc" else None
+        buckets = frequency_buckets(bundle.class_counts, tuple(opts.bucket_edges))
+        metrics, curves = evaluate(backbone, head, bundle.seen, bundle.unseen, buckets,
+                                   batch_size=opts.eval_batch_size, device=device)
+        if head is None:
+            metrics.update(feature_probes(backbone, bundle.seen, opts.eval_batch_size, device))
+        return metrics, curves
+
+
+def feature_probes(backbone, seen, batch_size: int, device) -> dict:
+    """kNN (k=20) and linear-probe top-1 of frozen features on held-out labelled images: every other
+    image of ``seen = (inputs, labels)`` is the labelled bank, the rest the queries. The same on
+    every rank (no collective)."""
+    from ffc_parallel.eval.runner import embed
+    from ffc_parallel.heads.instance import knn_accuracy, linear_probe_accuracy
+    x, y = seen
+    feats = F.normalize(embed(backbone, x, batch_size, device), dim=1)
+    bank, queries = slice(0, None, 2), slice(1, None, 2)
+    return {"knn_top1": knn_accuracy(feats[bank], y[bank], feats[queries], y[queries], k=20),
+            "linear_probe_top1": linear_probe_accuracy(feats[bank], y[bank], feats[queries], y[queries]),
+            "probe_images": len(x)}
