@@ -67,6 +67,17 @@ class SmallResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed(self.features(x))
 
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's output ``[N, K, h, w]``, before global average pooling (for CAMs)."""
+        return self.features[:-2](x)
+
+    def cam_projection(self) -> torch.Tensor:
+        """``P[D, K]`` with ``embedding = P @ pooled + const`` in eval mode: the Linear scaled by the
+        BatchNorm's ``γ / sqrt(running_var + eps)`` (its shift is the same at every position, so it
+        does not move a CAM's foreground split)."""
+        linear, bn = self.embed
+        return (bn.weight / torch.sqrt(bn.running_var + bn.eps))[:, None] * linear.weight
+
 
 class _RepeatChannels(nn.Module):
     """Feeds greyscale images ``[b, 1, H, W]`` to a model that expects ``channels`` channels."""

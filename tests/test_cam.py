@@ -84,3 +84,42 @@ def test_balancer_plans_max_minus_count_per_class_and_augments_with_the_class_ce
     _, masks, kinds = balancer.augment(images[sources], labels[sources])
     assert torch.equal(masks, squares[sources]), "the CAM foreground must be the square of each source image"
     assert all(k in ("flip", "translate", "rotate", "scale") for k in kinds)
+
+
+def test_small_resnet_cam_projection_maps_pooled_feature_maps_to_the_embedding():
+    from ffc_parallel.models import SmallResNet
+    torch.manual_seed(0)
+    net = SmallResNet((1, 12, 12), 6).double()
+    net.train()
+    for _ in range(3):                                   # non-trivial BatchNorm running statistics
+        net(torch.randn(8, 1, 12, 12, dtype=torch.float64))
+    net.eval()
+    x = torch.randn(5, 1, 12, 12, dtype=torch.float64)
+    pooled = net.feature_maps(x).mean(dim=(2, 3))
+    via_projection = pooled @ net.cam_projection().t()
+    offset = net(x) - via_projection                     # the same constant for every image
+    assert torch.allclose(offset, offset[:1].expand_as(offset), atol=1e-10)
+
+
+def test_online_balancer_replaces_draws_of_class_c_with_probability_one_minus_n_c_over_max():
+    import ffc_parallel as fp
+    from ffc_parallel.data.cam import OnlineCamBalancer
+    from ffc_parallel.models import SmallResNet
+    torch.manual_seed(0)
+    net = SmallResNet((1, H, W), 8)
+    head = fp.ShardedClassifier(8, 3)
+    counts = [40, 10, 30]                                # p_generated = 0, 3/4, 1/4
+    balancer = OnlineCamBalancer(counts, seed=1, transforms=("translate",))
+    labels = torch.tensor([0, 1, 2] * 40)
+    images = torch.stack([_image(seed=i)[0] for i in range(labels.numel())]).float()
+    changed = torch.zeros(3)
+    for step in range(20):
+        out = balancer.augment(net, head, images, labels, step)
+        assert out.shape == images.shape and net.training
+        moved = (out != images).flatten(1).any(1)
+        changed += torch.bincount(labels[moved], minlength=3).float()
+        again = balancer.augment(net, head, images, labels, step)
+        assert torch.equal(out, again)                    # draws depend on (seed, rank, step) only
+    rate = changed / (20 * 40)
+    assert rate[0] == 0                                  # the largest class is never generated
+    assert abs(rate[1] - 0.75) < 0.06 and abs(rate[2] - 0.25) < 0.06, rate

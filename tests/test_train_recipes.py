@@ -25,6 +25,7 @@ def test_option_types_and_refused_combinations():
         (dict(xbm_size=64, mixup_alpha=0.2), "--xbm-size with --mixup-alpha"),
         (dict(drw_epoch=2, reweight="focal"), "--drw-epoch .* focal has none"),
         (dict(drs_epoch=2), "--drs-epoch .* choose a re-sampler"),
+        (dict(cam_epoch=1, sampler="sqrt"), "--cam-epoch brings its own"),
     ]
     for kwargs, message in refused:
         with pytest.raises(ValueError, match=message):
@@ -105,9 +106,12 @@ def test_long_tail_tricks_and_xbm_train_and_resume_exactly(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_mixup_and_sigmoid_focal_run_resumes_exactly(tmp_path):
-    """Input mixup switched off at epoch 1 (fine-tuning after mixup), sigmoid focal loss."""
-    argv = _SMALL + ["--mixup-alpha", "0.4", "--mixup-stop-epoch", "1", "--reweight", "sigmoid_focal"]
+def test_mixup_cam_balancing_and_sigmoid_focal_run_resumes_exactly(tmp_path):
+    """Images and the small ResNet: manifold mixup switched off at epoch 1 (fine-tuning after mixup)
+    when CAM-based balanced sampling starts, sigmoid focal loss; resumed across the switch."""
+    argv = _SMALL + ["--synthetic-mode", "image", "--image-size", "8", "--backbone", "resnet",
+                     "--mixup-alpha", "0.4", "--mixup-layers", "input,features.4", "--mixup-stop-epoch", "1",
+                     "--cam-epoch", "1", "--reweight", "sigmoid_focal"]
     e0 = _first_epoch_steps(argv)
     resume_at = e0 - 1 - (e0 - 1) % 2          # a checkpoint in epoch 0, resumed across the switch
     _resume_matches(tmp_path, 2, argv, resume_at + 4, resume_at)
@@ -120,7 +124,7 @@ def test_instance_classification_trains_evaluates_by_knn_and_resumes_exactly(tmp
     argv = _SMALL + ["--task", "instance", "--smoothing-neighbours", "3", "--eval-before"]
     e0 = _first_epoch_steps(argv)
     first, _ = _resume_matches(tmp_path, 2, argv, e0 + 3, e0)
-    assert first["num_classes"] == 200 and first["task"] == "instance" and "top1_seen" not in first
+    assert first["head_classes"] == 1181 and first["task"] == "instance" and "top1_seen" not in first
     for key in ("knn_top1", "linear_probe_top1", "recall_at_1"):
         assert 0 <= first[key] <= 1 and key in first["before_training"]
 
@@ -131,6 +135,7 @@ def test_ffc_trains_with_its_pool_resumes_exactly_and_reshards(tmp_path):
     gallery, every rank's pool slots) resumes the exact trajectory, and loads on 1 rank."""
     argv = _SMALL + ["--head", "ffc", "--pool-size", "0.3", "--ffc-identities", "4"]
     first, _ = _resume_matches(tmp_path, 2, argv, 7, 4)
-    assert first["head"] == "ffc" and "top1_seen" not in first and 0 <= first["knn_top1"] <= 1
+    assert first["head"] == "ffc" and first["pool_slots"] == 60 and "top1_seen" not in first
+    assert 0 <= first["knn_top1"] <= 1
     one = _run(tmp_path / "b", 1, argv + ["--resume"], 9)[0]        # 2 -> 1 rank: the pool is resharded
     assert one["steps"] == 9 and one["world_size"] == 1

@@ -17,6 +17,7 @@ an epoch, the extra checkpoint state and the end-of-run evaluation.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from itertools import islice
@@ -38,6 +39,7 @@ PAIR_LOSSES = ("contrastive", "multi_similarity")
 def check_options(opts) -> None:
     """Raise ``ValueError`` for combinations a run cannot honour (before any process group work)."""
     tricks = {"--reweight": opts.reweight != "ce", "--sampler": opts.sampler != "instance",
+              "--cam-epoch": opts.cam_epoch is not None,
               "--mixup-alpha": opts.mixup_alpha > 0, "--xbm-size": opts.xbm_size > 0}
     used = [flag for flag, on in tricks.items() if on]
     if opts.head == "ffc" and (used or opts.task != "classify" or opts.sample_rate < 1.0):
@@ -51,6 +53,9 @@ def check_options(opts) -> None:
     if opts.drw_epoch is not None and opts.reweight not in ("cs_ce", "cb_ce", "cb_focal"):
         raise ValueError(f"--drw-epoch defers class weights, but --reweight {opts.reweight} has none: "
                          "use cs_ce, cb_ce or cb_focal")
+    if opts.cam_epoch is not None and (opts.sampler != "instance" or opts.drs_epoch is not None):
+        raise ValueError("--cam-epoch brings its own class-balanced sampler from that epoch on: drop --sampler / "
+                         "--drs-epoch")
     if opts.drs_epoch is not None and opts.sampler == "instance":
         raise ValueError("--drs-epoch switches to --sampler at that epoch: choose a re-sampler "
                          f"({', '.join(SAMPLERS[1:])})")
@@ -59,17 +64,21 @@ def check_options(opts) -> None:
 class StepLoss:
     """``HybridModel.loss_fn`` of a classification or instance run.
 
-    ``backbone(inputs)`` (mixed by ``mixup`` while it is active) -> the head's loss (with
+    ``inputs`` (CAM-transformed by ``cam`` from ``cam_epoch`` on) -> ``backbone(inputs)`` (mixed by
+    ``mixup`` while it is active) -> the head's loss (with
     ``smoothing``'s soft targets, or ``focal`` = sigmoid focal instead of the softmax) -> plus the
     cross-batch-memory loss ``xbm``. ``epoch`` and ``step`` (micro-batch counter, the same on every
     rank) are set by the training loop; mixup draws λ from them.
     """
 
-    def __init__(self, mixup=None, xbm=None, focal=None, smoothing=None):
+    def __init__(self, mixup=None, xbm=None, focal=None, smoothing=None, cam=None, cam_epoch: int = 0):
         self.mixup, self.xbm, self.focal, self.smoothing = mixup, xbm, focal, smoothing
+        self.cam, self.cam_epoch = cam, cam_epoch
         self.epoch = self.step = 0
 
     def __call__(self, backbone, head, inputs, labels):
+        if self.cam is not None and self.epoch >= self.cam_epoch:
+            inputs = self.cam.augment(backbone, head, inputs, labels, self.step)
         if self.mixup is not None and self.mixup.active(self.epoch):
             embeddings, plan = self.mixup.forward_embeddings(backbone, inputs, self.step)
             partner = labels[plan.perm.to(labels.device)]
@@ -145,7 +154,7 @@ class Recipe:
                                              device=device)
             self._build_sampler()
         self.loss = StepLoss(mixup=self._mixup(), xbm=self._xbm(device), focal=self._sigmoid_focal(),
-                             smoothing=self.smoothing)
+                             smoothing=self.smoothing, cam=self._cam(), cam_epoch=opts.cam_epoch or 0)
         self.model = fp.HybridModel(self.backbone, self.head, loss_fn=self.loss)
 
     # ------------------------------------------------------------------ building
@@ -171,8 +180,18 @@ class Recipe:
         self.dual = fp.data.DualBatchSampler(self.labels, id_batch, instance_batch, seed=opts.seed,
                                              rank=self.rank, world_size=self.world)
 
+    def _cam(self):
+        if self.opts.cam_epoch is None:
+            return None
+        if not (hasattr(self.backbone, "feature_maps") and hasattr(self.backbone, "cam_projection")):
+            raise ValueError("--cam-epoch needs image data and a backbone with feature_maps() and cam_projection() "
+                             "(--synthetic-mode image or image data, --backbone resnet)")
+        return fp.data.OnlineCamBalancer(self.bundle.class_counts, seed=self.opts.seed)
+
     def _build_sampler(self) -> None:
         opts = self.opts
+        if opts.cam_epoch is not None:   # CAM balancing draws class-balanced from its epoch on
+            opts = dataclasses.replace(opts, sampler="class_balanced", drs_epoch=opts.cam_epoch)
         if opts.sampler == "instance":
             return
         data = fp.data
@@ -292,6 +311,12 @@ class Recipe:
             return load_batches(self.bundle.train, islice(iter(self.dual), start_micro, None), opts.num_workers)
         return iter(RankLoader(self.source, opts.batch_size, self.rank, self.world, seed=opts.seed, epoch=epoch,
                                start_step=start_micro, num_workers=opts.num_workers, sampler=self._epoch_sampler(epoch)))
+
+    def sizes(self) -> dict:
+        """What the run classifies over: ``head_classes`` (sharded head) or ``pool_slots`` (FFC)."""
+        if self.head is not None:
+            return {"head_classes": self.head.num_classes}
+        return {"pool_slots": self.model.pool.pool_size}
 
     # ------------------------------------------------------------------ checkpoint state and evaluation
     def client_state(self) -> dict:

@@ -86,6 +86,9 @@ class TrainOptions:
     sampler: str = _opt("instance", "re-sampling of the training data", "long-tail",
                         ("instance", "class_balanced", "sqrt", "progressive", "oversample", "undersample"))
     drs_epoch: int = _opt(None, "DRS: plain shuffling before this epoch, --sampler from it on", "long-tail", kind=int)
+    cam_epoch: int = _opt(None, "CAM-based balanced sampling from this epoch: class-balanced draws, a draw of class c "
+                                "CAM-transformed with probability 1 - n_c / max n (images, --backbone resnet)",
+                          "long-tail", kind=int)
     mixup_alpha: float = _opt(0.0, "mixup: lambda ~ Beta(alpha, alpha) (0: off)", "long-tail")
     mixup_layers: str = _opt(None, "manifold mixup: comma-separated backbone module names ('input' = input "
                                    "mixup; default input only)", "long-tail")
@@ -338,6 +341,7 @@ def train(opts: TrainOptions) -> dict | None:
     import ffc_parallel as fp
     from ffc_parallel.cli.recipe import Recipe, check_options
     from ffc_parallel.data import build_data
+    from ffc_parallel.distributed.collectives import average_batchnorm_stats_
     from ffc_parallel.eval.report import read_log, summary_text, write_metrics_json, write_plots
 
     check_options(opts)
@@ -386,6 +390,7 @@ def train(opts: TrainOptions) -> dict | None:
 
     def checkpoint():
         if saved_at[0] != step:
+            average_batchnorm_stats_(recipe.model)   # one set of BatchNorm statistics in the checkpoint
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step, **recipe.client_state()})
             saved_at[0] = step
 
@@ -435,6 +440,7 @@ def train(opts: TrainOptions) -> dict | None:
     if bar is not None:
         bar.close()
 
+    average_batchnorm_stats_(recipe.model)
     metrics, curves = recipe.evaluate(device)
     log.scalars("eval", metrics, step)
     log.close()
@@ -446,7 +452,7 @@ def train(opts: TrainOptions) -> dict | None:
         train_seconds=train_seconds,
         samples_per_s=float(np.mean(rows["samples_per_s"][1:] or rows["samples_per_s"])) if rows else math.nan,
         loss_first=rows["loss"][0] if rows else math.nan, loss_last=rows["loss"][-1] if rows else math.nan,
-        num_classes=bundle.num_classes, task=opts.task, head=opts.head)
+        num_classes=bundle.num_classes, task=opts.task, head=opts.head, **recipe.sizes())
     if before is not None:
         metrics["before_training"] = before
     write_metrics_json(out_dir / "metrics.json", metrics)

@@ -10,13 +10,13 @@ from .synthetic import SyntheticLongTail, zipf_image_counts
 from .samplers import (ClassIndex, ClassProbabilitySampler, DeferredResampling, InstanceBalancedSampler,  # noqa: F401
                        RandomOverSampler, RandomUnderSampler, class_probabilities)
 from .mixup import Mixup  # noqa: F401
-from .cam import CamBalancer, fetch_class_centers  # noqa: F401
+from .cam import CamBalancer, OnlineCamBalancer, fetch_class_centers  # noqa: F401
 from .dual_loader import DualBatchSampler, dual_loader, labels_of  # noqa: F401
 
 __all__ = ["build_data", "CamBalancer", "class_probabilities", "ClassIndex", "ClassProbabilitySampler",
            "DataBundle", "decode_image", "DEFAULT_BUCKET_EDGES", "DeferredResampling", "dual_loader",
            "DualBatchSampler", "EpochBatches", "FeistelPermutation", "fetch_class_centers",
-           "frequency_buckets", "IdentitySplit", "ImageFolder", "InstanceBalancedSampler", "labels_of",
+           "frequency_buckets", "IdentitySplit", "ImageFolder", "InstanceBalancedSampler", "labels_of", "OnlineCamBalancer",
            "load_digits_tensors", "Mixup", "RandomOverSampler", "RandomUnderSampler", "RankLoader",
            "RecordIOFaces", "RecordIOReader", "RecordIOWriter", "SOURCES", "split_identities", "Subset",
            "SyntheticLongTail", "TensorData", "write_face_recordio", "zipf_image_counts"]

@@ -10,7 +10,9 @@ applied to the foreground and its mask; the transformed foreground is pasted ove
 image, so every pixel outside the transformed foreground keeps its original value.
 
 Balancing "as in the paper": class c gets ``max_j n_j - n_c`` generated images, each from a random
-image of class c (with replacement); see :class:`CamBalancer`.
+image of class c (with replacement); see :class:`CamBalancer`. :class:`OnlineCamBalancer` draws from
+the same balanced distribution without storing the generated set (for large data, and ``ffc-train
+--cam-epoch``).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..distributed.collectives import all_reduce_
+from ..distributed.collectives import all_gather_table, all_reduce_, gather_rows
+from ..heads.sampling import step_generator
 from .samplers import ClassIndex
 
 TRANSFORMS = ("flip", "translate", "rotate", "scale")
@@ -153,3 +156,61 @@ class CamBalancer:
                                    generator)[0] for i in batches]
         empty = images.new_empty((0,) + tuple(images.shape[1:]))
         return (torch.cat(new_images) if new_images else empty), labels[sources]
+
+
+def batch_class_centers(head, local_labels: torch.Tensor) -> torch.Tensor:
+    """Class centers ``[b, D]`` of this rank's ``local_labels[b]`` (collective over ``head.group``;
+    ranks may hold different labels and batch sizes): one all-gather of the labels, then
+    :func:`fetch_class_centers` on the global batch."""
+    labels = torch.as_tensor(local_labels, dtype=torch.long, device=head.weight.device)
+    sizes = all_gather_table(torch.tensor([labels.numel()], device=labels.device), head.group)[:, 0].tolist()
+    offset = sum(sizes[: head.rank])
+    return fetch_class_centers(head, gather_rows(labels, sizes, head.group))[offset: offset + labels.numel()]
+
+
+class OnlineCamBalancer:
+    """CAM-based balanced sampling without storing a balancing set, for millions of images.
+
+    The paper's balanced class c holds its ``n_c`` images plus ``max_j n_j - n_c`` CAM-transformed
+    copies; a class-balanced sampler drawing uniformly from it yields a generated image with
+    probability ``1 - n_c / max_j n_j``. Fed by a class-balanced sampler of the ORIGINAL images,
+    ``augment`` replaces each drawn image of class c with a fresh CAM-transformed copy with exactly
+    that probability (one random transform of its foreground, as :class:`CamBalancer`): the same
+    distribution, with new copies every time instead of a fixed set.
+
+    ``backbone`` must offer ``feature_maps(x) -> [N, K, h, w]`` and ``cam_projection() -> [D, K]``
+    (:class:`~ffc_parallel.models.SmallResNet` does); CAMs are computed in eval mode (the
+    first-stage model's BatchNorm statistics) without gradients. Draws depend on
+    ``(seed, rank, step)`` only.
+    """
+
+    def __init__(self, class_counts, seed: int = 0, transforms=TRANSFORMS, **affine_kw):
+        counts = torch.as_tensor(class_counts, dtype=torch.float64)
+        self.p_generated = (1.0 - counts / counts.max()).clamp_min(0.0)
+        self.seed, self.transforms, self.affine_kw = int(seed), tuple(transforms), affine_kw
+
+    @torch.no_grad()
+    def augment(self, backbone, head, images: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
+        """``images[b, C, H, W]`` with the picked ones replaced (collective over ``head.group``)."""
+        generator = step_generator(self.seed, head.rank + 1, int(step))
+        pick = torch.rand(labels.numel(), generator=generator, dtype=torch.float64) < self.p_generated[labels.cpu()]
+        centers = batch_class_centers(head, labels)            # every rank calls, picks or not
+        if not pick.any():
+            return images
+        if any(hasattr(p, "ds_status") for p in backbone.parameters()):
+            raise RuntimeError("CAM balancing under ZeRO-3: the backbone's parameters are partitioned, so its "
+                               "CAM projection cannot be read; use ZeRO stage 0, 1 or 2")
+        pick = pick.to(images.device)
+        chosen = images[pick]
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            cams = class_activation_maps(backbone.feature_maps(chosen), centers[pick], chosen.shape[-2:],
+                                         backbone.cam_projection().to(centers.dtype))
+        finally:
+            backbone.train(was_training)
+        theta, _ = random_affines(chosen.shape[0], generator, self.transforms,
+                                  aspect=chosen.shape[-1] / chosen.shape[-2], **self.affine_kw)
+        out = images.clone()
+        out[pick] = paste_transformed_foreground(chosen, foreground_masks(cams), theta.to(chosen.device))[0]
+        return out

@@ -22,6 +22,23 @@ def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch
     return tensor
 
 
+@torch.no_grad()
+def average_batchnorm_stats_(module: torch.nn.Module, group=None) -> int:
+    """Replace every BatchNorm's running mean and variance in ``module`` by their mean over the
+    ranks of ``group`` (collective; returns the number of layers). Data-parallel ranks update them
+    from different batches; DeepSpeed checkpoints keep rank 0's only, and eval mode (evaluation,
+    CAMs) should see one model: call before saving and before evaluating."""
+    stats = [t for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+             and m.track_running_stats and m.running_mean is not None for t in (m.running_mean, m.running_var)]
+    if not stats or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return len(stats) // 2
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in stats])
+    all_reduce_(flat, dist.ReduceOp.SUM, group).div_(dist.get_world_size(group))
+    for t, part in zip(stats, flat.split([t.numel() for t in stats])):
+        t.copy_(part.view_as(t))
+    return len(stats) // 2
+
+
 class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, factor):
