@@ -2,7 +2,6 @@
 the long-tail tricks with cross-batch memory, instance classification and FFC, each resumed from a
 checkpoint mid-run and compared with the uninterrupted run."""
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

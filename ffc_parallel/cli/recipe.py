@@ -36,6 +36,15 @@ REWEIGHTING = ("ce", "cs_ce", "cb_ce", "focal", "cb_focal", "sigmoid_focal")
 PAIR_LOSSES = ("contrastive", "multi_similarity")
 
 
+def resolve_margin(text: str | None):
+    """``--margin``: "arcface", "cosface", "none" or "s,m1,m2,m3" (a :class:`~ffc_parallel.CombinedMargin`)."""
+    if text is None or text.lower() == "none":
+        return None
+    if "," in text:
+        return fp.CombinedMargin(*(float(v) for v in text.split(",")))
+    return text
+
+
 def check_options(opts) -> None:
     """Raise ``ValueError`` for combinations a run cannot honour (before any process group work)."""
     tricks = {"--reweight": opts.reweight != "ce", "--sampler": opts.sampler != "instance",
@@ -135,7 +144,7 @@ class Recipe:
         self.source = bundle.train
         self.sampler = self.drs = self.drw = self.smoothing = self.xbm = None
         self.head = self.dual = None
-        self.backbone = build_backbone(opts.backbone, bundle.input_shape, opts.embedding_dim)
+        self.backbone = build_backbone(opts.backbone, bundle.input_shape, opts.embedding_dim).to(device)
         self._labels = None
         if opts.head == "ffc":
             self._build_ffc(device)
@@ -148,7 +157,6 @@ class Recipe:
                 self.smoothing = fp.HardestClassSmoothing(self.head, k=opts.smoothing_neighbours,
                                                           alpha=opts.smoothing_alpha)
         else:
-            from ffc_parallel.cli.train import resolve_margin
             self.head = fp.ShardedClassifier(opts.embedding_dim, bundle.num_classes, margin=resolve_margin(opts.margin),
                                              scale=opts.scale, sample_rate=opts.sample_rate, seed=opts.seed,
                                              device=device)
@@ -167,10 +175,9 @@ class Recipe:
 
     def _build_ffc(self, device) -> None:
         opts = self.opts
-        from ffc_parallel.cli.train import resolve_margin
         size = opts.pool_size
         pool_size = int(round(size * self.bundle.num_classes)) if size <= 1 else int(size)
-        self.model = fp.FFC(self.backbone.to(device), opts.embedding_dim, max(1, pool_size),
+        self.model = fp.FFC(self.backbone, opts.embedding_dim, max(1, pool_size),
                             margin=resolve_margin(opts.margin), scale=opts.scale or 32.0,
                             gallery_momentum=opts.gallery_momentum, device=device)
         id_batch = opts.ffc_identities if opts.ffc_identities is not None else opts.batch_size // 4

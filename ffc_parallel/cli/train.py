@@ -3,6 +3,9 @@
     deepspeed --num_gpus 2 --module ffc_parallel.cli.train --config my_run.yaml --epochs 5
     mpirun -np 4 ffc-train --data imagefolder --data-path /data/faces --backbone resnet
     ffc-train --max-steps 20                          # a single process
+    ffc-train --head ffc --pool-size 0.1              # FFC's class pool instead of a classifier
+    ffc-train --task instance                         # one class per image (self-supervised)
+    ffc-train --reweight cb_ce --drw-epoch 2 --sampler sqrt --drs-epoch 2 --xbm-size 4096
 
 Options come from (last wins) the defaults below, a YAML/JSON ``--config`` file with the same keys
 (underscores), and command-line flags. The DeepSpeed config (``--deepspeed-config``) supplies
@@ -236,15 +239,6 @@ def deepspeed_config(opts: TrainOptions, total_steps: int) -> dict:
             "warmup_num_steps": warmup, "warmup_type": "linear", "warmup_min_lr": 0.0, "warmup_max_lr": opts.lr}}
     config.setdefault("steps_per_print", 10 ** 9)  # ffc-train logs progress itself
     return config
-
-
-def resolve_margin(text: str):
-    import ffc_parallel as fp
-    if text is None or text.lower() == "none":
-        return None
-    if "," in text:
-        return fp.CombinedMargin(*(float(v) for v in text.split(",")))
-    return text
 
 
 # ---------------------------------------------------------------------- logging
