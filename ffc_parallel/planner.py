@@ -8,10 +8,11 @@ largest class count that fits, and what to change when it does not.
     print(fp.planner.format_plan(p))
 
 Every figure is per GPU (rank) for the rank with the most classes (``ceil(C / gpus)``) and is
-computed from the same chunk policy the head uses (:class:`ffc_parallel.heads.softmax_ce.ChunkPlan`).
-The peak is the larger of two moments of a step: the end of the forward (cached cosines alive) and
-the end of the backward (the new center gradient alive), on top of what lives through the whole step
-(weights, master weights, optimizer state, work buffers, embedding buffers). Formulas:
+computed from the same chunk, tile and cache policy the head uses
+(:class:`ffc_parallel.heads.softmax_ce.ChunkPlan`). The peak is the start of the backward: the cached
+logits are still alive when the new center gradient is allocated, on top of what lives through the
+whole step (weights, master weights, optimizer state, work buffers, embedding buffers). ``device="cpu"``
+models the CPU head (small tiles; the cache borrows the not yet written gradient buffer). Formulas:
 ``docs/planner.md``.
 """
 from __future__ import annotations
@@ -20,14 +21,12 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 
 from .heads.sampling import _DENSE_FRACTION
-from .heads.softmax_ce import DEFAULT_MEMORY_BUDGET_MB, ChunkPlan
+from .heads.softmax_ce import (DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, borrowed_columns, borrows_gradient,
+                                work_bytes)
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 OPTIMIZER_BUFFERS = {"none": 0, "sgd": 1, "adam": 2, "adamw": 2}  # [C_local, D] state tensors
 _CHECK_TABLE_INTS = 18   # int64 entries per rank in the head's input-check all-gather
-_WORK_BUFFERS = 3        # [B, chunk] stats-dtype buffers of the fused loss (softmax_ce._WORK_BUFFERS)
-_CHUNK_WEIGHT_BUFFERS = 3  # [chunk, D] buffers in the backward: scaled rows, their gradient, a temporary
-                           # (+1 under Partial FC: the gathered copy of the sampled rows)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -76,6 +75,8 @@ class HeadConfig:
             gradient buffer while it is added into ``weight.grad`` (Partial FC adds in place). Default False: ``set_to_none=True``, torch's default.
         device_memory: bytes per GPU (None: no fit check). reserve: bytes kept back for the CUDA
             context, NCCL buffers, allocator slack and the backbone (not modelled by this planner).
+        device: ``cuda`` (any accelerator) or ``cpu``: the head's tiles and cache differ (see
+            ``docs/planner.md``).
     """
 
     num_classes: int
@@ -94,6 +95,7 @@ class HeadConfig:
     grads_persist: bool = False
     device_memory: int | None = None
     reserve: int = 0
+    device: str = "cuda"
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES:
@@ -102,6 +104,8 @@ class HeadConfig:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_BUFFERS)}, got {self.optimizer!r}")
         if min(self.num_classes, self.dim, self.gpus, self.batch) < 1:
             raise ValueError("num_classes, dim, gpus and batch must all be >= 1")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
         if not 0.0 < self.sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
 
@@ -129,6 +133,9 @@ class Plan:
     comm: dict = field(default_factory=dict)
     chunk: int = 0
     cached_chunks: int = 0
+    tile: int = 0
+    cached_columns: int = 0
+    borrowed_columns: int = 0
     sampled_classes: int = 0
     fits: bool | None = None
     max_classes: int | None = None
@@ -142,7 +149,8 @@ class Plan:
     def to_json(self) -> dict:
         out = {"config": asdict(self.config), "global_batch": self.config.global_batch,
                "num_local": self.config.num_local, "sampled_classes": self.sampled_classes,
-               "chunk": self.chunk, "cached_chunks": self.cached_chunks,
+               "chunk": self.chunk, "cached_chunks": self.cached_chunks, "tile": self.tile,
+               "cached_columns": self.cached_columns, "borrowed_columns": self.borrowed_columns,
                "memory_bytes": dict(self.memory), "memory_peak_bytes": self.total,
                "host_memory_bytes": dict(self.host_memory), "comm_bytes_per_step": dict(self.comm),
                "comm_total_bytes_per_step": sum(self.comm.values()), "fits": self.fits,
@@ -159,37 +167,68 @@ def sampled_classes(cfg: HeadConfig) -> int:
     return max(positives, int(cfg.sample_rate * cfg.num_local))
 
 
-def memory_items(cfg: HeadConfig) -> tuple[dict, dict, ChunkPlan, int]:
-    """``(device items, host items, chunk plan, sampled columns)``; see ``docs/planner.md``."""
+@dataclass(frozen=True)
+class Layout:
+    """How the fused loss walks and caches the columns: the budget's :class:`ChunkPlan`, the compute
+    ``tile``, the columns whose logits are cached (``borrowed`` of them in the gradient buffer)."""
+
+    chunks: ChunkPlan
+    tile: int
+    cached: int
+    borrowed: int
+    cache_bytes: int   # the cache's own tensors (the borrowed part lives in center_grads)
+
+
+def loss_layout(cfg: HeadConfig) -> Layout:
+    """The head's policy (``softmax_ce``) for this configuration, one gather piece."""
+    e, d, big_b = DTYPE_BYTES[cfg.dtype], cfg.dim, cfg.global_batch
+    stats = 8 if cfg.dtype == "fp64" else 4
+    cols = sampled_classes(cfg)
+    chunks = ChunkPlan.for_budget(big_b, cols, stats, int(cfg.memory_budget_mb * 2**20), cfg.chunk_size)
+    tile = chunks.tile(big_b, stats, cfg.device)
+    direct = cfg.sample_rate >= 1.0
+    borrow = borrows_gradient(cfg.device, direct, cfg.grads_persist, e == stats)
+    borrowed = borrowed_columns(big_b, cols, d, tile) if borrow else 0
+    capacity = chunks.cache_bytes(big_b, cols, d, e, stats, tile, direct)
+    own = min(cols - borrowed, capacity // (big_b * tile * stats) * tile)
+    return Layout(chunks, tile, borrowed + own, borrowed, own * big_b * stats)
+
+
+def memory_items(cfg: HeadConfig) -> tuple[dict, dict, Layout, int]:
+    """``(device items, host items, loss layout, sampled columns)``; see ``docs/planner.md``."""
     e, n, d, big_b = DTYPE_BYTES[cfg.dtype], cfg.num_local, cfg.dim, cfg.global_batch
     stats = 8 if cfg.dtype == "fp64" else 4
     state = e if cfg.dtype in ("fp32", "fp64") else 4
     cols = sampled_classes(cfg)
-    chunks = ChunkPlan.for_budget(big_b, cols, stats, int(cfg.memory_budget_mb * 2**20), cfg.chunk_size)
+    layout = loss_layout(cfg)
+    direct = cfg.sample_rate >= 1.0
     buffers = OPTIMIZER_BUFFERS[cfg.optimizer] - (cfg.optimizer == "sgd" and not cfg.momentum)
     optimizer = buffers * n * d * state + (n * 8 if cfg.optimizer != "none" else 0)
     master = n * d * 4 if cfg.uses_master_weights else 0
-    cached_cols = min(chunks.cached * chunks.chunk, cols)
     sampling = 0
     if cfg.sample_rate < 1.0:
         want = cols - min(big_b, n)
         dense = want > _DENSE_FRACTION * (n - min(big_b, n))
         sampling = cols * 8 + (n * 4 + want * 16 if dense else 4 * int(1.25 * want + 32) * 8)
+    tile = min(layout.tile, cols)
+    work = work_bytes(big_b, cols, d, e, stats, tile, direct)
+    weights_work = (2 + (not direct)) * tile * d * e
     device = {
         "centers": n * d * e,
         "center_grads": n * d * e,
         "master_weights": 0 if cfg.offload else master,
         "optimizer_state": 0 if cfg.offload else optimizer,
-        "logits_work": _WORK_BUFFERS * chunks.chunk * big_b * stats,
-        "logits_cache": cached_cols * big_b * stats,
-        "chunk_weights": (_CHUNK_WEIGHT_BUFFERS + (cfg.sample_rate < 1.0)) * chunks.chunk * d * e,
+        "logits_work": work - weights_work - cols * stats,
+        "logits_cache": layout.cache_bytes,
+        "chunk_weights": weights_work,
+        "class_scales": cols * stats,
         "embeddings": big_b * d * (3 * e + stats) + big_b * 8 * 3,
         "sampling": sampling,
         "comm_buffers": 2 * cfg.batch * d * e + 3 * big_b * stats,
         "reserve": cfg.reserve,
     }
     host = {"master_weights": master, "optimizer_state": optimizer} if cfg.offload else {}
-    return device, host, chunks, cols
+    return device, host, layout, cols
 
 
 def comm_volume(cfg: HeadConfig) -> dict:
@@ -212,13 +251,11 @@ def comm_volume(cfg: HeadConfig) -> dict:
 
 
 def peak_bytes(items: dict, cfg: HeadConfig) -> int:
-    """Peak of a step from :func:`memory_items`: everything else, plus the larger of the cached
-    cosines (end of forward) and the new center gradient (end of backward); plus the kept gradient
-    when gradients persist between steps and the head returns a new dense gradient (full softmax;
-    Partial FC adds its rows straight into the kept one)."""
-    grads, cache = items["center_grads"], items["logits_cache"]
-    rest = sum(items.values()) - grads - cache
-    return rest + max(cache, grads) + (grads if cfg.grads_persist and cfg.sample_rate >= 1.0 else 0)
+    """Peak of a step from :func:`memory_items`: the start of the backward, when the cached logits
+    and the new center gradient are both alive, so every item counts; plus the kept gradient when
+    gradients persist between steps and the head returns a new dense gradient (full softmax; Partial
+    FC adds its rows straight into the kept one)."""
+    return sum(items.values()) + (items["center_grads"] if cfg.grads_persist and cfg.sample_rate >= 1.0 else 0)
 
 
 def _total(cfg: HeadConfig) -> int:
@@ -320,8 +357,10 @@ def _combine(cfg: HeadConfig) -> HeadConfig:
 
 def plan(cfg: HeadConfig) -> Plan:
     """Memory per GPU, host memory (offload), communication per step, fit, capacity, suggestions."""
-    device, host, chunks, cols = memory_items(cfg)
-    result = Plan(cfg, device, host, comm_volume(cfg), chunks.chunk, chunks.cached, cols)
+    device, host, layout, cols = memory_items(cfg)
+    result = Plan(cfg, device, host, comm_volume(cfg), chunk=layout.chunks.chunk, cached_chunks=layout.chunks.cached,
+                  tile=layout.tile, cached_columns=layout.cached, borrowed_columns=layout.borrowed,
+                  sampled_classes=cols)
     if cfg.device_memory is not None:
         result.fits = result.total <= cfg.device_memory
         result.max_classes = max_classes(cfg)
@@ -345,8 +384,9 @@ def format_plan(p: Plan) -> str:
              f"{'' if c.momentum or c.optimizer != 'sgd' else ' (no momentum)'}"
              f"{', offload' if c.offload else ''}",
              f"  per GPU: {c.num_local:,} classes, batch {c.batch} (global {c.global_batch:,}), "
-             f"{p.sampled_classes:,} classes computed per step, chunk {p.chunk:,} classes, "
-             f"{p.cached_chunks} chunk(s) of cosines cached",
+             f"{p.sampled_classes:,} classes computed per step in tiles of {p.tile:,}, logits of "
+             f"{p.cached_columns:,} kept for the backward"
+             f"{f' ({p.borrowed_columns:,} in the gradient buffer)' if p.borrowed_columns else ''}",
              "", "  memory per GPU"]
     for name, value in p.memory.items():
         lines.append(f"    {name:<34}{_size(value):>12}")

@@ -52,22 +52,24 @@ def measure_training_steps(num_classes, dim, batch, sample_rate, steps=2, grads_
 
 def test_memory_and_communication_worked_by_hand():
     # C=1000 on 4 GPUs: n=250 rows, D=8, fp16 (e=2), per-GPU batch 2 -> B=8, 1 MiB budget:
-    # chunk = min(250, 2**20 // (12 * 4 * 8)) = 250, cached = min((2**20 - 3*4*8*250) // (4*8*250), 1) = 1
+    # chunk = min(250, 2**20 // (12 * 4 * 8)) = 250, cached = min((2**20 - 3*4*8*250) // (4*8*250), 1) = 1;
+    # on a GPU the tile is the chunk: work = 8*250*(4+2) logits + 2*250*8*2 rows + 250*4 scales = 21,000
+    # bytes <= the 3*4*8*250 = 24,000 set aside, so the whole chunk (8,000 bytes) is cached.
     cfg = planner.HeadConfig(num_classes=1000, dim=8, gpus=4, batch=2, dtype="fp16", optimizer="sgd",
                              memory_budget_mb=1, backbone_params=1000)
     p = planner.plan(cfg)
-    assert (p.chunk, p.cached_chunks, p.sampled_classes) == (250, 1, 250)
+    assert (p.chunk, p.cached_chunks, p.sampled_classes, p.tile, p.cached_columns) == (250, 1, 250, 250, 250)
     assert p.memory == {
         "centers": 250 * 8 * 2, "center_grads": 250 * 8 * 2,
         "master_weights": 250 * 8 * 4,                      # fp32 copy of half centers
         "optimizer_state": 250 * 8 * 4 + 250 * 8,           # fp32 momentum + int64 step per row
-        "logits_work": 3 * 8 * 250 * 4, "logits_cache": 8 * 250 * 4,
-        "chunk_weights": 3 * 250 * 8 * 2,
+        "logits_work": 8 * 250 * (4 + 2), "logits_cache": 8 * 250 * 4,
+        "chunk_weights": 2 * 250 * 8 * 2, "class_scales": 250 * 4,
         "embeddings": 8 * 8 * (3 * 2 + 4) + 8 * 8 * 3,
         "sampling": 0, "comm_buffers": 2 * 2 * 8 * 2 + 3 * 8 * 4, "reserve": 0}
-    # peak: everything but gradients and cache (58,992), plus the larger of the two (8,000)
-    assert p.total == 66_992
-    assert planner.plan(replace(cfg, grads_persist=True)).total == 66_992 + 4_000
+    # peak: the start of the backward, every item alive at once
+    assert p.total == 55_992
+    assert planner.plan(replace(cfg, grads_persist=True)).total == 55_992 + 4_000
     pfc = replace(cfg, sample_rate=0.5)   # Partial FC adds its rows into weight.grad: no second gradient
     assert planner.plan(replace(pfc, grads_persist=True)).total == planner.plan(pfc).total
     assert p.comm == {"input_check": 3 * 18 * 8, "allgather_embeddings": 3 * 2 * 8 * 2, "allgather_labels": 3 * 2 * 8,
@@ -148,8 +150,26 @@ def test_peak_memory_matches_measured_rss_within_10_percent(world, sample_rate, 
                          kwargs=dict(num_classes=num_classes, dim=dim, batch=batch, sample_rate=sample_rate,
                                      grads_persist=grads_persist))
     cfg = planner.HeadConfig(num_classes=num_classes, dim=dim, gpus=world, batch=batch, dtype="fp32",
-                             sample_rate=sample_rate, optimizer="sgd", grads_persist=grads_persist)
+                             sample_rate=sample_rate, optimizer="sgd", grads_persist=grads_persist, device="cpu")
     predicted = planner.plan(cfg).total
     assert predicted > 600 * MiB   # a scale where the model's terms matter, not the interpreter's
     for rank, m in enumerate(measured):
         assert abs(m["growth"] - predicted) <= 0.10 * predicted, (rank, m["growth"] / MiB, predicted / MiB)
+
+
+def test_cpu_layout_tiles_and_borrowed_gradient_buffer():
+    # 1M classes, B=256, D=128, fp32 on CPU: 4 MiB tiles of 4096 classes; tile j's cache entry (256 x 4096)
+    # sits at offset j * 256 * 4096 of the 1M x 128 gradient buffer, past the gradient rows of the tiles
+    # before it, so 10**6 * 128 // (256 * 4096) = 122 tiles fit; the budget's own cache takes 188 MiB more.
+    cfg = planner.HeadConfig(num_classes=10**6, dim=128, batch=256, optimizer="none", device="cpu")
+    p = planner.plan(cfg)
+    assert (p.chunk, p.cached_chunks, p.tile, p.borrowed_columns) == (21_845, 9, 4096, 122 * 4096)
+    own = p.memory["logits_cache"] // (256 * 4)
+    assert own == 47 * 4096 and p.cached_columns == 122 * 4096 + own
+    extra = p.total - p.memory["centers"] - p.memory["center_grads"]
+    assert extra <= 256 * MiB, "the memory goal: weights + gradients + 256 MB"
+    on_gpu = planner.plan(replace(cfg, device="cuda"))
+    assert on_gpu.tile == 21_845 and on_gpu.borrowed_columns == 0
+    # kept gradients (or Partial FC, or fp16) leave the gradient buffer alone
+    assert planner.plan(replace(cfg, grads_persist=True)).borrowed_columns == 0
+    assert planner.plan(replace(cfg, sample_rate=0.5)).borrowed_columns == 0

@@ -7,23 +7,28 @@ loss is
     loss = mean_b( logsumexp_over_all_ranks(logits[b, :]) - logits[b, y_b] ),
     logits[b, j] = s * cos(x_b, w_j)   (target: s * f(cos), see margins.py)
 
-computed chunk by chunk over the local classes, never materialising ``[B, num_local]``:
+computed tile by tile over the local classes, never materialising ``[B, num_local]``:
 
 * gather: the global batch arrives in ``pieces`` asynchronous all-gathers, all issued at once; the
   classes are walked for piece p while pieces p+1.. are still in flight.
-* forward: per chunk one GEMM ``xn @ v_c.T`` with ``v_c = s * w_c / |w_c|`` gives the logits; an
-  online log-sum-exp per row is combined across ranks by two all-reduces (MAX of the row
-  log-sum-exp, SUM of the rescaled sums stacked with the target logit). Extra memory is a few
-  ``[B, chunk]`` buffers.
-* backward: per chunk ``G = d loss / d logit`` (softmax minus targets, margin derivative on the
+* forward: per tile one GEMM ``xn @ v_c.T`` with ``v_c = s log2(e) w_c / |w_c|`` gives the logits in
+  base-2 units (``exp2`` is cheaper than ``exp`` on CPU); an online log-sum-exp per row is combined
+  across ranks by two all-reduces (MAX of the row log-sum-exp, SUM of the rescaled sums stacked with
+  the target logit). ``s log2(e) / |w|`` is computed once and kept for the backward.
+* backward: per tile ``G = d loss / d logit`` (softmax minus targets, margin derivative on the
   label), then ``d xn += G @ v_c`` and ``d v_c = G.T @ xn`` mapped to ``d w_c`` through the
-  normalisation (an ``[n, D]`` operation). ``exp(logit - row max)`` of the leading chunks that fit
-  the memory budget is kept from the forward (the softmax is then one multiply); the others are
-  recomputed (one extra GEMM for those chunks only). With the default budget, small shards keep
-  everything and run exactly three matrix products. The backward walks the pieces in order and
-  reduce-scatters each piece's embedding gradient (summed over ranks, since every rank holds a part
-  of every sample's softmax) while the next piece is computed. With more than one piece the center
-  gradient is accumulated once per piece.
+  normalisation (an ``[n, D]`` operation). ``exp2(logit - row max)`` of the leading tiles that fit
+  the cache part of the memory budget is kept from the forward (the softmax is then one multiply);
+  the others are recomputed (one extra GEMM for those tiles only). With the default budget, small
+  shards keep everything and run exactly three matrix products. The backward walks the pieces in
+  order and reduce-scatters each piece's embedding gradient (summed over ranks, since every rank holds
+  a part of every sample's softmax) while the next piece is computed. With more than one piece the
+  center gradient is accumulated once per piece.
+
+Memory: the :class:`ChunkPlan` (from the budget) fixes how many logits may be cached. The compute
+tile is the plan's chunk on accelerators; on CPU it is capped at ``CPU_TILE_BYTES`` per ``[B, tile]``
+buffer so that the elementwise passes after each GEMM run in the last-level cache. All work buffers
+(one ``[B, tile]``, up to three ``[tile, D]``) are allocated once per call and reused.
 """
 from __future__ import annotations
 
@@ -38,13 +43,16 @@ from ..distributed.collectives import (CommTimer, PieceLayout, ReduceScatterPiec
 from .margins import CombinedMargin
 
 DEFAULT_MEMORY_BUDGET_MB = 256
-_WORK_BUFFERS = 3  # [B, chunk] buffers alive at once inside a chunk step
+_WORK_BUFFERS = 3  # [B, chunk] buffers the budget sets aside for work (see ChunkPlan.cache_bytes)
+CPU_TILE_BYTES = 4 << 20  # largest [B, tile] stats buffer on CPU (4-8 MiB measured faster than 22 MiB)
+LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)
 
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """How the local classes are walked: ``chunk`` classes at a time, the first ``cached`` chunks'
-    exponentiated logits kept between forward and backward."""
+    """How the memory budget is split: work buffers of ``chunk`` classes, and ``cached`` chunks' worth
+    of exponentiated logits kept between forward and backward. The loss computes in tiles of at most
+    ``chunk`` classes (:meth:`tile`) and caches by bytes (:meth:`cache_bytes`)."""
 
     chunk: int
     cached: int
@@ -61,6 +69,56 @@ class ChunkPlan:
         spare = budget_bytes - _WORK_BUFFERS * row_bytes * chunk
         cached = max(0, spare // (row_bytes * chunk)) if spare > 0 else 0
         return ChunkPlan(chunk, int(min(cached, math.ceil(num_cols / chunk))))
+
+    def tile(self, batch: int, stats_bytes: int, device_type: str) -> int:
+        """Classes per compute tile: ``chunk``, capped on CPU so that a ``[batch, tile]`` stats buffer
+        takes at most ``CPU_TILE_BYTES`` and the elementwise passes after its GEMM run in cache."""
+        if device_type != "cpu":
+            return self.chunk
+        return max(1, min(self.chunk, CPU_TILE_BYTES // (max(batch, 1) * stats_bytes)))
+
+    def cache_bytes(self, batch: int, num_cols: int, dim: int, weight_bytes: int, stats_bytes: int,
+                    tile: int, direct: bool) -> int:
+        """Bytes of ``exp2(logit - row max)`` the forward may keep for the backward in tensors of its
+        own: the ``cached`` chunks, less whatever the loss's buffers (:func:`work_bytes`) take beyond
+        the ``_WORK_BUFFERS`` chunks the budget set aside (see also :func:`borrowed_columns`)."""
+        row = max(batch, 1) * stats_bytes
+        spare = _WORK_BUFFERS * row * self.chunk - work_bytes(batch, num_cols, dim, weight_bytes, stats_bytes,
+                                                               tile, direct)
+        return max(0, min(self.cached * row * self.chunk + min(0, spare), row * num_cols))
+
+
+def work_bytes(batch: int, num_cols: int, dim: int, weight_bytes: int, stats_bytes: int, tile: int,
+               direct: bool) -> int:
+    """Buffers of one call besides the cache: a ``[batch, tile]`` stats buffer (and the half-precision
+    GEMM output copied into it), two or three ``[tile, D]`` (scaled rows, a product, the center
+    gradient of a tile unless it is written in place) and ``sigma / |w|`` of every class used."""
+    tile = min(tile, max(num_cols, 1))
+    logits = batch * tile * (stats_bytes + (weight_bytes if weight_bytes < stats_bytes else 0))
+    return logits + (2 + (not direct)) * tile * dim * weight_bytes + num_cols * stats_bytes
+
+
+def borrows_gradient(device_type: str, direct: bool, grad_exists: bool, stats_dtype_grad: bool) -> bool:
+    """Whether the cache may live in the center gradient's buffer until the backward writes it: on
+    CPU (the buffer's pages are committed as they are first written, so the borrowed part costs no
+    memory beyond the gradient), one piece over all classes (the backward writes the gradient tile
+    by tile, in order, into a buffer it returns), no gradient kept from an earlier step, and the
+    gradient in the stats dtype (``stats_dtype_grad``)."""
+    return device_type == "cpu" and direct and not grad_exists and stats_dtype_grad
+
+
+def borrowed_columns(batch: int, num_cols: int, dim: int, tile: int) -> int:
+    """Classes whose cache entries fit the ``[num_cols, dim]`` gradient buffer: tile j is placed at or
+    after the gradient rows of tiles before it (written by the backward before it reaches tile j)
+    and after the previous entry; placement stops at the first tile that does not fit."""
+    end = 0
+    for start in range(0, num_cols, tile):
+        size = batch * (min(start + tile, num_cols) - start)
+        offset = max(end, start * dim)
+        if offset + size > num_cols * dim:
+            return start
+        end = offset + size
+    return num_cols
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -102,44 +160,102 @@ class Targets:
     class_weight_part: torch.Tensor | None = None
 
 
-def _targets_in(cols, start, stop):
-    """Entries ``(rows, cols - start, t)`` of the ``[B, T]`` target table inside columns start:stop."""
-    rows, t = ((cols >= start) & (cols < stop)).nonzero(as_tuple=True)
-    return rows, cols[rows, t] - start, t
+class _TileTargets:
+    """The entries of a ``[n, T]`` target-column table sorted by column, cut at the tile edges:
+    ``tile(i, start)`` gives ``(rows, cols - start, t)`` of the entries inside tile ``i``."""
+
+    def __init__(self, cols: torch.Tensor, edges: list[int]):
+        rows, t = (cols >= 0).nonzero(as_tuple=True)
+        c = cols[rows, t]
+        order = torch.argsort(c, stable=True)
+        self.rows, self.cols, self.t = rows[order], c[order], t[order]
+        self.bounds = torch.searchsorted(self.cols, torch.tensor(edges, device=cols.device)).tolist()
+
+    def tile(self, i: int, start: int):
+        part = slice(self.bounds[i], self.bounds[i + 1])
+        return self.rows[part], self.cols[part] - start, self.t[part]
 
 
-def _scaled_rows(weight, rows, start, stop, sdt, scale):
-    """``(v_c[n, D] = scale * w_c / |w_c|, scale / |w_c| [n] in sdt)``: one GEMM with ``v_c`` gives the
-    unmargined logits ``scale * cos`` directly (normalising the ``[n, D]`` rows is cheaper than
-    rescaling the ``[B, n]`` product when D < B)."""
-    w_c, inv = chunk_rows(weight, rows, start, stop, sdt)
-    a = inv.mul_(scale)
-    return w_c * a.unsqueeze(1).to(w_c.dtype), a
+class _LogitCache:
+    """``(piece, tile) -> (exp2(z - row max) [n, k], row max [n, 1], filter mask, overlaps)`` kept from
+    the forward for the backward.
+
+    Tiles first go into ``borrow`` (the flat center-gradient buffer, see :func:`borrows_gradient` and
+    :func:`borrowed_columns` for the placement; ``overlaps``: the tile's own gradient rows overlap its
+    entry, so the backward writes them through a temporary), then into tensors of their own while
+    ``capacity`` elements last.
+    """
+
+    def __init__(self, capacity: int, dtype, device, borrow: torch.Tensor | None = None, dim: int = 0):
+        self.left, self.dtype, self.device, self.borrow, self.dim = capacity, dtype, device, borrow, dim
+        self.entries, self._end = {}, 0
+
+    def buffer(self, rows: int, start: int, stop: int):
+        """``([rows, stop - start] tensor to keep, overlaps)``, or ``(None, False)`` when full."""
+        size = rows * (stop - start)
+        if self.borrow is not None:
+            offset = max(self._end, start * self.dim)
+            if offset + size <= self.borrow.numel():
+                self._end = offset + size
+                return self.borrow[offset: offset + size].view(rows, stop - start), offset < stop * self.dim
+            self.borrow = None  # the later tiles do not fit either
+        if 0 < size <= self.left:
+            self.left -= size
+            return torch.empty((rows, stop - start), dtype=self.dtype, device=self.device), False
+        return None, False
 
 
-def _raw_logits(xn, v_c, sdt):
-    logits = torch.mm(xn, v_c.t())
-    return logits.to(sdt) if logits.dtype != sdt else logits
+def _tiles(n, tile):
+    return [(i, min(i + tile, n)) for i in range(0, n, tile)]
 
 
-def _finish_logits_(logits, rows, cols, t, margin: CombinedMargin, filter_threshold):
-    """In place: the margin on label entries (``t == 0``), logit 0 for non-target entries above
-    ``s * filter_threshold`` (insightface's interclass filtering). Returns ``(label_cos, mask)``: the
-    labels' unmargined cosines and the filtered entries (or None)."""
+def _scaled_rows_(weight, rows, start, stop, scale, out, fresh, sigma):
+    """``v_c[n, D] = scale * w_c`` written into ``out[:n]`` (rows ``start:stop`` of ``weight``, or of
+    ``weight[rows]``). With ``fresh``, first sets ``scale[start:stop] = sigma / |w_c|``."""
+    v = out[: stop - start]
+    src = weight[start:stop] if rows is None else torch.index_select(weight, 0, rows[start:stop], out=v)
+    a = scale[start:stop]
+    if fresh:
+        torch.linalg.vector_norm(src, dim=1, dtype=a.dtype, out=a)
+        a.clamp_min_(1e-12).reciprocal_().mul_(sigma)
+    torch.mul(src, a.unsqueeze(1).to(src.dtype), out=v)
+    return v
+
+
+def _logits_into(out, xn, v):
+    """``out[n, k] = xn[n, D] @ v[k, D].T`` (``out`` in the stats dtype)."""
+    if out.dtype == xn.dtype:
+        torch.mm(xn, v.t(), out=out)
+    else:
+        out.copy_(torch.mm(xn, v.t()))
+
+
+def _finish_logits_(z, rows, cols, t, margin: CombinedMargin, filter_threshold):
+    """In place on base-2 logits ``z = log2(e) * logit``: the margin on label entries (``t == 0``),
+    0 for non-target entries above ``s * filter_threshold`` (insightface's interclass filtering).
+    Returns ``(label_cos, mask)``: the labels' unmargined cosines and the filtered entries (or None)."""
+    sigma = margin.s * LOG2E
     label = t == 0
     l_rows, l_cols = rows[label], cols[label]
-    label_cos = (logits[l_rows, l_cols] / margin.s).clamp_(-1.0, 1.0)
+    label_cos = (z[l_rows, l_cols] / sigma).clamp_(-1.0, 1.0)
     mask = None
     if filter_threshold is not None:
-        mask = logits > margin.s * filter_threshold
+        mask = z > sigma * filter_threshold
         mask[rows, cols] = False
-        logits.masked_fill_(mask, 0.0)
-    logits[l_rows, l_cols] = margin.s * margin.target(label_cos)
+        z.masked_fill_(mask, 0.0)
+    z[l_rows, l_cols] = sigma * margin.target(label_cos)
     return label_cos, mask
 
 
-def _chunks(n, chunk):
-    return [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+def _center_grad_(h, v, scale, s, tmp):
+    """In place: ``h[n, D] = d loss / d v_c`` (up to the factor ln 2) becomes ``d loss / d w_c``:
+    ``(s / |w|) (h - v (v . h) / sigma^2)`` with ``v = sigma w / |w|``, ``scale = sigma / |w|``."""
+    sigma = s * LOG2E
+    radial = torch.mul(h, v, out=tmp[: h.shape[0]]).sum(dim=1, dtype=scale.dtype)
+    a = scale * LN2                                                 # s / |w|
+    h.mul_(a.unsqueeze(1).to(h.dtype))
+    h.addcmul_(v, radial.mul_(a).div_(sigma * sigma).unsqueeze(1).to(h.dtype), value=-1.0)
+    return h
 
 
 def _target_slice(targets: Targets, q: torch.Tensor, rows: torch.Tensor):
@@ -177,71 +293,106 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         num_cols = weight.shape[0] if rows is None else rows.numel()
         need_grad = any(ctx.needs_input_grad[:2])
         q = targets.q.to(sdt) if targets.q is not None else torch.ones_like(targets.cols, dtype=sdt)
+        sbytes = torch.finfo(sdt).bits // 8
+        tile = plan.tile(batch, sbytes, device.type)
+        direct = rows is None and (layout is None or layout.pieces == 1)   # see the backward
+        capacity = plan.cache_bytes(batch, num_cols, weight.shape[1], weight.element_size(), sbytes, tile,
+                                    direct) // sbytes if need_grad else 0
+        grad_buffer = None
+        if ctx.needs_input_grad[1] and borrows_gradient(device.type, direct, weight.grad is not None,
+                                                        weight.dtype == sdt):
+            grad_buffer = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        cache = _LogitCache(capacity, sdt, device, None if grad_buffer is None else grad_buffer.view(-1),
+                            weight.shape[1])
+        tiles = _tiles(num_cols, tile)
+        edges = [start for start, _ in tiles] + [num_cols]
+        sigma = margin.s * LOG2E
         xn = x_local.new_empty((batch, x_local.shape[1]))
         norms = torch.empty(batch, 1, dtype=x_local.dtype, device=device)
-        run_lse = torch.empty(batch, dtype=sdt, device=device)
-        target_logit = torch.empty(batch, dtype=sdt, device=device)   # sum_t q_t * z_t (local part)
-        label_cos = torch.zeros(batch, dtype=sdt, device=device)      # unmargined cosine of own labels
-        cache, cache_left = {}, plan.cached * plan.chunk * batch if need_grad else 0
+        scale = torch.empty(num_cols, dtype=sdt, device=device)        # sigma / |w_j|, set by piece 0
+        run_lse = torch.empty(batch, dtype=sdt, device=device)         # base 2
+        target_logit = torch.empty(batch, dtype=sdt, device=device)    # sum_t q_t * z_t (local part)
+        label_cos = torch.zeros(batch, dtype=sdt, device=device)       # unmargined cosine of own labels
+        v_buf = weight.new_empty((min(tile, num_cols), weight.shape[1]))
+        work = torch.empty(0, dtype=sdt, device=device)
         timer = CommTimer()
         pieces = ([(0, x_local, torch.arange(batch, device=device))] if layout is None
                   else all_gather_pieces(x_local, layout, group, timer))
-        for piece, x_p, global_rows in pieces:
+        for number, (piece, x_p, global_rows) in enumerate(pieces):
             norms_p = torch.linalg.vector_norm(x_p, dim=1, keepdim=True).clamp_min_(1e-12)
             xn_p = x_p / norms_p
             xn[global_rows], norms[global_rows] = xn_p, norms_p
             cols_p, q_p = _target_slice(targets, q, global_rows)
+            found = _TileTargets(cols_p, edges)
             n = xn_p.shape[0]
+            if work.numel() < n * tile:
+                work = torch.empty(n * tile, dtype=sdt, device=device)
             p_lse = torch.full((n,), -math.inf, dtype=sdt, device=device)
             p_target = torch.zeros(n, dtype=sdt, device=device)
-            for index, (start, stop) in enumerate(_chunks(num_cols, plan.chunk)):
-                logits = _raw_logits(xn_p, _scaled_rows(weight, rows, start, stop, sdt, margin.s)[0], sdt)
-                t_rows, t_cols, t = _targets_in(cols_p, start, stop)
-                cos_l, mask = _finish_logits_(logits, t_rows, t_cols, t, margin, filter_threshold)
+            for index, (start, stop) in enumerate(tiles):
+                v = _scaled_rows_(weight, rows, start, stop, scale, v_buf, number == 0, sigma)
+                z, overlaps = cache.buffer(n, start, stop)
+                keep = z is not None
+                z = z if keep else work[: n * (stop - start)].view(n, stop - start)
+                _logits_into(z, xn_p, v)
+                t_rows, t_cols, t = found.tile(index, start)
+                cos_l, mask = _finish_logits_(z, t_rows, t_cols, t, margin, filter_threshold)
                 label_cos[global_rows[t_rows[t == 0]]] = cos_l
-                p_target.index_add_(0, t_rows, q_p[t_rows, t] * logits[t_rows, t_cols])
-                row_max = logits.amax(dim=1, keepdim=True)
-                exps = logits.sub_(row_max).exp_()                    # in place: exp(logit - row max)
-                torch.logaddexp(p_lse, row_max.squeeze(1) + exps.sum(dim=1).log_(), out=p_lse)
-                if exps.numel() <= cache_left:  # the backward turns these into softmax with one multiply
-                    cache[piece, index], cache_left = (exps, row_max, mask), cache_left - exps.numel()
+                p_target.index_add_(0, t_rows, q_p[t_rows, t] * z[t_rows, t_cols])
+                row_max = z.amax(dim=1, keepdim=True)
+                z.sub_(row_max).exp2_()                                  # in place: 2^(z - row max)
+                torch.logaddexp2(p_lse, row_max.squeeze(1) + z.sum(dim=1).log2_(), out=p_lse)
+                if keep:  # the backward turns these into softmax with one multiply
+                    cache.entries[piece, index] = (z, row_max, mask, overlaps)
             run_lse[global_rows], target_logit[global_rows] = p_lse, p_target
+        del work, v_buf
         global_max = all_reduce_(run_lse.clone(), dist.ReduceOp.MAX, group)
-        # A rank without classes has run_lse = -inf: it contributes exp(-inf) = 0.
-        parts = [torch.exp(run_lse - global_max), target_logit]
+        # A rank without classes has run_lse = -inf: it contributes 2^(-inf) = 0.
+        parts = [torch.exp2(run_lse - global_max), target_logit.mul_(LN2)]
         if targets.class_weight_part is not None:
             parts.append(targets.class_weight_part.to(sdt))
         summed = all_reduce_(torch.stack(parts, dim=1), dist.ReduceOp.SUM, group)
-        log_z = global_max + torch.log(summed[:, 0])
+        log2_z = global_max + torch.log2(summed[:, 0])
         class_weight = summed[:, 2] if targets.class_weight_part is not None else None
-        loss, dloss_dl = row_loss(summed[:, 1] - log_z, class_weight)
-        ctx.save_for_backward(xn, norms, weight, rows, log_z, dloss_dl.to(sdt), label_cos)
+        loss, dloss_dl = row_loss(summed[:, 1] - log2_z * LN2, class_weight)
+        ctx.save_for_backward(xn, norms, weight, rows, scale, log2_z, dloss_dl.to(sdt), label_cos)
         ctx.targets, ctx.q, ctx.cache, ctx.layout, ctx.group = targets, q, cache, layout, group
-        ctx.margin, ctx.filter_threshold, ctx.plan, ctx.comm_stats = margin, filter_threshold, plan, comm_stats
+        ctx.margin, ctx.filter_threshold, ctx.tile, ctx.comm_stats = margin, filter_threshold, tile, comm_stats
         ctx.accumulate_into = weight if accumulate_rows and rows is not None else None
+        ctx.grad_buffer = grad_buffer
         if comm_stats is not None:
             comm_stats["forward"] = timer.summary()
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        xn, norms, weight, rows, log_z, dloss_dl, label_cos = ctx.saved_tensors
-        margin, plan, cache, layout = ctx.margin, ctx.plan, ctx.cache, ctx.layout
+        xn, norms, weight, rows, scale, log2_z, dloss_dl, label_cos = ctx.saved_tensors
+        margin, cache, layout = ctx.margin, ctx.cache, ctx.layout
         want_x, want_w = ctx.needs_input_grad[:2]
-        sdt, device = log_z.dtype, xn.device
+        sdt, device = log2_z.dtype, xn.device
         coef = grad_loss.to(sdt) * dloss_dl                      # d loss / d l_b   [B]
-        # d loss / d logit = coef * (q - p); fold -coef into the exponent when it is positive everywhere.
+        # d loss / d logit = coef * (q - p); fold -coef into the exponent when it is negative everywhere.
         fold = bool((coef < 0).all())
-        shift = log_z - torch.log(-coef) if fold else log_z
+        shift = log2_z - torch.log2(-coef) if fold else log2_z
         num_cols = weight.shape[0] if rows is None else rows.numel()
         num_pieces = 1 if layout is None else layout.pieces
+        direct = rows is None and num_pieces == 1       # d w of a tile is written in place into grad_w
         grad_w, param = None, ctx.accumulate_into
         if want_w and param is not None:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             grad_w = param.grad
+        elif want_w and ctx.grad_buffer is not None:
+            grad_w, ctx.grad_buffer = ctx.grad_buffer, None   # holds the cache entries until they are used
         elif want_w:
-            grad_w = torch.empty_like(weight) if rows is None and num_pieces == 1 else torch.zeros_like(weight)
+            grad_w = torch.empty_like(weight) if direct else torch.zeros_like(weight)
+        tiles = _tiles(num_cols, ctx.tile)
+        edges = [start for start, _ in tiles] + [num_cols]
+        width = min(ctx.tile, num_cols)
+        v_buf = weight.new_empty((width, weight.shape[1]))
+        tmp = weight.new_empty((width, weight.shape[1]) if want_w else (0, 0))
+        h_buf = weight.new_empty((width, weight.shape[1]) if want_w else (0, 0))
+        work = torch.empty(0, dtype=sdt, device=device)
         timer = CommTimer()
         scatter = None if layout is None else ReduceScatterPieces(layout, xn, ctx.group, timer)
         grad_x = None
@@ -249,21 +400,27 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
             global_rows = torch.arange(xn.shape[0], device=device) if layout is None else layout.rows(piece)[1]
             xn_p, coef_p = xn.index_select(0, global_rows), coef.index_select(0, global_rows).unsqueeze(1)
             cols_p, q_p = _target_slice(ctx.targets, ctx.q, global_rows)
+            found = _TileTargets(cols_p, edges)
             shift_p = shift.index_select(0, global_rows).unsqueeze(1)
-            log_z_p = log_z.index_select(0, global_rows).unsqueeze(1)
+            log2_z_p = log2_z.index_select(0, global_rows).unsqueeze(1)
             cos_p = label_cos.index_select(0, global_rows)
+            n = xn_p.shape[0]
             grad_xn_p = torch.zeros(xn_p.shape, dtype=sdt, device=device) if want_x else None
-            for index, (start, stop) in enumerate(_chunks(num_cols, plan.chunk)):
-                v_c, a = _scaled_rows(weight, rows, start, stop, sdt, margin.s)
-                t_rows, t_cols, t = _targets_in(cols_p, start, stop)
-                cached = cache.pop((piece, index), None)  # gone after a first backward: recompute
+            for index, (start, stop) in enumerate(tiles):
+                v = _scaled_rows_(weight, rows, start, stop, scale, v_buf, False, None)
+                t_rows, t_cols, t = found.tile(index, start)
+                cached = cache.entries.pop((piece, index), None)  # gone after a first backward: recompute
+                overlaps = False
                 if cached is not None:
-                    grad, row_max, mask = cached                            # exp(logit - row max)
-                    grad.mul_(torch.exp(row_max - log_z_p).mul_(coef_p.neg()))   # -coef * p
+                    grad, row_max, mask, overlaps = cached                  # 2^(z - row max)
+                    grad.mul_(torch.exp2(row_max - log2_z_p).mul_(coef_p.neg()))   # -coef * p
                 else:
-                    grad = _raw_logits(xn_p, v_c, sdt)
+                    if work.numel() < n * (stop - start):
+                        work = torch.empty(n * ctx.tile, dtype=sdt, device=device)
+                    grad = work[: n * (stop - start)].view(n, stop - start)
+                    _logits_into(grad, xn_p, v)
                     mask = _finish_logits_(grad, t_rows, t_cols, t, margin, ctx.filter_threshold)[1]
-                    grad.sub_(shift_p).exp_()                               # -coef * p
+                    grad.sub_(shift_p).exp2_()                              # -coef * p
                     if not fold:
                         grad.mul_(coef_p.neg())
                 grad.index_put_((t_rows, t_cols), coef_p[t_rows, 0] * q_p[t_rows, t], accumulate=True)
@@ -271,20 +428,20 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
                 grad[t_rows[label], t_cols[label]] *= margin.target_grad(cos_p[t_rows[label]])
                 if mask is not None:
                     grad.masked_fill_(mask, 0.0)
-                g = grad if grad.dtype == xn.dtype else grad.to(xn.dtype)  # d loss / d (xn . v_c)
-                if want_x and g.dtype == sdt:
-                    grad_xn_p.addmm_(g, v_c)
+                g = grad if grad.dtype == xn.dtype else grad.to(xn.dtype)  # d loss / d logit
+                if want_x and g.dtype == sdt:                               # logit = ln2 * (xn . v)
+                    grad_xn_p.addmm_(g, v, alpha=LN2)
                 elif want_x:
-                    grad_xn_p.add_(torch.mm(g, v_c))
-                if want_w:  # v = s w / |w|:  d w = (s/|w|) (d v - w^ (w^ . d v))
-                    direct = rows is None and num_pieces == 1
-                    g_v = torch.mm(g.t(), xn_p, out=grad_w[start:stop]) if direct else torch.mm(g.t(), xn_p)
-                    radial = (g_v * v_c).sum(dim=1, keepdim=True).div_(margin.s ** 2)
-                    g_w = g_v.sub_(v_c * radial).mul_(a.unsqueeze(1).to(g_v.dtype))
+                    grad_xn_p.add_(torch.mm(g, v), alpha=LN2)
+                if want_w:
+                    h = grad_w[start:stop] if direct and not overlaps else h_buf[: stop - start]
+                    _center_grad_(torch.mm(g.t(), xn_p, out=h), v, scale[start:stop], margin.s, tmp)
                     if rows is not None:
-                        grad_w.index_add_(0, rows[start:stop], g_w.to(grad_w.dtype))
+                        grad_w.index_add_(0, rows[start:stop], h)
+                    elif overlaps:
+                        grad_w[start:stop] = h
                     elif not direct:
-                        grad_w[start:stop] += g_w
+                        grad_w[start:stop] += h
             if want_x:  # through the normalisation: (I - xn xn^T) / |x|
                 grad_xn_p.sub_(xn_p * (grad_xn_p * xn_p).sum(dim=1, keepdim=True))
                 grad_x_p = grad_xn_p.div_(norms.index_select(0, global_rows)).to(xn.dtype)
@@ -294,6 +451,9 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
                     scatter.submit(piece, grad_x_p)
         if want_x and scatter is not None:
             grad_x = scatter.finish()
+        # No view of grad_w may outlive the call: autograd copies a gradient that others reference.
+        cache.entries.clear()
+        cache.borrow = None
         if ctx.comm_stats is not None:
             ctx.comm_stats["backward"] = timer.summary()
         if param is not None:
