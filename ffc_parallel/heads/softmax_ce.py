@@ -162,7 +162,8 @@ class Targets:
 
 class _TileTargets:
     """The entries of a ``[n, T]`` target-column table sorted by column, cut at the tile edges:
-    ``tile(i, start)`` gives ``(rows, cols - start, t)`` of the entries inside tile ``i``."""
+    ``tile(i, start)`` gives ``(rows, cols - start, t)`` of the entries inside tile ``i``, or None
+    (most tiles of a large shard hold no target)."""
 
     def __init__(self, cols: torch.Tensor, edges: list[int]):
         rows, t = (cols >= 0).nonzero(as_tuple=True)
@@ -172,8 +173,8 @@ class _TileTargets:
         self.bounds = torch.searchsorted(self.cols, torch.tensor(edges, device=cols.device)).tolist()
 
     def tile(self, i: int, start: int):
-        part = slice(self.bounds[i], self.bounds[i + 1])
-        return self.rows[part], self.cols[part] - start, self.t[part]
+        lo, hi = self.bounds[i], self.bounds[i + 1]
+        return None if lo == hi else (self.rows[lo:hi], self.cols[lo:hi] - start, self.t[lo:hi])
 
 
 class _LogitCache:
@@ -230,19 +231,24 @@ def _logits_into(out, xn, v):
         out.copy_(torch.mm(xn, v.t()))
 
 
-def _finish_logits_(z, rows, cols, t, margin: CombinedMargin, filter_threshold):
-    """In place on base-2 logits ``z = log2(e) * logit``: the margin on label entries (``t == 0``),
-    0 for non-target entries above ``s * filter_threshold`` (insightface's interclass filtering).
-    Returns ``(label_cos, mask)``: the labels' unmargined cosines and the filtered entries (or None)."""
+def _finish_logits_(z, hit, margin: CombinedMargin, filter_threshold):
+    """In place on base-2 logits ``z = log2(e) * logit``: the margin on label entries of ``hit =
+    (rows, cols, t)`` (``t == 0``; None: no target here), 0 for non-target entries above
+    ``s * filter_threshold`` (insightface's interclass filtering). Returns ``(label_cos, mask)``: the
+    labels' unmargined cosines (None without targets) and the filtered entries (or None)."""
     sigma = margin.s * LOG2E
-    label = t == 0
-    l_rows, l_cols = rows[label], cols[label]
-    label_cos = (z[l_rows, l_cols] / sigma).clamp_(-1.0, 1.0)
     mask = None
     if filter_threshold is not None:
         mask = z > sigma * filter_threshold
-        mask[rows, cols] = False
+        if hit is not None:
+            mask[hit[0], hit[1]] = False
         z.masked_fill_(mask, 0.0)
+    if hit is None:
+        return None, mask
+    rows, cols, t = hit
+    label = t == 0
+    l_rows, l_cols = rows[label], cols[label]
+    label_cos = (z[l_rows, l_cols] / sigma).clamp_(-1.0, 1.0)
     z[l_rows, l_cols] = sigma * margin.target(label_cos)
     return label_cos, mask
 
@@ -335,10 +341,12 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
                 keep = z is not None
                 z = z if keep else work[: n * (stop - start)].view(n, stop - start)
                 _logits_into(z, xn_p, v)
-                t_rows, t_cols, t = found.tile(index, start)
-                cos_l, mask = _finish_logits_(z, t_rows, t_cols, t, margin, filter_threshold)
-                label_cos[global_rows[t_rows[t == 0]]] = cos_l
-                p_target.index_add_(0, t_rows, q_p[t_rows, t] * z[t_rows, t_cols])
+                hit = found.tile(index, start)
+                cos_l, mask = _finish_logits_(z, hit, margin, filter_threshold)
+                if hit is not None:
+                    t_rows, t_cols, t = hit
+                    label_cos[global_rows[t_rows[t == 0]]] = cos_l
+                    p_target.index_add_(0, t_rows, q_p[t_rows, t] * z[t_rows, t_cols])
                 row_max = z.amax(dim=1, keepdim=True)
                 z.sub_(row_max).exp2_()                                  # in place: 2^(z - row max)
                 torch.logaddexp2(p_lse, row_max.squeeze(1) + z.sum(dim=1).log2_(), out=p_lse)
@@ -408,7 +416,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
             grad_xn_p = torch.zeros(xn_p.shape, dtype=sdt, device=device) if want_x else None
             for index, (start, stop) in enumerate(tiles):
                 v = _scaled_rows_(weight, rows, start, stop, scale, v_buf, False, None)
-                t_rows, t_cols, t = found.tile(index, start)
+                hit = found.tile(index, start)
                 cached = cache.entries.pop((piece, index), None)  # gone after a first backward: recompute
                 overlaps = False
                 if cached is not None:
@@ -419,13 +427,15 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
                         work = torch.empty(n * ctx.tile, dtype=sdt, device=device)
                     grad = work[: n * (stop - start)].view(n, stop - start)
                     _logits_into(grad, xn_p, v)
-                    mask = _finish_logits_(grad, t_rows, t_cols, t, margin, ctx.filter_threshold)[1]
+                    mask = _finish_logits_(grad, hit, margin, ctx.filter_threshold)[1]
                     grad.sub_(shift_p).exp2_()                              # -coef * p
                     if not fold:
                         grad.mul_(coef_p.neg())
-                grad.index_put_((t_rows, t_cols), coef_p[t_rows, 0] * q_p[t_rows, t], accumulate=True)
-                label = t == 0                                              # the label's logit is s f(cos)
-                grad[t_rows[label], t_cols[label]] *= margin.target_grad(cos_p[t_rows[label]])
+                if hit is not None:
+                    t_rows, t_cols, t = hit
+                    grad.index_put_((t_rows, t_cols), coef_p[t_rows, 0] * q_p[t_rows, t], accumulate=True)
+                    label = t == 0                                          # the label's logit is s f(cos)
+                    grad[t_rows[label], t_cols[label]] *= margin.target_grad(cos_p[t_rows[label]])
                 if mask is not None:
                     grad.masked_fill_(mask, 0.0)
                 g = grad if grad.dtype == xn.dtype else grad.to(xn.dtype)  # d loss / d logit
