@@ -75,7 +75,7 @@ def _resume_matches(tmp_path, world, argv, steps, resume_at):
 
 
 _SMALL = ["--num-identities", "200", "--max-images", "20", "--unseen-identities", "20", "--eval-ids-per-bucket",
-          "10", "--bucket-edges", "5,10", "--batch-size", "16", "--embedding-dim", "16", "--warmup-steps", "2",
+          "10", "--bucket-edges", "5,10", "--batch-size", "32", "--embedding-dim", "16", "--warmup-steps", "2",
           "--epochs", "3"]
 
 
