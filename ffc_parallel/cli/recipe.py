@@ -140,7 +140,7 @@ class Recipe:
         from ffc_parallel.models import build_backbone
 
         check_options(opts)
-        self.opts, self.bundle, self.rank, self.world = opts, bundle, rank, world
+        self.opts, self.bundle, self.rank, self.world, self.device = opts, bundle, rank, world, device
         self.source = bundle.train
         self.sampler = self.drs = self.drw = self.smoothing = self.xbm = None
         self.head = self.dual = None
@@ -262,7 +262,8 @@ class Recipe:
         if opts.task == "instance" and not opts.no_contrastive_prior and not resume:
             # before fp.initialize: the centers' fp32 master copy is taken from the written rows
             mine = np.arange(self.rank, len(self.source), self.world)   # every image once, over all ranks
-            batches = (self.source.batch(mine[i: i + opts.batch_size]) for i in range(0, len(mine), opts.batch_size))
+            batches = _on(self.device, (self.source.batch(mine[i: i + opts.batch_size])
+                                        for i in range(0, len(mine), opts.batch_size)))
             written = fp.contrastive_prior(self.backbone, batches, self.head, progress=self.rank == 0)
             if self.rank == 0:
                 print(f"ffc-train: contrastive prior wrote {written:,} of {self.head.num_classes:,} class rows",
@@ -278,7 +279,7 @@ class Recipe:
         loader = RankLoader(self.bundle.train, opts.batch_size, self.rank, self.world, seed=opts.seed + 1)
         wanted = opts.prefill_fraction * self.model.pool.pool_size
         steps = max(1, min(len(loader), math.ceil(wanted / (opts.batch_size * self.world))))
-        filled = self.model.prefill(islice(iter(loader), steps), progress=self.rank == 0)
+        filled = self.model.prefill(_on(self.device, islice(iter(loader), steps)), progress=self.rank == 0)
         if self.rank == 0:
             print(f"ffc-train: class pool prefilled: {filled:,} of {self.model.pool.pool_size:,} slots", file=sys.stderr)
 
@@ -353,6 +354,11 @@ class Recipe:
         if head is None:
             metrics.update(feature_probes(backbone, bundle.seen, opts.eval_batch_size, device))
         return metrics, curves
+
+
+def _on(device, batches):
+    """``(inputs, labels)`` batches moved to ``device``."""
+    return ((x.to(device), y.to(device)) for x, y in batches)
 
 
 def feature_probes(backbone, seen, batch_size: int, device) -> dict:
