@@ -82,7 +82,7 @@ def grid(full: bool, quick: bool) -> list[Case]:
 
 
 # ----------------------------------------------------------------------------- memory prediction
-def predicted_bytes(method: str, case: Case) -> int:
+def predicted_bytes(method: str, case: Case, device: str = "cpu") -> int:
     """Peak bytes of one rank's process (a fit check, not a result; see docs/benchmarks.md)."""
     from ffc_parallel.planner import DTYPE_BYTES, HeadConfig, plan
 
@@ -90,7 +90,8 @@ def predicted_bytes(method: str, case: Case) -> int:
     cols = columns(case)
     if method == "ffc_head":
         cfg = HeadConfig(num_classes=n * case.ranks, dim=d, gpus=case.ranks, batch=big_b // case.ranks,
-                         dtype=case.dtype, sample_rate=case.sample_rate, optimizer="none")
+                         dtype=case.dtype, sample_rate=case.sample_rate, optimizer="none",
+                         device="cpu" if device == "cpu" else "cuda")
         body = plan(cfg).total
     elif method == "full_logits":
         weights = 2 * n * d * e                                # weight + grad
@@ -165,8 +166,8 @@ def measure(method: str, classes_per_rank: int, batch: int, dim: int, sample_rat
         kwargs = {} if memory_budget_mb is None else {"memory_budget_mb": memory_budget_mb}
         model = fp.ShardedClassifier(dim, num_classes, margin="arcface", sample_rate=sample_rate,
                                      chunk_size=chunk_size, dtype=torch_dtype, device=dev, **kwargs)
-        extra["chunk_plan"] = asdict(model._plan(batch, columns(Case(classes_per_rank, batch, dim,
-                                                                     sample_rate, world))))
+        chunk_plan = model._plan(batch, columns(Case(classes_per_rank, batch, dim, sample_rate, world)))
+        extra["chunk_plan"] = {**asdict(chunk_plan), "tile": chunk_plan.tile(batch, 4, dev.type)}
     elif method == "full_logits":
         model = FullLogitsHead(dim, num_classes, sample_rate=sample_rate).to(dev, torch_dtype)
     elif method == "gemm_floor":
@@ -221,7 +222,7 @@ def run_method(method: str, case: Case, args) -> dict:
     """Measure one method on one case in fresh processes; never raises."""
     from ffc_parallel.testing import RankFailure, run_ranks
 
-    need = predicted_bytes(method, case) * case.ranks
+    need = predicted_bytes(method, case, args.device) * case.ranks
     if need > args.memory_limit:
         return {"status": "skipped", "reason": f"predicted peak {need / 2**30:.1f} GiB for {case.ranks} "
                                                f"rank(s) > memory limit {args.memory_limit / 2**30:.1f} GiB"}
@@ -243,7 +244,7 @@ def run_method(method: str, case: Case, args) -> dict:
            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
            "peak_rss_growth_bytes": max(r["peak_rss_bytes"] - r["base_rss_bytes"] for r in ranks),
            "base_rss_bytes": max(r["base_rss_bytes"] for r in ranks),
-           "predicted_peak_bytes": predicted_bytes(method, case),
+           "predicted_peak_bytes": predicted_bytes(method, case, args.device),
            "gflops_per_s": case.gemm_flops() / statistics.median(step_times) / 1e9}
     if "max_memory_allocated_bytes" in ranks[0]:
         out["max_memory_allocated_bytes"] = max(r["max_memory_allocated_bytes"] for r in ranks)
