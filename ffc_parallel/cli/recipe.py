@@ -262,8 +262,7 @@ class Recipe:
         if opts.task == "instance" and not opts.no_contrastive_prior and not resume:
             # before fp.initialize: the centers' fp32 master copy is taken from the written rows
             mine = np.arange(self.rank, len(self.source), self.world)   # every image once, over all ranks
-            batches = _on(self.device, (self.source.batch(mine[i: i + opts.batch_size])
-                                        for i in range(0, len(mine), opts.batch_size)))
+            batches = IndexBatches(self.source, mine, opts.batch_size, self.device)
             written = fp.contrastive_prior(self.backbone, batches, self.head, progress=self.rank == 0)
             if self.rank == 0:
                 print(f"ffc-train: contrastive prior wrote {written:,} of {self.head.num_classes:,} class rows",
@@ -354,6 +353,21 @@ class Recipe:
         if head is None:
             metrics.update(feature_probes(backbone, bundle.seen, opts.eval_batch_size, device))
         return metrics, curves
+
+
+class IndexBatches:
+    """``source.batch(chunk)`` on ``device`` for consecutive ``batch_size`` chunks of ``indices``
+    (the last may be short); ``len()`` = number of batches (progress bars show a total)."""
+
+    def __init__(self, source, indices, batch_size: int, device):
+        self.source, self.indices, self.batch_size, self.device = source, indices, int(batch_size), device
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def __iter__(self):
+        chunks = (self.indices[i: i + self.batch_size] for i in range(0, len(self.indices), self.batch_size))
+        return _on(self.device, (self.source.batch(chunk) for chunk in chunks))
 
 
 def _on(device, batches):
