@@ -32,6 +32,7 @@ buffer so that the elementwise passes after each GEMM run in the last-level cach
 """
 from __future__ import annotations
 
+import contextvars
 import math
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ DEFAULT_MEMORY_BUDGET_MB = 256
 _WORK_BUFFERS = 3  # [B, chunk] buffers the budget sets aside for work (see ChunkPlan.cache_bytes)
 CPU_TILE_BYTES = 4 << 20  # largest [B, tile] stats buffer on CPU (4-8 MiB measured faster than 22 MiB)
 LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)
+_GRAD_MODE = contextvars.ContextVar("ffc_grad_mode", default=True)  # grad mode of the caller of apply
 
 
 @dataclass(frozen=True)
@@ -290,6 +292,17 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
             engine zeroes only the touched rows after its step).
     """
 
+    @classmethod
+    def apply(cls, *args):
+        """As ``torch.autograd.Function.apply``; the forward learns whether a graph is recorded (it
+        runs with grad mode off, and ``ctx.needs_input_grad`` does not tell), so that a ``no_grad``
+        call caches nothing."""
+        token = _GRAD_MODE.set(torch.is_grad_enabled())
+        try:
+            return super().apply(*args)
+        finally:
+            _GRAD_MODE.reset(token)
+
     @staticmethod
     def forward(ctx, x_local, weight, rows, targets, margin, filter_threshold, plan, group, row_loss,
                 layout, comm_stats, accumulate_rows=False):
@@ -297,7 +310,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         device = x_local.device
         batch = x_local.shape[0] if layout is None else sum(layout.sizes)
         num_cols = weight.shape[0] if rows is None else rows.numel()
-        need_grad = any(ctx.needs_input_grad[:2])
+        need_grad = _GRAD_MODE.get() and any(ctx.needs_input_grad[:2])
         q = targets.q.to(sdt) if targets.q is not None else torch.ones_like(targets.cols, dtype=sdt)
         sbytes = torch.finfo(sdt).bits // 8
         tile = plan.tile(batch, sbytes, device.type)
@@ -305,7 +318,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         capacity = plan.cache_bytes(batch, num_cols, weight.shape[1], weight.element_size(), sbytes, tile,
                                     direct) // sbytes if need_grad else 0
         grad_buffer = None
-        if ctx.needs_input_grad[1] and borrows_gradient(device.type, direct, weight.grad is not None,
+        if need_grad and ctx.needs_input_grad[1] and borrows_gradient(device.type, direct, weight.grad is not None,
                                                         weight.dtype == sdt):
             grad_buffer = torch.empty_like(weight, memory_format=torch.contiguous_format)
         cache = _LogitCache(capacity, sdt, device, None if grad_buffer is None else grad_buffer.view(-1),
