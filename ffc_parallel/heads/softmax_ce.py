@@ -39,8 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..distributed.collectives import (CommTimer, PieceLayout, ReduceScatterPieces, all_gather_pieces,
-                                       all_reduce_)
+from ..distributed.collectives import CommTimer, ReduceScatterPieces, all_gather_pieces, all_reduce_
 from .margins import CombinedMargin
 
 DEFAULT_MEMORY_BUDGET_MB = 256
