@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(not modelled; default 1GiB)")
     p.add_argument("--grads-persist", action="store_true",
                    help="center gradients kept between steps (set_to_none=False, gradient accumulation)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="where the head runs: its loss tiles and cache differ on CPU (see docs/planner.md)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p
 
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
                          momentum=not args.no_momentum, master_weights=args.master_weights,
                          offload=args.offload, memory_budget_mb=args.memory_budget_mb,
                          chunk_size=args.chunk_size, backbone_params=args.backbone_params,
-                         grads_persist=args.grads_persist,
+                         grads_persist=args.grads_persist, device=args.device,
                          device_memory=args.gpu_memory, reserve=args.reserve)
     except ValueError as exc:
         print(f"ffc-plan: {exc}", file=sys.stderr)
