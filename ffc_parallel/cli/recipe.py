@@ -143,7 +143,7 @@ class Recipe:
         self.opts, self.bundle, self.rank, self.world, self.device = opts, bundle, rank, world, device
         self.source = bundle.train
         self.sampler = self.drs = self.drw = self.smoothing = self.xbm = None
-        self.head = self.dual = None
+        self.head = self.dual = self.loss = None   # loss: the HybridModel's StepLoss (None under FFC)
         self.backbone = build_backbone(opts.backbone, bundle.input_shape, opts.embedding_dim).to(device)
         self._labels = None
         if opts.head == "ffc":
@@ -307,7 +307,7 @@ class Recipe:
                 self.smoothing.refreshed_at = epoch
         if isinstance(self.source, InstanceViews):
             self.source.epoch = epoch
-        if hasattr(self, "loss"):
+        if self.loss is not None:
             self.loss.epoch = epoch
 
     def batches(self, epoch: int, start_micro: int):

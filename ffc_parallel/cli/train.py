@@ -401,7 +401,7 @@ def train(opts: TrainOptions) -> dict | None:
         recipe.start_epoch(epoch)
         micro = 0
         for x, y in recipe.batches(epoch, step_in_epoch * gas):
-            if hasattr(recipe, "loss"):
+            if recipe.loss is not None:
                 recipe.loss.step = step * gas + micro % gas  # global micro-batch index: mixup's draws
             loss = engine(x.to(device=device, dtype=dtype), y.to(device))
             engine.backward(loss)
