@@ -117,7 +117,37 @@ def _load_config(config) -> dict:
     return dict(config)
 
 
-class FFCEngine:
+class _DeepSpeedFacade:
+    """What :class:`FFCEngine` and :class:`PoolEngine` share: ``self.deepspeed`` (the DeepSpeed
+    engine) and ``self.module`` (the user's model) with DeepSpeed's API; other attributes are
+    DeepSpeed's."""
+
+    def backward(self, loss, **kwargs):
+        return self.deepspeed.backward(loss, **kwargs)
+
+    def train(self, mode: bool = True):
+        self.deepspeed.train(mode)
+        self.module.train(mode)   # FFCEngine: DeepSpeed's module does not hold the head
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    @property
+    def loss_scale(self) -> float:
+        return float(self.deepspeed.optimizer.loss_scale) if self.deepspeed.fp16_enabled() else 1.0
+
+    @property
+    def global_steps(self) -> int:
+        return self.deepspeed.global_steps
+
+    def __getattr__(self, name):
+        if name in ("deepspeed", "module", "head"):  # not set yet: avoid recursion
+            raise AttributeError(name)
+        return getattr(self.deepspeed, name)
+
+
+class FFCEngine(_DeepSpeedFacade):
     """A DeepSpeed engine for the backbone plus the sharded optimizer of the centers.
 
     Use it like a DeepSpeed engine: ``loss = engine(inputs, labels)``, ``engine.backward(loss)``,
@@ -161,9 +191,6 @@ class FFCEngine:
         elif not self._all_rows:
             self._rows = rows if self._rows is None else torch.unique(torch.cat([self._rows, rows]))
 
-    def backward(self, loss, **kwargs):
-        return self.deepspeed.backward(loss, **kwargs)
-
     def is_gradient_accumulation_boundary(self) -> bool:
         return self.deepspeed.is_gradient_accumulation_boundary()
 
@@ -194,31 +221,6 @@ class FFCEngine:
         self._rows, self._all_rows, self._pending, self._loss_multiplier = None, False, False, None
         return result
 
-    def train(self, mode: bool = True):
-        self.deepspeed.train(mode)
-        self.module.train(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    def get_lr(self):
-        return self.deepspeed.get_lr()
-
-    @property
-    def loss_scale(self) -> float:
-        if not self.deepspeed.fp16_enabled():
-            return 1.0
-        return float(self.deepspeed.optimizer.loss_scale)
-
-    @property
-    def global_steps(self) -> int:
-        return self.deepspeed.global_steps
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.deepspeed.skipped_steps
-
     def save_checkpoint(self, save_dir, tag=None, client_state=None):
         from .checkpoint import save_checkpoint
         return save_checkpoint(self, save_dir, tag=tag, client_state=client_state)
@@ -228,13 +230,8 @@ class FFCEngine:
         return load_checkpoint(self, load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
                                load_lr_scheduler_states=load_lr_scheduler_states)
 
-    def __getattr__(self, name):
-        if name in ("deepspeed", "module", "head"):  # not set yet: avoid recursion
-            raise AttributeError(name)
-        return getattr(self.deepspeed, name)
 
-
-class PoolEngine:
+class PoolEngine(_DeepSpeedFacade):
     """The DeepSpeed engine of an :class:`~ffc_parallel.FFC` model (from :func:`initialize`).
 
     DeepSpeed trains the probe (its parameters only); the gallery (EMA) and the slot-sharded class
@@ -249,26 +246,8 @@ class PoolEngine:
     def __call__(self, inputs, labels):
         return self.deepspeed(inputs, labels)
 
-    def backward(self, loss, **kwargs):
-        return self.deepspeed.backward(loss, **kwargs)
-
     def step(self, **kwargs):
         return self.deepspeed.step(**kwargs)
-
-    def train(self, mode: bool = True):
-        self.deepspeed.train(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    @property
-    def loss_scale(self) -> float:
-        return float(self.deepspeed.optimizer.loss_scale) if self.deepspeed.fp16_enabled() else 1.0
-
-    @property
-    def global_steps(self) -> int:
-        return self.deepspeed.global_steps
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None):
         from .checkpoint import save_pool_checkpoint
@@ -278,11 +257,6 @@ class PoolEngine:
         from .checkpoint import load_pool_checkpoint
         return load_pool_checkpoint(self, load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
                                     load_lr_scheduler_states=load_lr_scheduler_states)
-
-    def __getattr__(self, name):
-        if name in ("deepspeed", "module"):  # not set yet: avoid recursion
-            raise AttributeError(name)
-        return getattr(self.deepspeed, name)
 
 
 def _initialize_ffc(model, config, args, training_data, lr_scheduler, collate_fn, mpu, deepspeed_kwargs):

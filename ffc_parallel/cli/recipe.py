@@ -139,7 +139,6 @@ class Recipe:
     def __init__(self, opts, bundle, rank: int, world: int, device):
         from ffc_parallel.models import build_backbone
 
-        check_options(opts)
         self.opts, self.bundle, self.rank, self.world, self.device = opts, bundle, rank, world, device
         self.source = bundle.train
         self.sampler = self.drs = self.drw = self.smoothing = self.xbm = None
@@ -350,7 +349,7 @@ class Recipe:
         buckets = frequency_buckets(bundle.class_counts, tuple(opts.bucket_edges))
         metrics, curves = evaluate(backbone, head, bundle.seen, bundle.unseen, buckets,
                                    batch_size=opts.eval_batch_size, device=device)
-        if head is None:
+        if head is None and self.rank == 0:   # only rank 0 reports; the probes need no other rank
             metrics.update(feature_probes(backbone, bundle.seen, opts.eval_batch_size, device))
         return metrics, curves
 
@@ -377,8 +376,8 @@ def _on(device, batches):
 
 def feature_probes(backbone, seen, batch_size: int, device) -> dict:
     """kNN (k=20) and linear-probe top-1 of frozen features on held-out labelled images: every other
-    image of ``seen = (inputs, labels)`` is the labelled bank, the rest the queries. The same on
-    every rank (no collective)."""
+    image of ``seen = (inputs, labels)`` is the labelled bank, the rest the queries. No collective:
+    one rank may call it alone."""
     from ffc_parallel.eval.runner import embed
     from ffc_parallel.heads.instance import knn_accuracy, linear_probe_accuracy
     x, y = seen
