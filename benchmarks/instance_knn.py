@@ -146,3 +146,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    fp.exit_distributed(0)

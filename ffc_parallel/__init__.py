@@ -5,7 +5,7 @@
     head = fp.ShardedClassifier(embedding_dim=512, num_classes=10_000_000, margin="arcface", sample_rate=0.1)
     loss = head(local_embeddings, local_labels)   # mean over the global batch, same on every rank
 """
-from .distributed import DistributedInfo, get_rank, get_world_size, init_distributed
+from .distributed import DistributedInfo, exit_distributed, get_rank, get_world_size, init_distributed
 from .heads import CombinedMargin, ShardedClassifier, shard_range
 from . import losses  # noqa: F401  (fp.losses.CrossBatchMemory, re-weighting row losses)
 from . import planner  # noqa: F401  (fp.planner.plan, capacity planning; also ffc-plan)
@@ -15,5 +15,5 @@ from .heads import FFC, ClassPool, HardestClassSmoothing, contrastive_prior, ins
 
 __version__ = "0.1.0"
 
-__all__ = ["FFCEngine", "HybridModel", "PoolEngine", "initialize"] + ["CombinedMargin", "DistributedInfo", "ShardedClassifier", "get_rank", "get_world_size",
-           "init_distributed", "shard_range"]
+__all__ = ["CombinedMargin", "DistributedInfo", "FFCEngine", "HybridModel", "PoolEngine", "ShardedClassifier",
+           "exit_distributed", "get_rank", "get_world_size", "init_distributed", "initialize", "shard_range"]

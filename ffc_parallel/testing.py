@@ -150,19 +150,18 @@ def _worker(target: str, kwargs_json: str, workdir: str, timeout: str) -> None:
     log = open(Path(workdir) / f"rank{rank}.log", "w", buffering=1)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
-    # Dump every thread's stack shortly before the parent gives up, then exit.
+    # A fatal signal prints every thread's stack; so does a hang, shortly before the parent gives up.
+    faulthandler.enable(file=log, all_threads=True)
     faulthandler.dump_traceback_later(max(1.0, float(timeout) - 3.0), exit=True, file=log)
     try:
-        import torch.distributed as dist
-
-        from .distributed import init_distributed
+        from .distributed import exit_distributed, init_distributed
 
         init_distributed(verbose=False)
         module, _, name = target.partition(":")
         result = getattr(importlib.import_module(module), name)(**json.loads(kwargs_json))
         (Path(workdir) / f"rank{rank}.json").write_text(json.dumps(result))
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        log.flush()
+        exit_distributed(0)
     except BaseException:
         traceback.print_exc()
         log.flush()

@@ -37,3 +37,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    fp.exit_distributed(0)

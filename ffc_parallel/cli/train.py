@@ -456,6 +456,8 @@ def train(opts: TrainOptions) -> dict | None:
 
 
 def main(argv=None) -> int:
+    """The console entry point: returns 2 on bad options; after training, ends the process through
+    :func:`~ffc_parallel.distributed.exit_distributed` (every rank waits for rank 0's report)."""
     try:
         opts = parse_options(argv)
         from ffc_parallel.cli.recipe import check_options
@@ -464,7 +466,8 @@ def main(argv=None) -> int:
         print(f"ffc-train: {exc}", file=sys.stderr)
         return 2
     train(opts)
-    return 0
+    from ffc_parallel.distributed import exit_distributed
+    exit_distributed(0)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ import torch.distributed as dist
 
 from .init import get_rank, get_world_size
 
+# torch 2.13 renamed the flat-tensor collectives; the old names warn on every call.
+_all_gather_flat = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
 
 def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
     """In-place all-reduce; returns ``tensor``."""
@@ -62,7 +66,7 @@ def all_gather_table(row: torch.Tensor, group=None) -> torch.Tensor:
     if world == 1:
         return row.unsqueeze(0)
     out = torch.empty(world * row.numel(), dtype=row.dtype, device=row.device)
-    dist.all_gather_into_tensor(out, row.contiguous(), group=group)
+    _all_gather_flat(out, row.contiguous(), group=group)
     return out.view(world, row.numel())
 
 
@@ -73,7 +77,7 @@ def _gather_padded(local: torch.Tensor, sizes: Sequence[int], group) -> torch.Te
     if padded is not local:
         padded[: local.shape[0]] = local
     out = local.new_empty((world * longest,) + local.shape[1:])
-    dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+    _all_gather_flat(out, padded.contiguous(), group=group)
     if all(s == longest for s in sizes):
         return out
     keep = torch.cat([torch.arange(r * longest, r * longest + s, device=local.device)
@@ -105,7 +109,7 @@ class _GatherRows(torch.autograd.Function):
                 offset += s
             grad = padded
         out = grad.new_empty((longest,) + grad.shape[1:])
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=group)
+        _reduce_scatter_flat(out, grad.contiguous(), group=group)
         return out[: sizes[rank]], None, None
 
 
@@ -191,7 +195,7 @@ def all_gather_pieces(local: torch.Tensor, layout: PieceLayout, group, timer: Co
         send = local.new_zeros((layout.m,) + local.shape[1:])
         send[: part.shape[0]] = part
         out = local.new_empty((len(layout.sizes) * layout.m,) + local.shape[1:])
-        work = dist.all_gather_into_tensor(out, send, group=group, async_op=True)
+        work = _all_gather_flat(out, send, group=group, async_op=True)
         handles.append((out, timer.track(work, out)))
     for p, (out, work) in enumerate(handles):
         timer.wait(work)
@@ -211,7 +215,7 @@ class ReduceScatterPieces:
         buffer = grad_rows.new_zeros((len(self.layout.sizes) * self.layout.m,) + grad_rows.shape[1:])
         buffer.index_copy_(0, positions, grad_rows)
         out = grad_rows.new_empty((self.layout.m,) + grad_rows.shape[1:])
-        work = dist.reduce_scatter_tensor(out, buffer, group=self.group, async_op=True)
+        work = _reduce_scatter_flat(out, buffer, group=self.group, async_op=True)
         self.pending.append((piece, out, self.timer.track(work, buffer)))
 
     def finish(self) -> torch.Tensor:
