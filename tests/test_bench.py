@@ -75,3 +75,14 @@ def test_time_budget_skips_instead_of_running_and_ffc_bench_prints_tables(tmp_pa
     capsys.readouterr()
     assert bench_cli(["--table", str(out)]) == 0
     assert "| 3e+02 | 8 | 16 | 1.0 | 1 | skipped | skipped | skipped |" in capsys.readouterr().out
+
+
+def test_center_optimizer_benchmark_writes_its_table(tmp_path):
+    from benchmarks import center_optimizer
+
+    out = tmp_path / "co.json"
+    assert center_optimizer.main(["--classes", "2000", "--dim", "8", "--steps", "1", "--dtypes", "fp32",
+                                  "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["optimizer"] for r in report["results"]] == ["sgd_momentum", "adamw"]
+    assert all(r["fused_s"] > 0 and r["unfused_s"] > 0 for r in report["results"])

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from ffc_parallel.optim import ShardedCenterOptimizer
+from ffc_parallel.optim.sharded import _fused_kernel_exists
 
 CASES = {
     "sgd": (dict(kind="sgd", lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
@@ -148,3 +149,42 @@ def test_fp32_master_copy_of_bf16_centers_keeps_small_updates():
     assert (lost.float() - ref.detach()).abs().mean() > 2 * (weight.float() - ref.detach()).abs().mean()
     with pytest.raises(ValueError, match="needs bf16/fp16 centers"):
         ShardedCenterOptimizer(torch.nn.Parameter(torch.zeros(2, 2)), "sgd", master_weights=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_kernel_step_equals_unfused_step(name, dtype):
+    """Full-softmax steps go through torch's fused kernel and match the unfused path (bf16: fp32 masters)."""
+    if not _fused_kernel_exists("cpu", torch.float32):
+        pytest.skip("this torch has no fused CPU optimizer kernels")
+    ours_kwargs, _ = CASES[name]
+    w0 = torch.randn(6, 5, generator=torch.Generator().manual_seed(5)).to(dtype)
+    fused, plain = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt_fused, opt_plain = ShardedCenterOptimizer(fused, **ours_kwargs), ShardedCenterOptimizer(plain, fused=False, **ours_kwargs)
+    for grad in _grads(4, 6, 5, seed=6):
+        fused.grad, plain.grad = grad.to(dtype), grad.to(dtype)
+        opt_fused.step(None, grad_scale=0.5)
+        opt_plain.step(None, grad_scale=0.5)
+    assert (opt_fused.fused_steps, opt_plain.fused_steps) == (4, 0)
+    for key, value in opt_plain.state.items():
+        torch.testing.assert_close(opt_fused.state[key], value, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused.detach(), plain.detach(), rtol=0, atol=0 if dtype == torch.bfloat16 else 1e-6)
+
+
+def test_all_row_step_after_partial_steps_stays_lazy():
+    """Rows at different step counts (after Partial FC steps) take the unfused path, row by row exact."""
+    ours_kwargs, make_torch = CASES["adamw"]
+    w0 = torch.randn(5, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ours = torch.nn.Parameter(w0.clone())
+    opt = ShardedCenterOptimizer(ours, **ours_kwargs)
+    per_row = [torch.nn.Parameter(w0[i].clone()) for i in range(5)]
+    per_row_opts = [make_torch([p]) for p in per_row]
+    for step, grad in enumerate(_grads(4, 5, 3, seed=8)):
+        rows = torch.tensor([1, 3]) if step == 1 else None
+        ours.grad = grad.clone()
+        opt.step(rows)
+        for i in (rows.tolist() if rows is not None else range(5)):
+            per_row[i].grad = grad[i].clone()
+            per_row_opts[i].step()
+    assert opt.fused_steps == 1 and opt.state["step"].tolist() == [3, 4, 3, 4, 3]
+    torch.testing.assert_close(ours.detach(), torch.stack([p.detach() for p in per_row]), rtol=1e-12, atol=1e-14)
