@@ -162,6 +162,11 @@ def exit_distributed(code: int = 0) -> NoReturn:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    if "mpi4py" in sys.modules:  # started through mpirun: without MPI_Finalize, mpirun reports a failure
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
