@@ -171,8 +171,11 @@ def test_fused_kernel_step_equals_unfused_step(name, dtype):
     torch.testing.assert_close(fused.detach(), plain.detach(), rtol=0, atol=0 if dtype == torch.bfloat16 else 1e-6)
 
 
-def test_all_row_step_after_partial_steps_stays_lazy():
-    """Rows at different step counts (after Partial FC steps) take the unfused path, row by row exact."""
+@pytest.mark.parametrize("max_groups", [256, 1])
+def test_all_row_steps_after_partial_steps_stay_lazy(max_groups, monkeypatch):
+    """Rows at different step counts (after Partial FC steps): fused per group of rows at one step count,
+    or (past the group limit) unfused; row by row exact either way."""
+    monkeypatch.setattr("ffc_parallel.optim.sharded._MAX_FUSED_GROUPS", max_groups)
     ours_kwargs, make_torch = CASES["adamw"]
     w0 = torch.randn(5, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     ours = torch.nn.Parameter(w0.clone())
@@ -186,5 +189,5 @@ def test_all_row_step_after_partial_steps_stays_lazy():
         for i in (rows.tolist() if rows is not None else range(5)):
             per_row[i].grad = grad[i].clone()
             per_row_opts[i].step()
-    assert opt.fused_steps == 1 and opt.state["step"].tolist() == [3, 4, 3, 4, 3]
+    assert opt.fused_steps == (4 if max_groups > 1 else 2) and opt.state["step"].tolist() == [3, 4, 3, 4, 3]
     torch.testing.assert_close(ours.detach(), torch.stack([p.detach() for p in per_row]), rtol=1e-12, atol=1e-14)

@@ -30,6 +30,7 @@ from torch.optim.adamw import adamw as _torch_adamw
 from torch.optim.sgd import sgd as _torch_sgd
 
 SUPPORTED = ("sgd", "adam", "adamw")
+_MAX_FUSED_GROUPS = 256  # fused calls per step at most (groups of rows at one step count), else unfused
 _IGNORED_KEYS = {"torch_adam", "fused", "foreach", "fp32_optimizer_states"}  # DeepSpeed implementation switches
 
 
@@ -103,7 +104,7 @@ class ShardedCenterOptimizer:
         if grad is None or (rows is not None and rows.numel() == 0):
             return
         sdt = self._state_dtype()
-        if rows is None and self.fused and self._step_all_rows_fused(grad.to(sdt), grad_scale):
+        if self.fused and _fused_kernel_exists(grad.device.type, sdt) and self._step_fused(rows, grad, grad_scale):
             return
         if rows is None:
             g = grad.to(sdt)
@@ -129,38 +130,73 @@ class ShardedCenterOptimizer:
             for k, v in st.items():
                 self.state[k].index_copy_(0, rows, v)
 
-    def _step_all_rows_fused(self, g, grad_scale: float) -> bool:
-        """Every row in one fused kernel call (``g``: ``[num_local, D]`` in the state dtype, may be
-        overwritten); False, having changed nothing, where rows differ in step count or torch has no
-        fused kernel for this device and dtype."""
-        steps = self.state["step"]
-        low, high = torch.aminmax(steps)
-        if int(low) != int(high) or not _fused_kernel_exists(g.device.type, g.dtype):
-            return False
-        master = self.state.get("master")  # else the centers, or an fp32 copy of half-precision ones
-        p = master if master is not None else self.weight.data.to(g.dtype)
-        done = int(low)  # steps each row has taken; the fused kernel runs step done + 1
-        if grad_scale != 1.0:
-            g.mul_(grad_scale)  # not the kernel's grad_scale: that is fp32, and 1 / grad_scale rounds
-        if self.kind == "sgd":
-            first = done == 0 and self.momentum != 0
-            buffers = [None if first else self.state.get("momentum_buffer")]
-            _torch_sgd([p], [g], buffers, fused=True,
-                                weight_decay=self.weight_decay, momentum=self.momentum, lr=self.lr,
-                                dampening=self.dampening, nesterov=self.nesterov, maximize=False)
-            if first:
-                self.state["momentum_buffer"].copy_(buffers[0])
+    def _step_fused(self, rows: torch.Tensor | None, grad: torch.Tensor, grad_scale: float) -> bool:
+        """The step through torch's fused kernel, one call per group of rows that share what the update
+        depends on (Adam: the row's step count; SGD with momentum: whether it is the row's first step).
+        Every row of one group: in place, no gather. False, having changed nothing, past
+        ``_MAX_FUSED_GROUPS`` groups (the unfused path then takes the step)."""
+        steps = self.state["step"] if rows is None else self.state["step"].index_select(0, rows)
+        if self.kind != "sgd":
+            key = steps
         else:
-            adam = _torch_adamw if self.kind == "adamw" else _torch_adam
-            step = torch.full((), float(done), dtype=torch.float32, device=g.device)  # the wrapper adds 1
-            adam([p], [g], [self.state["exp_avg"]], [self.state["exp_avg_sq"]], [], [step], fused=True,
-                 amsgrad=False, beta1=self.betas[0], beta2=self.betas[1], lr=self.lr,
-                 weight_decay=self.weight_decay, eps=self.eps, maximize=False)
-        if p is not self.weight.data:
-            self.weight.data.copy_(p)
-        steps += 1
+            key = (steps > 0).to(torch.uint8) if self.momentum else torch.zeros_like(steps, dtype=torch.uint8)
+        low, high = torch.aminmax(key)
+        sdt = self._state_dtype()
+        if rows is None and int(low) == int(high):  # full softmax: every row in place
+            master = self.state.get("master")  # else the centers, or an fp32 copy of half-precision ones
+            p = master if master is not None else self.weight.data.to(sdt)
+            g = grad.to(sdt).mul_(grad_scale) if grad_scale != 1.0 else grad.to(sdt)
+            self._fused_kernel(p, g, {k: v for k, v in self.state.items() if k not in ("step", "master")},
+                               int(low))
+            if p is not self.weight.data:
+                self.weight.data.copy_(p)
+            steps += 1
+            self.fused_steps += 1
+            return True
+        if rows is None:
+            rows = torch.arange(self.weight.shape[0], device=steps.device)
+        order = torch.argsort(key, stable=True)
+        groups, counts = torch.unique_consecutive(key[order], return_counts=True)
+        if groups.numel() > _MAX_FUSED_GROUPS:
+            return False
+        rows = rows[order]
+        master = self.state.get("master")
+        p = (master if master is not None else self.weight.data).index_select(0, rows).to(sdt)
+        g = grad.index_select(0, rows).to(sdt)
+        if grad_scale != 1.0:
+            g.mul_(grad_scale)
+        state = {k: v.index_select(0, rows) for k, v in self.state.items() if k not in ("step", "master")}
+        begin = 0
+        for value, count in zip(groups.tolist(), counts.tolist()):
+            part = slice(begin, begin + count)
+            self._fused_kernel(p[part], g[part], {k: v[part] for k, v in state.items()}, value)
+            begin += count
+        self.weight.data.index_copy_(0, rows, p.to(self.weight.dtype))
+        if master is not None:
+            master.index_copy_(0, rows, p)
+        for k, v in state.items():
+            self.state[k].index_copy_(0, rows, v)
+        self.state["step"].index_add_(0, rows, torch.ones_like(rows))
         self.fused_steps += 1
         return True
+
+    def _fused_kernel(self, p, g, state: dict, done: int) -> None:
+        """One fused update of ``p`` (``[n, D]``, state dtype, in place) with ``g`` (same shape, may be
+        overwritten) and its ``state`` rows (in place); ``done``: the rows' step count before this step
+        (SGD: only whether it is 0)."""
+        if self.kind == "sgd":
+            first = done == 0 and self.momentum != 0
+            buffers = [None if first else state.get("momentum_buffer")]
+            _torch_sgd([p], [g], buffers, fused=True, weight_decay=self.weight_decay, momentum=self.momentum,
+                       lr=self.lr, dampening=self.dampening, nesterov=self.nesterov, maximize=False)
+            if first:
+                state["momentum_buffer"].copy_(buffers[0])  # torch made the first buffer: the gradient
+        else:
+            adam = _torch_adamw if self.kind == "adamw" else _torch_adam
+            step = torch.full((), float(done), dtype=torch.float32, device=p.device)  # the wrapper adds 1
+            adam([p], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [], [step], fused=True, amsgrad=False,
+                 beta1=self.betas[0], beta2=self.betas[1], lr=self.lr, weight_decay=self.weight_decay,
+                 eps=self.eps, maximize=False)
 
     def _sgd(self, p, g, st):
         if self.weight_decay:
