@@ -14,11 +14,11 @@ Lazy semantics: a row's step count, momentum and moments advance only when the r
 decay applies only to touched rows; Adam's bias correction uses the row's own step count. With every
 row touched each step (``sample_rate=1``) this is exactly ``torch.optim.SGD`` / ``Adam`` / ``AdamW``.
 
-A step of every row whose rows share one step count (always so under full softmax) runs torch's fused
-kernel (``fused=True`` of the functional ``torch.optim`` API: one pass over each state tensor, on CPU and
-GPU) where torch has one for the device and dtype; ``fused=False`` forces the unfused path. NVIDIA apex's
-multi-tensor kernels are not used: their gain is batching many small tensors into one launch, and a
-rank's centers are one large tensor.
+Updates run torch's fused kernel (``fused=True`` of the functional ``torch.optim`` API: one pass over
+each state tensor, CPU and GPU) where torch has one for the device and dtype, one call per group of rows
+at one step count: every row in place under full softmax, gathered rows under Partial FC.
+``fused=False`` forces the unfused element-wise path. NVIDIA apex's multi-tensor kernels are not used:
+their gain is batching many small tensors into one launch, and a rank's centers are one large tensor.
 """
 from __future__ import annotations
 
