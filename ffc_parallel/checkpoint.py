@@ -1,18 +1,33 @@
-"""Checkpoints of an :class:`~ffc_parallel.engine.FFCEngine`: atomic, and reshardable to any world size.
+"""Checkpoints of a DeepSpeed-trained model whose class shards differ on every rank: atomic, and
+loadable at any world size.
 
-Layout of ``save_dir``::
+    fp.save_checkpoint(engine, save_dir, tag=None, client_state=None)   # in place of engine.save_checkpoint
+    fp.load_checkpoint(engine, load_dir, tag=None)                      # in place of engine.load_checkpoint
 
-    latest                    the tag of the newest complete checkpoint (replaced atomically)
-    <tag>/                    one complete checkpoint, renamed into place only once fully written
-        ...                   DeepSpeed's own files for the backbone (module, ZeRO partitions, scheduler)
-        ffc_head/manifest.json  class count, dim, layout, dtype, world size, class ranges, steps
-        ffc_head/shard_00003.pt the centers of rank 3 ``weight[n, D]`` and their optimizer state rows
+``engine`` is the engine of plain ``deepspeed.initialize`` or an :class:`~ffc_parallel.FFCEngine`
+(whose ``save_checkpoint`` / ``load_checkpoint`` call these). Keywords and return values are
+DeepSpeed's. The sharded parts of the model are every :class:`~ffc_parallel.ShardedClassifier`
+(centers, their optimizer rows, Partial FC's sampling step) and every FFC class pool, named by
+their module path. Layout of ``save_dir``::
+
+    latest                          the tag of the newest complete checkpoint (replaced atomically)
+    <tag>/                          one complete checkpoint, renamed into place only once fully written
+        ...                         DeepSpeed's own files (module, ZeRO partitions, scheduler, client state)
+        ffc_shards/manifest.json    every part: kind, sizes, dtype, per-rank ranges; world size; steps
+        ffc_shards/<name>/shard_00003.pt   rank 3's rows of part <name>
 
 A save writes everything into ``save_dir/.staging-<tag>/<tag>``, fsyncs it, renames it to
 ``save_dir/<tag>`` and only then points ``latest`` at it: a crash at any moment leaves the previous
-checkpoint complete and ``latest`` pointing at it. Loading at a different world size reads, for the
-classes the rank now owns, the overlapping rows of the saved shards (weights and optimizer state), so
-``4 -> 2``, ``2 -> 3`` or ``1 -> 4`` give bit-identical reassembled centers and state.
+checkpoint complete and ``latest`` pointing at it. A load at another world size reads, for the
+classes (slots) a rank now owns, the overlapping rows of the saved shards, so ``4 -> 2``, ``2 -> 3``
+or ``1 -> 4`` give bit-identical reassembled centers and optimizer state; DeepSpeed's ZeRO state
+goes through its universal checkpoint (``deepspeed_bridge.load_engine``).
+
+Why not ``torch.distributed.checkpoint``: it reshards DTensors, whose ``Shard(0)`` layout puts
+``ceil(C / W)`` rows on the first ranks (``torch.chunk``), not DESIGN.md's contiguous
+``C // W + (rank < C % W)`` blocks; describing our blocks needs the deprecated ``ShardedTensor``
+or a planner of our own, for what ``read_rows`` (memory-mapped reads of the overlapping rows) does
+in a few lines. See ``docs/deepspeed.md``.
 """
 from __future__ import annotations
 
@@ -24,8 +39,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-HEAD_DIR, MANIFEST = "ffc_head", "manifest.json"
-FORMAT = 1
+from . import deepspeed_bridge as bridge
+
+SHARDS_DIR, MANIFEST = "ffc_shards", "manifest.json"
+FORMAT = 2
 
 
 def shard_name(rank: int) -> str:
@@ -72,107 +89,154 @@ def _all_ok(ok: bool, what: str) -> None:
         raise RuntimeError(f"ffc_parallel checkpoint: {what} failed on at least one rank (see its log)")
 
 
-# ---------------------------------------------------------------------- head shards
-def head_shard_state(head, optimizer) -> dict:
-    """This rank's centers ``weight[n, D]`` (cpu) and optimizer state rows."""
-    return {"class_range": list(head.class_range), "weight": head.weight.detach().cpu().clone(),
-            "optimizer": _cpu(optimizer.state_dict()), "sample_step": int(head.sample_step)}
+def _ds_engine(engine):
+    """The DeepSpeed engine behind ``engine`` (an FFCEngine or DeepSpeed's own)."""
+    inner = engine.__dict__.get("deepspeed", engine)
+    if not bridge.is_engine(inner):
+        raise TypeError(f"expected a DeepSpeed engine (from deepspeed.initialize or ffc_parallel.initialize), "
+                        f"got {type(engine).__name__}")
+    return inner
+
+
+# ---------------------------------------------------------------------- the sharded parts of a model
+def sharded_parts(module: torch.nn.Module) -> dict:
+    """``{module path: module}`` of every ShardedClassifier and FFC ClassPool inside ``module``."""
+    from .heads.ffc import ClassPool
+    from .heads.sharded import ShardedClassifier
+
+    return {name or "model": m for name, m in module.named_modules() if isinstance(m, (ShardedClassifier, ClassPool))}
+
+
+def _is_head(part) -> bool:
+    from .heads.sharded import ShardedClassifier
+    return isinstance(part, ShardedClassifier)
+
+
+def _part_entry(part, ranges) -> dict:
+    if _is_head(part):
+        optimizer = part.centers.optimizer
+        return {"kind": "head", "num_classes": part.num_classes, "embedding_dim": part.embedding_dim,
+                "dtype": str(part.weight.dtype).replace("torch.", ""), "ranges": ranges,
+                "optimizer": optimizer.kind if optimizer is not None else None, "sample_step": int(part.sample_step)}
+    return {"kind": "pool", "pool_size": part.pool_size, "embedding_dim": part.embedding_dim, "ranges": ranges}
+
+
+def _part_state(part) -> dict:
+    """This rank's rows of a part (cpu): a head's centers ``[n, D]`` and optimizer rows, or a pool's slots."""
+    if _is_head(part):
+        optimizer = part.centers.optimizer
+        return {"range": list(part.class_range), "weight": part.weight.detach().cpu().clone(),
+                "optimizer": _cpu(optimizer.state_dict()) if optimizer is not None else None}
+    return {"range": list(part.slot_range), **{k: v.detach().cpu().clone() for k, v in part.state_dict().items()}}
 
 
 def _cpu(sd):
     return {k: ({kk: vv.cpu() for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in sd.items()}
 
 
-def build_manifest(head, class_ranges, global_steps: int, optimizer_kind: str, backbone_world_size: int) -> dict:
-    return {"format": FORMAT, "num_classes": head.num_classes, "embedding_dim": head.embedding_dim,
-            "layout": "contiguous", "world_size": len(class_ranges), "class_ranges": class_ranges,
-            "dtype": str(head.weight.dtype).replace("torch.", ""), "global_steps": int(global_steps),
-            "sample_step": int(head.sample_step), "optimizer": optimizer_kind,
-            "backbone_world_size": int(backbone_world_size)}
+def _own_range(part):
+    return part.class_range if _is_head(part) else part.slot_range
+
+
+def _describe(entry: dict) -> str:
+    if entry["kind"] == "head":
+        return f"a head of {entry['num_classes']} classes x {entry['embedding_dim']}"
+    return f"a class pool of {entry['pool_size']} slots x {entry['embedding_dim']}"
 
 
 def read_manifest(tag_dir: Path) -> dict:
-    path = Path(tag_dir) / HEAD_DIR / MANIFEST
+    path = Path(tag_dir) / SHARDS_DIR / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {tag_dir} is not an ffc_parallel checkpoint "
-                                "(save it with engine.save_checkpoint)")
+        raise FileNotFoundError(
+            f"{path} not found: {tag_dir} holds no class shards (a DeepSpeed checkpoint saved with "
+            "engine.save_checkpoint keeps one rank's view of the model at most); save with "
+            "ffc_parallel.save_checkpoint(engine, dir)")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: unknown checkpoint format {manifest.get('format')!r} (expected {FORMAT})")
     return manifest
 
 
-def read_rows(tag_dir: Path, manifest: dict, start: int, stop: int):
-    """``(weight[stop-start, D], optimizer state rows, optimizer hyper-parameters)`` for global
-    classes ``[start, stop)``, assembled from the saved shards that overlap them."""
+def read_rows(part_dir: Path, entry: dict, start: int, stop: int) -> dict:
+    """A head's rows ``[start, stop)`` assembled from the saved shards that overlap them:
+    ``{"weight": [stop-start, D], "state": optimizer state rows, "hyper": optimizer hyperparameters}``."""
     pieces, states, hyper = [], {}, None
-    for rank, (lo, hi) in enumerate(manifest["class_ranges"]):
+    for rank, (lo, hi) in enumerate(entry["ranges"]):
         a, b = max(lo, start), min(hi, stop)
         if a >= b and (hyper is not None or rank > 0):
             continue
-        shard = torch.load(Path(tag_dir) / HEAD_DIR / shard_name(rank), map_location="cpu", mmap=True,
-                           weights_only=True)
-        if hyper is None:
-            hyper = {k: v for k, v in shard["optimizer"].items() if k != "state"}
+        shard = torch.load(Path(part_dir) / shard_name(rank), map_location="cpu", mmap=True, weights_only=True)
+        optimizer = shard["optimizer"]
+        if hyper is None and optimizer is not None:
+            hyper = {k: v for k, v in optimizer.items() if k != "state"}
         if a < b:
             pieces.append(shard["weight"][a - lo: b - lo].clone())
-            for key, value in shard["optimizer"]["state"].items():
+            for key, value in (optimizer or {}).get("state", {}).items():
                 states.setdefault(key, []).append(value[a - lo: b - lo].clone())
-    dim = manifest["embedding_dim"]
-    dtype = getattr(torch, manifest["dtype"])
-    weight = torch.cat(pieces) if pieces else torch.empty(0, dim, dtype=dtype)
-    state = {k: torch.cat(v) for k, v in states.items()}
-    return weight, state, hyper
+    weight = torch.cat(pieces) if pieces else torch.empty(0, entry["embedding_dim"], dtype=getattr(torch, entry["dtype"]))
+    return {"weight": weight, "state": {k: torch.cat(v) for k, v in states.items()}, "hyper": hyper}
 
 
-# ---------------------------------------------------------------------- save / load
-def save_checkpoint(engine, save_dir, tag=None, client_state=None) -> str:
-    """Save backbone (DeepSpeed), centers and their optimizer state atomically; returns the tag."""
-    head = engine.head
+def _pool_shards(part_dir: Path, entry: dict, rank: int | None = None) -> dict:
+    """A pool's saved slots: shard ``rank`` alone, or (``rank=None``) the whole pool concatenated."""
+    if rank is not None:
+        return torch.load(Path(part_dir) / shard_name(rank), map_location="cpu", weights_only=True)
+    shards = [torch.load(Path(part_dir) / shard_name(r), map_location="cpu", weights_only=True)
+              for r in range(len(entry["ranges"]))]
+    return {"features": torch.cat([s["features"] for s in shards]), "ids": torch.cat([s["ids"] for s in shards]),
+            "stamps": torch.cat([s["stamps"] for s in shards]), "clock": shards[0]["clock"]}
+
+
+# ---------------------------------------------------------------------- save
+def save_checkpoint(engine, save_dir, tag=None, client_state=None, save_latest=True,
+                    exclude_frozen_parameters=False) -> bool:
+    """DeepSpeed's files plus every rank's class shards, staged and published atomically
+    (collective); returns True like DeepSpeed."""
+    ds = _ds_engine(engine)
+    bridge.attach(ds)   # the centers' optimizers exist before the first step too
+    parts = sharded_parts(ds.module)
     rank, world = _rank_world()
-    ranges = [None] * world
-    if dist.is_initialized():
-        dist.all_gather_object(ranges, list(head.class_range))
-    else:
-        ranges = [list(head.class_range)]
-    manifest = build_manifest(head, ranges, engine.global_steps, engine.head_optimizer.kind,
-                              engine.deepspeed.dp_world_size)
-    return _staged_save(engine.deepspeed, save_dir, tag, client_state, HEAD_DIR,
-                        lambda: head_shard_state(head, engine.head_optimizer), manifest, "head shard")
-
-
-def _staged_save(ds_engine, save_dir, tag, client_state, part_dir: str, rank_state, manifest: dict,
-                 what: str) -> str:
-    """DeepSpeed's files plus ``part_dir/shard_<rank>.pt`` (``rank_state()``) of every rank and rank
-    0's ``part_dir/manifest.json``, staged and published atomically (collective); returns the tag."""
-    rank, _ = _rank_world()
     save_dir = Path(save_dir)
-    tag = str(tag if tag is not None else f"global_step{ds_engine.global_steps}")
+    tag = str(tag if tag is not None else f"global_step{ds.global_steps}")
     if "/" in tag or tag.startswith("."):
         raise ValueError(f"checkpoint tag {tag!r} must be a plain name (no '/', not starting with '.')")
+    ranges = {}
+    for name, part in parts.items():
+        gathered = [None] * world
+        if dist.is_initialized():
+            dist.all_gather_object(gathered, list(_own_range(part)))
+        else:
+            gathered = [list(_own_range(part))]
+        ranges[name] = gathered
     staging_root = save_dir / f".staging-{tag}"
+    staged = staging_root / tag
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging_root, ignore_errors=True)
-        (staging_root / tag / part_dir).mkdir(parents=True)
+        for name in parts:
+            (staged / SHARDS_DIR / name).mkdir(parents=True)
+        (staged / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
     _barrier()
-    ds_engine.save_checkpoint(str(staging_root), tag=tag, client_state=client_state or {}, save_latest=False)
-    staged = staging_root / tag
+    bridge.save_engine(ds, staging_root, tag, client_state or {}, exclude_frozen_parameters)
     ok = True
     try:
-        atomic_torch_save(rank_state(), staged / part_dir / shard_name(rank))
+        for name, part in parts.items():
+            atomic_torch_save(_part_state(part), staged / SHARDS_DIR / name / shard_name(rank))
     except OSError as exc:
         ok = False
-        print(f"ffc_parallel: rank {rank} could not write its {what}: {exc}", flush=True)
-    _all_ok(ok, f"writing the {what}s")
+        print(f"ffc_parallel: rank {rank} could not write its class shards: {exc}", flush=True)
+    _all_ok(ok, "writing the class shards")
     if rank == 0:
-        atomic_write_bytes(staged / part_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-        _publish(save_dir, staging_root, tag)
+        manifest = {"format": FORMAT, "world_size": world, "backbone_world_size": int(ds.dp_world_size),
+                    "global_steps": int(ds.global_steps),
+                    "parts": {name: _part_entry(part, ranges[name]) for name, part in parts.items()}}
+        atomic_write_bytes(staged / SHARDS_DIR / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        _publish(save_dir, staging_root, tag, save_latest)
     _barrier()
-    return tag
+    return True
 
 
-def _publish(save_dir: Path, staging_root: Path, tag: str) -> None:
+def _publish(save_dir: Path, staging_root: Path, tag: str, save_latest: bool = True) -> None:
     """fsync the staged checkpoint, rename it into place, then point ``latest`` at it."""
     staged = staging_root / tag
     for root, _, files in os.walk(staged):
@@ -185,8 +249,9 @@ def _publish(save_dir: Path, staging_root: Path, tag: str) -> None:
         os.rename(final, trash)
     os.rename(staged, final)
     _fsync_path(save_dir)
-    atomic_write_bytes(save_dir / "latest", lambda f: f.write(tag.encode()))
-    _fsync_path(save_dir)
+    if save_latest:
+        atomic_write_bytes(save_dir / "latest", lambda f: f.write(tag.encode()))
+        _fsync_path(save_dir)
     shutil.rmtree(trash, ignore_errors=True)
     shutil.rmtree(staging_root, ignore_errors=True)
 
@@ -208,162 +273,136 @@ def resolve_tag(load_dir, tag=None) -> tuple[str, Path]:
     return tag, tag_dir
 
 
-def load_checkpoint(engine, load_dir, tag=None, load_optimizer_states=True, load_lr_scheduler_states=True):
-    """Load a checkpoint saved at any world size; returns ``(path, client_state)`` like DeepSpeed."""
+# ---------------------------------------------------------------------- load
+def _check_parts(tag_dir: Path, manifest: dict, parts: dict) -> None:
+    """Raise (the same error on every rank: all read the same manifest) unless the checkpoint's
+    parts are the model's, with the same sizes."""
+    saved = manifest["parts"]
+    problems = []
+    for name in sorted(set(saved) | set(parts)):
+        if name not in parts:
+            problems.append(f"the checkpoint has {_describe(saved[name])} at {name!r}, the model has none there")
+        elif name not in saved:
+            problems.append(f"the model has a sharded part at {name!r} that the checkpoint does not hold")
+        else:
+            mine = _part_entry(parts[name], [])
+            keys = ("kind", "num_classes", "embedding_dim") if mine["kind"] == "head" else ("kind", "pool_size", "embedding_dim")
+            if any(saved[name].get(k) != mine.get(k) for k in keys):
+                problems.append(f"{name!r} is {_describe(saved[name])} in the checkpoint but {_describe(mine)} in the model")
+    if problems:
+        raise ValueError(f"checkpoint {tag_dir} does not fit this model: " + "; ".join(problems))
+
+
+def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                    load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+    """Load a checkpoint saved by :func:`save_checkpoint` at any world size; returns
+    ``(path, client_state)`` like DeepSpeed (collective)."""
+    ds = _ds_engine(engine)
+    bridge.attach(ds)
     tag, tag_dir = resolve_tag(load_dir, tag)
     manifest = read_manifest(tag_dir)
-    head = engine.head
-    if (manifest["num_classes"], manifest["embedding_dim"]) != (head.num_classes, head.embedding_dim):
-        raise ValueError(f"checkpoint {tag_dir} has {manifest['num_classes']} classes of dim "
-                         f"{manifest['embedding_dim']} but the head has {head.num_classes} of dim {head.embedding_dim}")
-    same_world = manifest["backbone_world_size"] == engine.deepspeed.dp_world_size
-    if same_world or engine.deepspeed.zero_optimization_stage() < 3:
-        path, client_state = engine.deepspeed.load_checkpoint(
-            str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=load_optimizer_states and same_world,
-            load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=not same_world)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the backbone from {tag_dir}")
-    else:
-        path, client_state = str(tag_dir), _load_zero3_backbone(engine, tag_dir)
-    if not same_world:
-        _restore_counters(engine, tag_dir)
-    weight, state, hyper = read_rows(tag_dir, manifest, *head.class_range)
-    with torch.no_grad():
-        head.weight.copy_(weight.to(head.weight.dtype))
-    if load_optimizer_states:
-        engine.head_optimizer.load_state_dict(dict(hyper, state=state))
-    engine.head_optimizer.lr = engine.deepspeed.get_lr()[0]
-    head.sample_step = int(manifest["sample_step"])
+    parts = sharded_parts(ds.module)
+    _check_parts(tag_dir, manifest, parts)
+    pools = {name for name, part in parts.items() if not _is_head(part)}
+    if pools:   # every rank's pool differs in size: DeepSpeed must not load rank 0's into the others
+        if custom_load_fn is not None:
+            raise ValueError("custom_load_fn is not supported for a model with an FFC class pool")
+        custom_load_fn = _load_all_but(tuple(f"{name}." for name in pools), tag_dir)
+    path, client_state = bridge.load_engine(
+        ds, tag_dir, load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
+        load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
+        custom_load_fn=custom_load_fn)
+    rank, world = _rank_world()
+    with_optimizer = load_optimizer_states and not load_module_only
+    for name, part in parts.items():
+        entry, part_dir = manifest["parts"][name], tag_dir / SHARDS_DIR / name
+        if _is_head(part):
+            _load_head(part, part_dir, entry, with_optimizer)
+        elif len(entry["ranges"]) == world:
+            part.load_state_dict({k: v for k, v in _pool_shards(part_dir, entry, rank).items() if k != "range"})
+        else:
+            part.load_full_state(_pool_shards(part_dir, entry))
     _barrier()  # no rank moves on (and perhaps deletes or re-saves checkpoints) while another still reads
     return path, client_state
 
 
-def _load_zero3_backbone(engine, tag_dir: Path) -> dict:
-    """ZeRO-3 saved at another world size: rebuild the fp32 backbone from the saved partitions
-    (rank 0), scatter it into this run's partitions and refresh the fp32 master copies."""
-    import deepspeed
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    rank, _ = _rank_world()
-    full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name) if rank == 0 else {}
-    ds = engine.deepspeed
-    for name, param in ds.module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if rank == 0:
-                param.data.copy_(full[name].to(param.dtype))
-    ds.optimizer.refresh_fp32_params()
-    files = sorted(tag_dir.glob("zero_pp_rank_0_mp_rank_*_model_states.pt"))
-    if not files:
-        return {}
-    saved = torch.load(files[0], map_location="cpu", weights_only=False)
-    return {k: v for k, v in saved.items() if k not in _DEEPSPEED_KEYS}
+def _load_head(head, part_dir: Path, entry: dict, with_optimizer: bool) -> None:
+    rows = read_rows(part_dir, entry, *head.class_range)
+    with torch.no_grad():
+        head.weight.copy_(rows["weight"].to(head.weight.dtype))
+    optimizer = head.centers.optimizer
+    if optimizer is not None:
+        if with_optimizer and rows["hyper"] is not None:
+            optimizer.load_state_dict(dict(rows["hyper"], state=rows["state"]))
+        elif "master" in optimizer.state:
+            optimizer.state["master"].copy_(head.weight.detach())
+    head.sample_step = int(entry["sample_step"])
+    head.rows_loaded()
 
 
-_DEEPSPEED_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "lr_scheduler",
-                   "data_sampler", "random_ltd", "sparse_tensor_module_names", "skipped_steps", "global_steps",
-                   "global_samples", "dp_world_size", "mp_world_size", "ds_config", "ds_version",
-                   "shared_params", "frozen_param_fragments"}
+def _load_all_but(prefixes: tuple, tag_dir: Path):
+    def load(src, dst):
+        missing, unexpected = dst.load_state_dict({k: v for k, v in src.items() if not k.startswith(prefixes)},
+                                                  strict=False)
+        if unexpected or any(not k.startswith(prefixes) for k in missing):
+            raise RuntimeError(f"checkpoint {tag_dir}: model keys differ (missing {missing}, unexpected {unexpected})")
+    return load
 
 
-def _restore_counters(engine, tag_dir: Path) -> None:
-    """After a module-only DeepSpeed load (another world size), restore the step counters."""
-    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt")) or sorted(tag_dir.glob("zero_pp_rank_0_mp_rank_*_model_states.pt"))
-    if not files:
-        return
-    sd = torch.load(files[0], map_location="cpu", weights_only=False)
-    ds = engine.deepspeed
-    ds.global_steps = sd.get("global_steps", ds.global_steps)
-    ds.global_samples = sd.get("global_samples", ds.global_samples)
-    ds.skipped_steps = sd.get("skipped_steps", ds.skipped_steps)
-    if ds.lr_scheduler is not None and sd.get("lr_scheduler") is not None:
-        ds.lr_scheduler.load_state_dict(sd["lr_scheduler"])
-
-
+# ---------------------------------------------------------------------- offline
 def reshard(src, dst, world_size: int, tag=None, progress: bool = True) -> Path:
-    """Offline: rewrite checkpoint ``src`` (latest tag) to ``dst`` with its centers and their optimizer
-    state in ``world_size`` shards. DeepSpeed's backbone files are copied unchanged (the backbone is
-    reloaded module-only, with a fresh optimizer state, when the world size differs)."""
+    """Offline: rewrite checkpoint ``src`` (latest tag) to ``dst`` with every head's centers and their
+    optimizer state, and every pool's slots, in ``world_size`` shards. DeepSpeed's files are copied
+    unchanged (loading converts its ZeRO state at the new world size)."""
+    from .heads.sharded import shard_range
+
     tag, tag_dir = resolve_tag(src, tag)
     manifest = read_manifest(tag_dir)
     dst = Path(dst)
     staging_root = dst / f".staging-{tag}"
     shutil.rmtree(staging_root, ignore_errors=True)
     staged = staging_root / tag
-    shutil.copytree(tag_dir, staged, ignore=shutil.ignore_patterns(HEAD_DIR))
-    (staged / HEAD_DIR).mkdir()
-    from .heads.sharded import shard_range
-    ranges = [list(shard_range(manifest["num_classes"], world_size, r)) for r in range(world_size)]
-    iterator = range(world_size)
-    if progress:
-        try:
-            from tqdm import tqdm
-            iterator = tqdm(iterator, desc=f"resharding to {world_size}", unit="shard")
-        except ImportError:
-            pass
-    for rank in iterator:
-        weight, state, hyper = read_rows(tag_dir, manifest, *ranges[rank])
-        atomic_torch_save({"class_range": ranges[rank], "weight": weight, "sample_step": manifest["sample_step"],
-                           "optimizer": dict(hyper, state=state)}, staged / HEAD_DIR / shard_name(rank))
-    new_manifest = dict(manifest, world_size=world_size, class_ranges=ranges)
-    atomic_write_bytes(staged / HEAD_DIR / MANIFEST, lambda f: f.write(json.dumps(new_manifest, indent=1).encode()))
+    shutil.copytree(tag_dir, staged, ignore=shutil.ignore_patterns(SHARDS_DIR))
+    (staged / SHARDS_DIR).mkdir()
+    parts = {}
+    bar = _progress(len(manifest["parts"]) * world_size, f"resharding to {world_size}", progress)
+    for name, entry in manifest["parts"].items():
+        size = entry["num_classes"] if entry["kind"] == "head" else entry["pool_size"]
+        ranges = [list(shard_range(size, world_size, r)) for r in range(world_size)]
+        parts[name] = dict(entry, ranges=ranges)
+        src_dir, out = tag_dir / SHARDS_DIR / name, staged / SHARDS_DIR / name
+        out.mkdir(parents=True)
+        pool = _pool_shards(src_dir, entry) if entry["kind"] == "pool" else None
+        for rank, (lo, hi) in enumerate(ranges):
+            if pool is None:
+                rows = read_rows(src_dir, entry, lo, hi)
+                optimizer = dict(rows["hyper"], state=rows["state"]) if rows["hyper"] is not None else None
+                state = {"range": [lo, hi], "weight": rows["weight"], "optimizer": optimizer}
+            else:
+                state = {"range": [lo, hi], "clock": pool["clock"],
+                         **{k: pool[k][lo:hi] for k in ("features", "ids", "stamps")}}
+            atomic_torch_save(state, out / shard_name(rank))
+            bar.update(1)
+    bar.close()
+    new_manifest = dict(manifest, world_size=world_size, parts=parts)
+    atomic_write_bytes(staged / SHARDS_DIR / MANIFEST, lambda f: f.write(json.dumps(new_manifest, indent=1).encode()))
     _publish(dst, staging_root, tag)
     return dst / tag
 
 
-# ---------------------------------------------------------------------- FFC: probe, gallery and class pool
-POOL_DIR = "ffc_pool"
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
 
 
-def save_pool_checkpoint(engine, save_dir, tag=None, client_state=None) -> str:
-    """Save an :class:`~ffc_parallel.engine.PoolEngine`: DeepSpeed's files (probe, gallery, optimizer)
-    and every rank's slots of the class pool (``ffc_pool/shard_<rank>.pt``), atomically."""
-    pool = engine.module.pool
-    _, world = _rank_world()
-    manifest = {"format": FORMAT, "pool_size": pool.pool_size, "embedding_dim": pool.embedding_dim,
-                "world_size": world, "global_steps": int(engine.global_steps),
-                "backbone_world_size": int(engine.deepspeed.dp_world_size)}
-    return _staged_save(engine.deepspeed, save_dir, tag, client_state, POOL_DIR,
-                        lambda: {k: v.detach().cpu().clone() for k, v in pool.state_dict().items()}, manifest,
-                        "class-pool shard")
-
-
-def load_pool_checkpoint(engine, load_dir, tag=None, load_optimizer_states=True, load_lr_scheduler_states=True):
-    """Load :func:`save_pool_checkpoint`'s files at any world size (the pool is resharded by slot);
-    returns ``(path, client_state)`` like DeepSpeed."""
-    tag, tag_dir = resolve_tag(load_dir, tag)
-    path = tag_dir / POOL_DIR / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {tag_dir} is not an FFC checkpoint (save it with "
-                                "PoolEngine.save_checkpoint)")
-    manifest = json.loads(path.read_text())
-    pool = engine.module.pool
-    if (manifest["pool_size"], manifest["embedding_dim"]) != (pool.pool_size, pool.embedding_dim):
-        raise ValueError(f"checkpoint {tag_dir} has a pool of {manifest['pool_size']} x {manifest['embedding_dim']} "
-                         f"but the model's pool is {pool.pool_size} x {pool.embedding_dim}")
-    same_world = manifest["backbone_world_size"] == engine.deepspeed.dp_world_size
-
-    def load_all_but_the_pool(src, dst):   # rank 0's pool slots are in src: every rank loads its own below
-        missing, unexpected = dst.load_state_dict({k: v for k, v in src.items() if not k.startswith("pool.")},
-                                                  strict=False)
-        if unexpected or any(not k.startswith("pool.") for k in missing):
-            raise RuntimeError(f"FFC checkpoint {tag_dir}: model keys differ (missing {missing}, unexpected {unexpected})")
-
-    result, client_state = engine.deepspeed.load_checkpoint(
-        str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=load_optimizer_states and same_world,
-        load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=not same_world,
-        custom_load_fn=load_all_but_the_pool)
-    if result is None:
-        raise RuntimeError(f"DeepSpeed could not load the probe and gallery from {tag_dir}")
-    if not same_world:
-        _restore_counters(engine, tag_dir)
-    rank, world = _rank_world()
-    shards = [torch.load(tag_dir / POOL_DIR / shard_name(r), map_location="cpu", weights_only=True)
-              for r in ([rank] if manifest["world_size"] == world else range(manifest["world_size"]))]
-    if manifest["world_size"] == world:
-        pool.load_state_dict(shards[0])
-    else:
-        pool.load_full_state({"features": torch.cat([s["features"] for s in shards]),
-                              "ids": torch.cat([s["ids"] for s in shards]),
-                              "stamps": torch.cat([s["stamps"] for s in shards]), "clock": shards[0]["clock"]})
-    _barrier()
-    return result, client_state
+def _progress(total: int, desc: str, enabled: bool):
+    if enabled:
+        try:
+            from tqdm import tqdm
+            return tqdm(total=total, desc=desc, unit="shard")
+        except ImportError:
+            pass
+    return _NoBar()

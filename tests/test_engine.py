@@ -1,56 +1,67 @@
-"""fp.initialize / HybridModel on 2 and 4 real processes (gloo, DeepSpeed CPU) vs dense single-process training."""
+"""Both DeepSpeed routes (the head inside a user's module under plain deepspeed.initialize, and
+fp.initialize) on 2 and 4 real processes (gloo, DeepSpeed CPU) against dense single-process training."""
 import pytest
 
 from ffc_parallel.testing import run_ranks
 
-FP32_CONFIGS = [[stage, optimizer, gas, "fp32"] for stage in (0, 1, 2, 3) for optimizer in ("sgd", "adamw")
-                for gas in (1, 2)]
+pytestmark = pytest.mark.deepspeed
+
+
+def _configs(route, dtype="fp32", **extra):
+    return [dict(route=route, stage=stage, optimizer=optimizer, gas=gas, dtype=dtype, **extra)
+            for stage in (0, 1, 2, 3) for optimizer in ("sgd", "adamw") for gas in (1, 2)]
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_trajectory_equals_dense_every_zero_stage_optimizer_and_accumulation(world):
-    results = run_ranks("tests.cases_engine:trajectories_match_dense", world, timeout=400,
-                        kwargs=dict(configs=FP32_CONFIGS))
-    assert set(results[0]) == {f"{s}/{o}/{g}/fp32" for s, o, g, _ in FP32_CONFIGS}
+@pytest.mark.parametrize("route", ["drop_in", "fp"])
+def test_trajectory_equals_dense_every_zero_stage_optimizer_and_accumulation(world, route):
+    configs = _configs(route)
+    for i, config in enumerate(configs):   # a DeepSpeed schedule for half of them
+        config["scheduler"] = i % 2 == 1
+    results = run_ranks("tests.cases_engine:trajectories_match_dense", world, timeout=500, kwargs=dict(configs=configs))
+    assert len(results[0]) == len(configs)
 
 
-def test_bf16_backbone_follows_dense_fp32_loosely():
+def test_fp_initialize_default_model_parameters_equals_dense():
     run_ranks("tests.cases_engine:trajectories_match_dense", 2, timeout=300,
-              kwargs=dict(configs=[[stage, "sgd", 2, "bf16"] for stage in (0, 1, 2, 3)]))
+              kwargs=dict(configs=[dict(c, model_parameters="default") for c in _configs("fp")[::3]]))
 
 
-def test_partial_fc_updates_only_sampled_rows_with_accumulation():
-    touched = run_ranks("tests.cases_engine:partial_fc_touches_only_sampled_rows", 2, timeout=200)
+@pytest.mark.parametrize("route", ["drop_in", "fp"])
+def test_bf16_backbone_follows_dense_fp32_loosely(route):
+    run_ranks("tests.cases_engine:trajectories_match_dense", 2, timeout=300,
+              kwargs=dict(configs=[dict(route=route, stage=stage, optimizer="sgd", gas=2, dtype="bf16")
+                                   for stage in (0, 1, 2, 3)]))
+
+
+@pytest.mark.parametrize("route", ["drop_in", "fp"])
+def test_partial_fc_updates_only_sampled_rows_with_accumulation(route):
+    touched = run_ranks("tests.cases_engine:partial_fc_touches_only_sampled_rows", 2, timeout=200,
+                        kwargs=dict(route=route))
     assert all(t > 0 for t in touched)
 
 
-def test_raw_deepspeed_initialize_refused_on_two_ranks_names_fp_initialize():
-    messages = run_ranks("tests.cases_engine:raw_deepspeed_initialize", 2, timeout=200)
-    assert all(m is not None and "ffc_parallel.initialize" in m for m in messages), messages
-
-
-def test_raw_deepspeed_initialize_works_on_one_rank():
-    assert run_ranks("tests.cases_engine:raw_deepspeed_initialize", 1, timeout=200) == [None]
-
-
-def test_gradient_clipping_uses_the_global_norm_of_backbone_and_all_centers():
+def test_fp_initialize_clips_the_global_norm_of_backbone_and_all_centers():
     run_ranks("tests.cases_engine:trajectories_match_dense", 2, timeout=300,
-              kwargs=dict(configs=[[stage, "sgd", 1, "fp32", 0.05] for stage in (0, 1, 2, 3)]))
+              kwargs=dict(configs=[dict(route="fp", stage=stage, optimizer="sgd", gas=1, dtype="fp32", clip=0.05)
+                                   for stage in (0, 1, 2, 3)]))
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_fp16_overflow_on_one_rank_skips_every_rank_and_backs_off_one_scale(stage):
+@pytest.mark.parametrize("route,stage", [("drop_in", 1), ("drop_in", 3), ("fp", 2)])
+def test_fp16_overflow_only_in_one_ranks_centers_skips_every_rank_and_backs_off_one_scale(route, stage):
     scales = run_ranks("tests.cases_engine:fp16_overflow_on_one_rank_skips_everywhere", 2, timeout=300,
-                       kwargs=dict(stage=stage))
+                       kwargs=dict(route=route, stage=stage))
     assert scales[0] == scales[1]
 
 
-def test_fp16_at_zero_stage_0_is_refused_with_a_clear_error():
-    message = run_ranks("tests.cases_engine:fp16_at_zero_stage_0_is_refused", 1, timeout=200)[0]
+@pytest.mark.parametrize("route", ["drop_in", "fp"])
+def test_fp16_at_zero_stage_0_is_refused_with_a_clear_error(route):
+    message = run_ranks("tests.cases_engine:fp16_at_zero_stage_0_is_refused", 1, timeout=200,
+                        kwargs=dict(route=route))[0]
     assert message is not None and "ZeRO stage 1" in message, message
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 def test_loss_fn_mixup_and_cross_batch_memory_follow_the_dense_trajectory():
-    reports = run_ranks("tests.cases_engine:loss_fn_trajectories_match_dense", 2, timeout=100)
+    reports = run_ranks("tests.cases_engine:loss_fn_trajectories_match_dense", 2, timeout=120)
     assert reports[0]["mixup"] < 1e-5 and reports[1]["xbm"] < 1e-5

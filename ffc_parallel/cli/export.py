@@ -1,33 +1,29 @@
-"""``ffc-export CHECKPOINT OUT.pt``: the backbone alone, as a plain fp32 ``state_dict`` for inference
-(``backbone.load_state_dict(torch.load(OUT.pt))``); the class centers are left out."""
+"""``ffc-export CHECKPOINT OUT.pt``: the model without its class shards, as a plain fp32 ``state_dict``
+for inference (``backbone.load_state_dict(torch.load(OUT.pt))``); the class centers are left out."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from ..checkpoint import atomic_torch_save, resolve_tag
+from ..checkpoint import atomic_torch_save, read_manifest, resolve_tag
+from ..deepspeed_bridge import consolidated_fp32_state_dict
 
 PREFIX = "backbone."
 
 
 def backbone_state_dict(tag_dir: Path) -> dict:
-    """fp32 backbone weights of a checkpoint, whatever its ZeRO stage (ZeRO partitions are merged)."""
-    tag_dir = Path(tag_dir)
-    if list(tag_dir.glob("*optim_states.pt")) and list(tag_dir.glob("zero_pp_rank_*")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    else:
-        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise FileNotFoundError(f"no DeepSpeed model states in {tag_dir}")
-        full = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    out = {k[len(PREFIX):]: v.float() if v.is_floating_point() else v for k, v in full.items() if k.startswith(PREFIX)}
-    if not out:
-        raise ValueError(f"{tag_dir} holds no '{PREFIX}*' weights: was it saved by ffc_parallel's engine?")
-    return out
+    """fp32 weights of a checkpoint's model, whatever its ZeRO stage (ZeRO partitions are merged),
+    without the sharded parts (heads, class pools); a :class:`~ffc_parallel.HybridModel`'s
+    ``backbone.`` prefix is dropped, so the result loads into the backbone itself."""
+    parts = tuple(f"{name}." for name in read_manifest(tag_dir)["parts"])
+    full = consolidated_fp32_state_dict(Path(tag_dir))
+    kept = {k: v for k, v in full.items() if not k.startswith(parts) and not k.endswith("_extra_state")}
+    if kept and all(k.startswith(PREFIX) for k in kept):
+        kept = {k[len(PREFIX):]: v for k, v in kept.items()}
+    if not kept:
+        raise ValueError(f"{tag_dir} holds no weights besides its class shards")
+    return kept
 
 
 def main(argv=None) -> int:

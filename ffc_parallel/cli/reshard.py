@@ -1,5 +1,6 @@
-"""``ffc-reshard SRC DST --world-size N``: rewrite a checkpoint's class centers and their optimizer
-state for N ranks, offline (no process group). The backbone's DeepSpeed files are copied unchanged."""
+"""``ffc-reshard SRC DST --world-size N``: rewrite a checkpoint's class shards (every head's centers and
+their optimizer state, every FFC class pool) for N ranks, offline (no process group). DeepSpeed's files
+are copied unchanged: loading at another world size converts its ZeRO state itself."""
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,10 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"ffc-reshard: {exc}", file=sys.stderr)
         return 2
-    print(f"ffc-reshard: {before['num_classes']} classes x {before['embedding_dim']}: "
-          f"{before['world_size']} -> {args.world_size} shards in {out}")
+    for name, entry in before["parts"].items():
+        size = f"{entry['num_classes']} classes" if entry["kind"] == "head" else f"{entry['pool_size']} pool slots"
+        print(f"ffc-reshard: {name}: {size} x {entry['embedding_dim']}: {before['world_size']} -> {args.world_size} shards")
+    print(f"ffc-reshard: wrote {out}")
     return 0
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..deepspeed_bridge import partitioned
 from ..distributed.collectives import all_gather_table, all_reduce_, gather_rows
 from ..heads.sampling import step_generator
 from .samplers import ClassIndex
@@ -197,7 +198,7 @@ class OnlineCamBalancer:
         centers = batch_class_centers(head, labels)            # every rank calls, picks or not
         if not pick.any():
             return images
-        if any(hasattr(p, "ds_status") for p in backbone.parameters()):
+        if any(partitioned(p) for p in backbone.parameters()):
             raise RuntimeError("CAM balancing under ZeRO-3: the backbone's parameters are partitioned, so its "
                                "CAM projection cannot be read; use ZeRO stage 0, 1 or 2")
         pick = pick.to(images.device)

@@ -78,6 +78,15 @@ def _discover() -> tuple[str, int, int, int]:
     return "single process", 0, 1, 0
 
 
+def launched_world_size() -> int:
+    """The number of ranks the launcher started (its environment variables), 1 without a launcher."""
+    env = os.environ
+    for var in ("WORLD_SIZE",) + tuple(size_var for _, _, size_var, _ in _MPI_VARIABLES):
+        if var in env:
+            return int(env[var])
+    return 1
+
+
 def _agree_master(rank: int, world: int) -> tuple[str, int]:
     """Rank 0's address and a free port on it, agreed by every rank through MPI."""
     if world == 1:
@@ -125,28 +134,12 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None,
               else torch.device("cpu"))
     master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     _INFO = DistributedInfo(rank, world, local_rank, backend, launcher, device, master)
-    if "deepspeed" in sys.modules:
-        init_deepspeed_comm(backend)
+    if "deepspeed" in sys.modules:   # DeepSpeed imported: let its comm layer wrap this process group now
+        from ..deepspeed_bridge import init_comm
+        init_comm(backend)
     if verbose and rank == 0:
         print(_INFO.describe(), file=sys.stderr, flush=True)
     return _INFO
-
-
-def init_deepspeed_comm(backend: str) -> None:
-    """Let DeepSpeed wrap the process group we started (no MPI discovery of its own).
-
-    Without CUDA, DeepSpeed 0.19 would first JIT-compile its shared-memory all-reduce op with gcc
-    (minutes on a small machine, and a build killed mid-way leaves a file lock that hangs every later
-    start); only its ``inference_all_reduce`` uses that op, so it is skipped: training collectives go
-    through torch.distributed either way.
-    """
-    import importlib
-
-    import deepspeed
-
-    if not torch.cuda.is_available():
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
 def exit_distributed(code: int = 0) -> NoReturn:

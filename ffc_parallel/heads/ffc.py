@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed.collectives import all_gather_table, all_reduce_, gather_rows, scale_grad
+from ..deepspeed_bridge import GradientSum, partitioned
+from ..distributed.collectives import all_gather_table, all_reduce_, gather_rows
 from ..distributed.init import get_rank, get_world_size
 from .margins import resolve_margin
 from .sharded import shard_range
@@ -322,9 +323,9 @@ class FFC(nn.Module):
 
     Gradient semantics are those of :class:`~ffc_parallel.ShardedClassifier`: the local embeddings
     receive the gradient of the global-batch loss, so the probe's true gradient is the SUM over ranks.
-    Under a wrapper that AVERAGES gradients over the data-parallel ranks (``deepspeed.initialize``,
-    DDP), pass ``grad_multiplier=world_size``: the embedding gradient is multiplied by it, so the
-    average is the sum. The pool holds no parameters and DeepSpeed broadcasts parameters only, so
+    Under DeepSpeed, which AVERAGES gradients over the data-parallel ranks, the embedding gradient is
+    multiplied by the data-parallel size (automatic; pass ``grad_multiplier=world_size`` under DDP).
+    The pool holds no parameters and DeepSpeed broadcasts parameters only, so
     ``deepspeed.initialize(model=ffc, model_parameters=ffc.trainable_parameters(), ...)`` keeps every
     rank's pool shard; ZeRO stages 0-2 (ZeRO-3 partitions the probe, which the EMA needs whole).
 
@@ -335,12 +336,12 @@ class FFC(nn.Module):
         margin, scale: as for :class:`~ffc_parallel.ShardedClassifier` (default ArcFace with s=32).
         topk: neighbours in the fresh-identity penalty. fresh_weight: its weight.
         refresh_momentum: weight of the old feature when an existing identity is refreshed.
-        grad_multiplier: factor on the embedding gradient (see above).
+        grad_multiplier: factor on the embedding gradient (default: automatic, see above).
     """
 
     def __init__(self, backbone: nn.Module, embedding_dim: int, pool_size: int = 30_000, *, margin="arcface",
                  scale: float | None = 32.0, topk: int = 5, fresh_weight: float = 1.0,
-                 gallery_momentum: float = 0.99, refresh_momentum: float = 0.5, grad_multiplier: float = 1.0,
+                 gallery_momentum: float = 0.99, refresh_momentum: float = 0.5, grad_multiplier: float | None = None,
                  group=None, device=None):
         super().__init__()
         if not 0.0 <= gallery_momentum <= 1.0:
@@ -354,7 +355,7 @@ class FFC(nn.Module):
         self.embedding_dim, self.group = int(embedding_dim), group
         self.margin = resolve_margin(margin, scale)
         self.topk, self.fresh_weight, self.gallery_momentum = int(topk), float(fresh_weight), float(gallery_momentum)
-        self.grad_multiplier = float(grad_multiplier)
+        self.gradient_sum = GradientSum(self, group, grad_multiplier)
         if device is None:
             device = next(iter(backbone.parameters()), torch.empty(0)).device
         self.pool = ClassPool(pool_size, embedding_dim, refresh_momentum=refresh_momentum, group=group, device=device)
@@ -365,7 +366,7 @@ class FFC(nn.Module):
         return self.probe.parameters()
 
     def update_gallery(self) -> None:
-        if any(hasattr(p, "ds_status") for p in self.probe.parameters()):
+        if any(partitioned(p) for p in self.probe.parameters()):
             raise RuntimeError("FFC under DeepSpeed ZeRO-3: the probe's parameters are partitioned, so the gallery's "
                                "EMA cannot read them; use ZeRO stage 0, 1 or 2")
         ema_update_(self.gallery, self.probe, self.gallery_momentum)
@@ -392,8 +393,8 @@ class FFC(nn.Module):
         if self.training:
             self.update_gallery()
         probe = self.probe(inputs)
-        if self.grad_multiplier != 1.0 and torch.is_grad_enabled():
-            probe = scale_grad(probe, self.grad_multiplier)
+        if self.training:
+            probe = self.gradient_sum(probe)
         with torch.no_grad():
             self.gallery.train(self.training)
             gallery = self.gallery(inputs)

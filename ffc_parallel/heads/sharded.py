@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed.collectives import PieceLayout, all_gather_table, gather_rows
-from ..distributed.init import get_rank, get_world_size
+from ..distributed.init import get_rank, get_world_size, init_distributed, launched_world_size
+from ..optim.centers import CenterTrainer
 from .margins import resolve_margin
 from .row_loss import CrossEntropy
 from .sampling import sample_rows, step_generator
@@ -15,6 +16,7 @@ from .softmax_ce import (DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, ShardedMarginSoftm
                          chunk_cosines, chunk_rows, stats_dtype)
 
 _INIT_BLOCK = 1 << 16  # rows drawn per seeded block: the init of a class never depends on sharding
+_STATE_MARK = 0xFFC0001  # first value of the head's state_dict marker (get_extra_state)
 
 
 def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -107,13 +109,30 @@ class ShardedClassifier(nn.Module):
         row_loss: how per-sample target log-likelihoods become the loss (default
             :class:`~ffc_parallel.heads.row_loss.CrossEntropy`); see ``heads/row_loss.py``. Class
             weights for it are set per shard with :meth:`set_class_weight`.
+        dtype: of the centers (default: torch's default, fp32). Casts of the surrounding module
+            (``.half()``, DeepSpeed's bf16/fp16) leave it unchanged; device moves (``.to(device)``)
+            move the centers. Embeddings of any floating dtype are accepted.
+        center_master_weights: an fp32 master copy of bf16/fp16 centers in their optimizer
+            (default: yes for half-precision centers).
+        grad_multiplier: factor on the embedding gradient (default: the data-parallel size of the
+            DeepSpeed engine training the head, 1 without one). Under torch DDP, which also averages
+            the backbone's gradients, pass the world size.
+
+    The centers ``weight`` are a leaf ``nn.Parameter`` that the module does not register: they are
+    not in ``parameters()`` nor ``state_dict()`` (which holds only a marker, so that a state dict
+    never silently carries part of a classifier), so DeepSpeed, DDP and optimizers built from
+    ``net.parameters()`` never broadcast, average, partition or step them. Inside a model given to
+    ``deepspeed.initialize`` the head follows DeepSpeed's optimizer and step decisions (see
+    ``optim/centers.py``); save and load it with :func:`ffc_parallel.save_checkpoint` /
+    :func:`ffc_parallel.load_checkpoint`. Without DeepSpeed, hand ``head.weight`` to an optimizer.
     """
 
     def __init__(self, embedding_dim: int, num_classes: int, margin="arcface", scale=None,
                  sample_rate: float = 1.0, filter_threshold: float | None = None, *, group=None,
                  init_std: float = 0.01, seed: int = 0, dtype=None, device=None,
                  memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, chunk_size: int | None = None,
-                 check_inputs: bool = True, row_loss=None, gather_pieces: int = 1):
+                 check_inputs: bool = True, row_loss=None, gather_pieces: int = 1,
+                 center_master_weights: bool | None = None, grad_multiplier: float | None = None):
         super().__init__()
         if int(embedding_dim) < 1 or int(num_classes) < 1:
             raise ValueError(f"embedding_dim and num_classes must be >= 1, got {embedding_dim}, {num_classes}")
@@ -127,6 +146,8 @@ class ShardedClassifier(nn.Module):
         if int(gather_pieces) < 1:
             raise ValueError(f"gather_pieces must be >= 1, got {gather_pieces}")
         self.gather_pieces, self.comm_stats = int(gather_pieces), {}
+        if not dist.is_initialized() and launched_world_size() > 1:
+            init_distributed()   # launched on several ranks (e.g. before deepspeed.initialize): shard over them
         self.rank, self.world_size = get_rank(group), get_world_size(group)
         self.class_range = shard_range(self.num_classes, self.world_size, self.rank)
         self.num_local = self.class_range[1] - self.class_range[0]
@@ -134,16 +155,59 @@ class ShardedClassifier(nn.Module):
             backend = dist.get_backend(group) if dist.is_initialized() else "gloo"
             device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
         rows = init_class_rows(*self.class_range, self.embedding_dim, init_std, self.seed)
-        self.weight = nn.Parameter(rows.to(device=device, dtype=dtype or torch.get_default_dtype()))
-        self.weight.ffc_class_sharded = True  # read by the engine: never broadcast or averaged
-        self.weight.class_range = self.class_range
+        weight = nn.Parameter(rows.to(device=device, dtype=dtype or torch.get_default_dtype()))
+        self.centers = CenterTrainer(self, weight, group, master_weights=center_master_weights,
+                                     grad_multiplier=grad_multiplier)
+        self._rows_missing = None  # set when a state_dict without this head's rows was loaded
         self.row_loss = row_loss if row_loss is not None else CrossEntropy()
         # [num_local] or None: weights of own classes. Not in state_dict: it differs per rank and is
         # recomputed from class counts (losses.configure_reweighting) after a resume.
         self.register_buffer("class_weight", None, persistent=False)
         self.sample_step = 0          # Partial FC draws depend on (seed, rank, sample_step)
         self.last_sampled_rows = None  # local rows used by the last training forward (None: all)
-        self.rows_listener = None  # called with the rows of every training selection (set by FFCEngine)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """This rank's centers ``[num_local, embedding_dim]`` (global classes ``class_range``)."""
+        return self.centers.weight
+
+    def _attach_engine(self, view) -> None:  # called by deepspeed_bridge
+        self.centers.attach(view)
+
+    def _apply(self, fn, *args, **kwargs):
+        """Module casts and moves: the centers follow device moves only (see ``dtype``)."""
+        result = super()._apply(fn, *args, **kwargs)
+        w = self.centers.weight
+        target = fn(torch.empty(0, dtype=w.dtype, device=w.device)).device
+        self.centers.move_to(target)
+        return result
+
+    # ------------------------------------------------------------------ state_dict: a marker, never rows
+    def get_extra_state(self) -> torch.Tensor:
+        """A marker ``[_STATE_MARK, num_classes, embedding_dim]`` in place of the rows: loading a
+        state_dict then tells the head that its rows were not restored. (A tensor: DeepSpeed's
+        checkpoint tools expect every state_dict value to be one.)"""
+        return torch.tensor([_STATE_MARK, self.num_classes, self.embedding_dim], dtype=torch.long)
+
+    def set_extra_state(self, state) -> None:
+        values = torch.as_tensor(state).tolist() if torch.is_tensor(state) else []
+        if len(values) != 3 or values[0] != _STATE_MARK:
+            raise ValueError("ffc_parallel.ShardedClassifier: the state_dict's entry for this head is not a "
+                             "ShardedClassifier's marker")
+        if values[1:] != [self.num_classes, self.embedding_dim]:
+            raise ValueError(f"ffc_parallel.ShardedClassifier: the state_dict was saved from a head of {values[1]} "
+                             f"classes x {values[2]} but this head has {self.num_classes} x {self.embedding_dim}")
+        self._rows_missing = ("the module was loaded from a state_dict (e.g. by DeepSpeed's engine.load_checkpoint), "
+                              "which never holds a ShardedClassifier's rows (each rank owns other classes): load "
+                              "checkpoints with ffc_parallel.load_checkpoint(engine, dir), which restores them")
+
+    def rows_loaded(self) -> None:
+        """Called once the rows were restored (by :func:`ffc_parallel.load_checkpoint`)."""
+        self._rows_missing = None
+
+    def _check_rows(self) -> None:
+        if self._rows_missing is not None:
+            raise RuntimeError(f"ffc_parallel.ShardedClassifier (rank {self.rank}): {self._rows_missing}")
 
     def extra_repr(self) -> str:
         m = self.margin
@@ -246,8 +310,8 @@ class ShardedClassifier(nn.Module):
             self.sample_step += 1
             local = torch.searchsorted(rows, local)
         self.last_sampled_rows = rows
-        if self.training and self.rows_listener is not None:
-            self.rows_listener(rows)
+        if self.training:
+            self.centers.note_rows(rows)
         return rows, torch.where(owned, local, torch.full_like(local, -1))
 
     def label_weight_part(self, labels: torch.Tensor, label_cols: torch.Tensor):
@@ -259,6 +323,18 @@ class ShardedClassifier(nn.Module):
         return torch.where(label_cols >= 0, self.class_weight[local], torch.zeros_like(self.class_weight[:1]))
 
     # ------------------------------------------------------------------ forward / predict
+    def prepare_embeddings(self, local_embeddings: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``(x, training)``: the embeddings ``[b, D]`` on the centers' device and dtype, with the
+        centers' backward attached (gradient multiplier, fp16 overflow check); ``training``: whether
+        this call trains (then its center gradient goes straight into ``weight.grad``). Every loss
+        computed from the head's centers starts here."""
+        self._check_rows()
+        training = self.training and torch.is_grad_enabled()
+        if training:
+            self.centers.begin_forward()
+        x = self.centers.gate(local_embeddings) if training else local_embeddings
+        return x.to(device=self.weight.device, dtype=self.weight.dtype), training
+
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
                 soft_targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Mean margin-softmax cross-entropy over the global batch (a scalar, same on every rank).
@@ -266,9 +342,9 @@ class ShardedClassifier(nn.Module):
         ``local_embeddings[b, D]``, ``local_labels[b]`` int; optional ``soft_targets`` =
         ``(classes[b, K] int, probs[b, K])``: see the class docstring.
         """
+        x, training = self.prepare_embeddings(local_embeddings)
         sizes = self.exchange_inputs(local_embeddings, local_labels, soft_targets=soft_targets)
         device = self.weight.device
-        x = local_embeddings.to(device=device, dtype=self.weight.dtype)
         layout = PieceLayout(sizes, self.gather_pieces, self.rank, device) if self.world_size > 1 else None
         classes = local_labels.to(device=device, dtype=torch.long).unsqueeze(1)
         q = None
@@ -284,12 +360,12 @@ class ShardedClassifier(nn.Module):
         num_cols = self.num_local if rows is None else rows.numel()
         return ShardedMarginSoftmaxCE.apply(x, self.weight, rows, Targets(cols, q, weight_part), self.margin,
                                             self.filter_threshold, self._plan(sum(sizes), num_cols),
-                                            self.group, self.row_loss, layout, self.comm_stats,
-                                            rows is not None)
+                                            self.group, self.row_loss, layout, self.comm_stats, training)
 
     @torch.no_grad()
     def predict(self, local_embeddings: torch.Tensor, k: int = 1):
         """Distributed top-k over all classes by cosine: ``(scores[b, k], class_ids[b, k])``."""
+        self._check_rows()
         sizes = self.exchange_inputs(local_embeddings, None, k=int(k))
         xn = self._gather_normalized(local_embeddings, sizes)
         batch, sdt = xn.shape[0], stats_dtype(xn.dtype)

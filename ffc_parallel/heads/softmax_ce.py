@@ -285,10 +285,11 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         row_loss: a :class:`~ffc_parallel.heads.row_loss.RowLoss`.
         layout: a :class:`~ffc_parallel.distributed.collectives.PieceLayout` (None: one process).
         comm_stats: a dict that receives the forward/backward :class:`CommTimer` summaries.
-        accumulate_rows: with ``rows``, add the center gradient of those rows straight into
-            ``weight.grad`` (allocated with zeros if None) instead of returning a dense
-            ``[num_local, D]`` gradient, so a step costs O(rows) once ``weight.grad`` exists (the
-            engine zeroes only the touched rows after its step).
+        accumulate: add the center gradient straight into ``weight.grad`` (set if None) instead of
+            returning it through autograd (the head's training mode): with ``rows`` only those
+            rows are written, so a step costs O(rows) once ``weight.grad`` exists (the centers'
+            trainer zeroes only the touched rows after its step), and the gradient is complete
+            when the backward returns (the fp16 overflow check reads it).
     """
 
     @classmethod
@@ -304,7 +305,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_local, weight, rows, targets, margin, filter_threshold, plan, group, row_loss,
-                layout, comm_stats, accumulate_rows=False):
+                layout, comm_stats, accumulate=False):
         sdt = stats_dtype(x_local.dtype)
         device = x_local.device
         batch = x_local.shape[0] if layout is None else sum(layout.sizes)
@@ -378,7 +379,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         ctx.save_for_backward(xn, norms, weight, rows, scale, log2_z, dloss_dl.to(sdt), label_cos)
         ctx.targets, ctx.q, ctx.cache, ctx.layout, ctx.group = targets, q, cache, layout, group
         ctx.margin, ctx.filter_threshold, ctx.tile, ctx.comm_stats = margin, filter_threshold, tile, comm_stats
-        ctx.accumulate_into = weight if accumulate_rows and rows is not None else None
+        ctx.accumulate_into = weight if accumulate else None
         ctx.grad_buffer = grad_buffer
         if comm_stats is not None:
             comm_stats["forward"] = timer.summary()
@@ -398,10 +399,10 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         num_pieces = 1 if layout is None else layout.pieces
         direct = rows is None and num_pieces == 1       # d w of a tile is written in place into grad_w
         grad_w, param = None, ctx.accumulate_into
-        if want_w and param is not None:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            grad_w = param.grad
+        if want_w and param is not None and param.grad is not None and ctx.grad_buffer is None:
+            grad_w, direct = param.grad, False        # accumulate: add into the gradient there is
+        elif want_w and param is not None and rows is not None:   # Partial FC: rows into a zero gradient
+            param.grad = grad_w = torch.zeros_like(param)
         elif want_w and ctx.grad_buffer is not None:
             grad_w, ctx.grad_buffer = ctx.grad_buffer, None   # holds the cache entries until they are used
         elif want_w:
@@ -479,5 +480,10 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         if ctx.comm_stats is not None:
             ctx.comm_stats["backward"] = timer.summary()
         if param is not None:
-            grad_w = None  # already in weight.grad
+            if grad_w is not None and grad_w is not param.grad:   # a buffer of our own: becomes or joins it
+                if param.grad is None:
+                    param.grad = grad_w
+                else:
+                    param.grad.add_(grad_w)
+            grad_w = None  # in weight.grad
         return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None

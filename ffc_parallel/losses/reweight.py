@@ -255,7 +255,7 @@ class _SigmoidFocalFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xn, weight, rows, label_cols, weight_part, reduction, margin, filter_threshold,
-                gamma, alpha, offset, plan, group):
+                gamma, alpha, offset, plan, group, accumulate=False):
         sdt = stats_dtype(xn.dtype)
         num_cols = weight.shape[0] if rows is None else rows.numel()
         row_sums = torch.zeros(xn.shape[0], dtype=sdt, device=xn.device)
@@ -270,6 +270,7 @@ class _SigmoidFocalFn(torch.autograd.Function):
         loss, coef = _reduce(summed[:, 0], w, reduction)
         ctx.save_for_backward(xn, weight, rows, label_cols, coef)
         ctx.settings = (margin, filter_threshold, gamma, alpha, offset, plan)
+        ctx.accumulate_into = weight if accumulate else None
         return loss
 
     @staticmethod
@@ -281,7 +282,13 @@ class _SigmoidFocalFn(torch.autograd.Function):
         row_coef = (grad_loss.to(sdt) * coef).unsqueeze(1)
         num_cols = weight.shape[0] if rows is None else rows.numel()
         grad_x = torch.zeros(xn.shape, dtype=sdt, device=xn.device) if want_x else None
-        grad_w = (torch.zeros_like(weight) if rows is not None else torch.empty_like(weight)) if want_w else None
+        param = ctx.accumulate_into   # the head's training mode: add into weight.grad, like the head
+        if want_w and param is not None:
+            if param.grad is None:
+                param.grad = torch.zeros_like(weight)
+            grad_w = param.grad
+        else:
+            grad_w = (torch.zeros_like(weight) if rows is not None else torch.empty_like(weight)) if want_w else None
         for start in range(0, num_cols, plan.chunk):
             stop = min(start + plan.chunk, num_cols)
             w_c, inv, cos, _, dcos = _chunk_focal(xn, weight, rows, label_cols, start, stop, sdt, margin,
@@ -291,13 +298,17 @@ class _SigmoidFocalFn(torch.autograd.Function):
                 grad_x.add_(torch.mm(g.to(xn.dtype), w_c))
             if want_w:
                 g_w = torch.mm(g.t().to(xn.dtype), xn) - w_c * ((g * cos).sum(dim=0) * inv).unsqueeze(1).to(w_c.dtype)
-                if rows is None:
-                    grad_w[start:stop] = g_w
+                if rows is not None:
+                    grad_w.index_add_(0, rows[start:stop], g_w)
+                elif param is not None:
+                    grad_w[start:stop] += g_w
                 else:
-                    grad_w.index_copy_(0, rows[start:stop], g_w)
+                    grad_w[start:stop] = g_w
         if grad_x is not None:
             grad_x = grad_x.to(xn.dtype)
-        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None, None
+        if param is not None:
+            grad_w = None   # in weight.grad
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 class ShardedSigmoidFocal:
@@ -332,8 +343,8 @@ class ShardedSigmoidFocal:
         self.gamma, self.alpha, self.reduction = float(gamma), alpha, _check_reduction(reduction)
 
     def __call__(self, head, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        x, training = head.prepare_embeddings(local_embeddings)
         sizes = head.exchange_inputs(local_embeddings, local_labels)
-        x = local_embeddings.to(device=head.weight.device, dtype=head.weight.dtype)
         xn = torch.nn.functional.normalize(gather_rows(x, sizes, head.group), dim=1)
         labels = gather_rows(local_labels.to(device=head.weight.device, dtype=torch.long).unsqueeze(1),
                              sizes, head.group)
@@ -347,7 +358,7 @@ class ShardedSigmoidFocal:
             plan = ChunkPlan(max(1, plan.chunk // 2), 0)
         return _SigmoidFocalFn.apply(xn, head.weight, rows, cols[:, 0].contiguous(), weight_part, self.reduction,
                                      head.margin, head.filter_threshold, self.gamma, self.alpha, self.offset, plan,
-                                     head.group)
+                                     head.group, training)
 
     def __repr__(self):
         return (f"ShardedSigmoidFocal(gamma={self.gamma}, alpha={self.alpha}, reduction={self.reduction!r}, "

@@ -19,6 +19,8 @@ The returned loss is identical on every rank. Gradients follow the head's conven
 ``local_embeddings.grad`` is the exact gradient of that loss (each rank computes its own anchors'
 terms; the gathered references' gradients are summed back to their ranks), so the backbone gradient
 is the SUM over ranks, as for :class:`~ffc_parallel.ShardedClassifier`; the two losses can be added.
+Under DeepSpeed, which averages the backbone's gradients over ranks, the embedding gradient is
+multiplied by the data-parallel size (``grad_multiplier``, automatic; pass the world size under DDP).
 
 Cost per rank and step: memory ``size · (dim · elem + 8)`` bytes (labels int64), identical copies on
 every rank (plus a transient copy of the filled slots for the backward); compute ``2 · b_r · (B + filled) · dim`` FLOPs for the similarities plus the pair loss
@@ -32,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..deepspeed_bridge import GradientSum
 from ..distributed.collectives import all_gather_table, all_reduce_, gather_rows
 from ..distributed.init import get_rank, get_world_size
 from .pairs import ContrastiveLoss
@@ -51,10 +54,13 @@ class CrossBatchMemory(nn.Module):
         verify: check every step, with one small all-gather, that the memory is identical on every
             rank (raises ``RuntimeError`` on every rank otherwise); :meth:`check_consistent` does it once.
         group: process group (None = world).
+        grad_multiplier: factor on the embedding gradient (default: the data-parallel size when a
+            DeepSpeed engine averages the backbone's gradients over ``group``, else 1).
     """
 
     def __init__(self, size: int, dim: int, pair_loss=None, weight: float = 1.0, warmup_steps: int = 0,
-                 normalize: bool = True, verify: bool = False, group=None, dtype=torch.float32, device=None):
+                 normalize: bool = True, verify: bool = False, group=None, dtype=torch.float32, device=None,
+                 grad_multiplier: float | None = None):
         super().__init__()
         if int(size) < 1 or int(dim) < 1:
             raise ValueError(f"CrossBatchMemory: size and dim must be >= 1, got {size}, {dim}")
@@ -68,6 +74,7 @@ class CrossBatchMemory(nn.Module):
         self.register_buffer("labels", torch.full((self.size,), -1, dtype=torch.long, device=device))
         # [next slot to write, number of filled slots, steps taken]
         self.register_buffer("state", torch.zeros(3, dtype=torch.long, device=device))
+        self.gradient_sum = GradientSum(self, group, grad_multiplier)
 
     @property
     def filled(self) -> int:
@@ -117,7 +124,7 @@ class CrossBatchMemory(nn.Module):
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """``loss`` (scalar, same on every rank) for this step; see the module docstring."""
         sizes = self._exchange(local_embeddings, local_labels)
-        x = local_embeddings.to(self.embeddings.dtype)
+        x = self.gradient_sum(local_embeddings).to(self.embeddings.dtype)
         if self.normalize:
             x = F.normalize(x, dim=1)
         labels = local_labels.to(device=x.device, dtype=torch.long)

@@ -1,5 +1,5 @@
-"""Sharded optimizers for the class centers and their agreement with DeepSpeed's step."""
-from .consensus import CenterGradientHooks, center_grad_stats
+"""Sharded optimizers for the class centers and how they follow DeepSpeed's step."""
+from .centers import CenterTrainer, center_grad_stats
 from .sharded import ShardedCenterOptimizer
 
-__all__ = ["CenterGradientHooks", "ShardedCenterOptimizer", "center_grad_stats"]
+__all__ = ["CenterTrainer", "ShardedCenterOptimizer", "center_grad_stats"]

@@ -31,7 +31,6 @@ from torch.optim.sgd import sgd as _torch_sgd
 
 SUPPORTED = ("sgd", "adam", "adamw")
 _MAX_FUSED_GROUPS = 256  # fused calls per step at most (groups of rows at one step count), else unfused
-_IGNORED_KEYS = {"torch_adam", "fused", "foreach", "fp32_optimizer_states"}  # DeepSpeed implementation switches
 
 
 class ShardedCenterOptimizer:
@@ -65,29 +64,19 @@ class ShardedCenterOptimizer:
                 raise ValueError("master_weights=True needs bf16/fp16 centers: fp32 centers are their own master")
             self.state["master"] = weight.detach().to(torch.float32).clone()
 
-    @classmethod
-    def from_deepspeed_config(cls, weight, optimizer_section: dict,
-                              master_weights: bool | None = None) -> "ShardedCenterOptimizer":
-        """Build from a DeepSpeed config's ``optimizer`` section (``{"type": ..., "params": {...}}``).
-
-        ``"Adam"`` follows DeepSpeed: decoupled weight decay (AdamW) unless ``"adam_w_mode": false``.
-        """
-        kind = str(optimizer_section.get("type", "")).lower()
-        params = dict(optimizer_section.get("params", {}))
-        adam_w_mode = params.pop("adam_w_mode", True)
-        if kind == "adam" and adam_w_mode:
-            kind = "adamw"
-        for key in _IGNORED_KEYS:
-            params.pop(key, None)
-        known = {"lr", "momentum", "dampening", "nesterov", "weight_decay", "betas", "eps"}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(f"optimizer params {unknown} are not supported by the sharded center optimizer "
-                             f"(supported: {sorted(known)})")
-        if kind not in SUPPORTED:
-            raise ValueError(f"the DeepSpeed optimizer type {optimizer_section.get('type')!r} has no sharded "
-                             f"center optimizer: use SGD, Adam or AdamW")
-        return cls(weight, kind, master_weights=master_weights, **params)
+    def follow(self, kind: str, hyper: dict) -> None:
+        """Take the hyperparameters of the optimizer the centers follow (they may change during a run,
+        e.g. a weight-decay schedule); the update rule and the state it keeps may not."""
+        momentum = float(hyper.get("momentum", self.momentum))
+        if kind != self.kind or (self.kind == "sgd" and (momentum != 0) != ("momentum_buffer" in self.state)):
+            raise ValueError(f"the optimizer the centers follow changed from {self.kind} (momentum {self.momentum}) to "
+                             f"{kind} (momentum {momentum}) during training; the centers' state cannot follow")
+        self.momentum = momentum
+        self.dampening = float(hyper.get("dampening", self.dampening))
+        self.nesterov = bool(hyper.get("nesterov", self.nesterov))
+        self.weight_decay = float(hyper.get("weight_decay", self.weight_decay))
+        self.betas = tuple(float(b) for b in hyper.get("betas", self.betas))
+        self.eps = float(hyper.get("eps", self.eps))
 
     def _state_dtype(self):
         return torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype

@@ -1,0 +1,216 @@
+"""How one head's class centers are trained: the rows a step touched, the gradient's scale and
+overflow, and the step, driven by the DeepSpeed engine the head is attached to.
+
+A :class:`CenterTrainer` belongs to one :class:`~ffc_parallel.ShardedClassifier` and holds its
+centers ``weight[num_local, D]`` (this rank's rows, a leaf ``nn.Parameter`` that no module
+registers, so nothing that walks ``module.parameters()`` (DeepSpeed's broadcast, gradient
+averaging, ZeRO partitioning, optimizers given ``net.parameters()``, DDP) ever touches it).
+
+Attached to a DeepSpeed engine (``deepspeed_bridge`` does it at the engine's first forward):
+
+* the embedding gradient is multiplied by the data-parallel size (DeepSpeed averages the backbone's
+  gradients over ranks; the head's loss needs their sum) by :meth:`gate`, an identity in the forward;
+* with fp16, after every backward the accumulated center gradient of the rows used so far is checked
+  for inf/NaN (agreed over the head's group); if any rank has one, :meth:`gate` makes the embedding
+  gradient inf, so DeepSpeed's own overflow check skips the step of backbone and centers on every
+  rank and backs the one loss scale off;
+* when DeepSpeed's inner optimizer steps, :meth:`step_centers` updates the rows touched since the
+  last step (Partial FC) or all rows with the same update rule, hyperparameters and learning rate,
+  divided by the loss scale the gradients carry; a step DeepSpeed skipped drops the gradient at the
+  next forward.
+
+Without an engine (plain PyTorch, one process or a user's own gradient sums), ``head.weight`` is an
+ordinary parameter: hand it to an optimizer of your own.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from .. import deepspeed_bridge as bridge
+from .sharded import ShardedCenterOptimizer
+
+
+def center_grad_stats(grad: torch.Tensor | None, rows: torch.Tensor | None, group=None) -> tuple[bool, float]:
+    """``(any rank non-finite, global squared norm)`` of the center gradients ``[num_local, D]``
+    restricted to ``rows`` (None = all), agreed over ``group`` with one all-reduce of 2 numbers."""
+    stats = torch.zeros(2, dtype=torch.float64, device=grad.device if grad is not None else "cpu")
+    if grad is not None:
+        sq = (grad if rows is None else grad.index_select(0, rows)).double().pow(2).sum()
+        stats[0] = float(not torch.isfinite(sq))
+        stats[1] = sq if torch.isfinite(sq) else 0.0
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        flag = stats[:1].clone()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(stats[1:], op=dist.ReduceOp.SUM, group=group)
+        stats[0] = flag[0]
+    return bool(stats[0] > 0), float(stats[1])
+
+
+class _Gate(torch.autograd.Function):
+    """Identity forward; backward: ``grad * multiplier``, or inf everywhere when the centers overflowed."""
+
+    @staticmethod
+    def forward(ctx, x, trainer):
+        ctx.trainer = trainer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        trainer = ctx.trainer
+        if trainer.checks_overflow and trainer.center_grad_overflowed():
+            return torch.full_like(grad, float("inf")), None
+        multiplier = trainer.grad_multiplier
+        return (grad * multiplier if multiplier != 1.0 else grad), None
+
+
+class CenterTrainer:
+    """The centers of one head and how they are stepped (see the module docstring).
+
+    Args:
+        weight: the centers ``[num_local, D]``.
+        group: the head's process group.
+        master_weights: fp32 master copy of half-precision centers (None: yes for bf16/fp16).
+        grad_multiplier: factor on the embedding gradient; None = the data-parallel size of the
+            DeepSpeed engine the head is attached to, 1 without one (pass the world size under DDP).
+    """
+
+    def __init__(self, module: torch.nn.Module, weight: torch.nn.Parameter, group=None,
+                 master_weights: bool | None = None, grad_multiplier: float | None = None):
+        self.weight, self.group, self.master_weights = weight, group, master_weights
+        self.owner = f"ffc_parallel.{type(module).__name__}"
+        self.fixed_multiplier = None if grad_multiplier is None else float(grad_multiplier)
+        self.view = None             # deepspeed_bridge.EngineView once attached
+        self.optimizer: ShardedCenterOptimizer | None = None
+        self.clipping = None         # fp.initialize's GlobalNormClipping (its .factor divides the step)
+        self.resolved = False        # attached, or known to train without an engine
+        self._rows: torch.Tensor | None = None
+        self._all_rows = False
+        self._pending = False
+        self._window = None          # engine step count when the pending gradient began
+        self._loss_scale = 1.0
+        self._module = weakref.ref(module)
+        bridge.watch(module)
+
+    # ------------------------------------------------------------------ engine
+    def attach(self, view) -> None:
+        """Follow the engine ``view`` (the bridge calls this, through the head, for the engine whose
+        model holds the head); raises for a configuration the centers cannot follow."""
+        if self.view is not None and self.view is not view:
+            raise RuntimeError(f"{self.owner} is inside two DeepSpeed engines' models: each head trains under one engine")
+        if self.view is view:
+            return
+        ranks = bridge.group_ranks(self.group)
+        if ranks != view.dp_ranks:
+            raise ValueError(f"{self.owner} is sharded over ranks {list(ranks)} but DeepSpeed averages gradients over "
+                             f"its data-parallel ranks {list(view.dp_ranks)}: build the head on DeepSpeed's "
+                             "data-parallel group (group=None for the world)")
+        if view.trains(self.weight):
+            raise ValueError(f"{self.owner}'s weight was handed to DeepSpeed's optimizer (model_parameters or the "
+                             "optimizer's param groups): DeepSpeed would broadcast, average and partition a class "
+                             "shard that differs on every rank. Pass net.parameters() (the centers are not among them) "
+                             "and let the head follow DeepSpeed's optimizer")
+        view.check_trainable(self.owner)
+        settings = view.settings()
+        self.optimizer = ShardedCenterOptimizer(self.weight, settings.kind, settings.lr,
+                                                master_weights=self.master_weights, **settings.hyper)
+        self.view, self.resolved = view, True
+        view.trainers.append(self)
+        bridge.note_bound_weight(self.weight)
+
+    @property
+    def grad_multiplier(self) -> float:
+        if self.fixed_multiplier is not None:
+            return self.fixed_multiplier
+        return float(len(self.view.dp_ranks)) if self.view is not None else 1.0
+
+    @property
+    def checks_overflow(self) -> bool:
+        return self.view is not None and self.view.fp16
+
+    # ------------------------------------------------------------------ one micro-batch
+    def begin_forward(self) -> None:
+        """Start of a training forward that records a graph."""
+        if not self.resolved:
+            if bridge.engines_seen():
+                raise RuntimeError(
+                    f"{self.owner} trains next to a DeepSpeed engine whose model does not contain it: its centers would "
+                    "never be stepped and the backbone's gradient would be averaged where the head needs a sum. Make "
+                    "the head a submodule of the model given to deepspeed.initialize (or to ffc_parallel.initialize)")
+            module = self._module()
+            if module is not None:
+                bridge.unwatch(module)
+            self.resolved = True
+        if self.view is None:
+            return
+        if self._pending and self.view.global_steps != self._window:
+            self.drop()   # DeepSpeed skipped that step (fp16 overflow): so do the centers
+        self._loss_scale = self.view.loss_scale()
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the backward described in the module docstring (identity when nothing applies)."""
+        if not torch.is_grad_enabled() or (self.grad_multiplier == 1.0 and not self.checks_overflow):
+            return x
+        return _Gate.apply(x, self)
+
+    def note_rows(self, rows: torch.Tensor | None) -> None:
+        """The local rows a training forward uses (None: all); their gradient waits for the next step."""
+        if not torch.is_grad_enabled():
+            return
+        if not self._pending:
+            self._pending = True
+            self._window = self.view.global_steps if self.view is not None else None
+        if rows is None:
+            self._all_rows, self._rows = True, None
+        elif not self._all_rows:
+            self._rows = rows if self._rows is None else torch.unique(torch.cat([self._rows, rows]))
+
+    def pending_rows(self) -> torch.Tensor | None:
+        rows = None if self._all_rows else self._rows
+        if rows is not None and self.weight.grad is not None:
+            rows = rows.to(self.weight.grad.device)
+        return rows
+
+    def center_grad_overflowed(self) -> bool:
+        """Whether any rank's accumulated center gradient (rows used so far) holds inf/NaN (collective)."""
+        return center_grad_stats(self.weight.grad if self._pending else None, self.pending_rows(), self.group)[0]
+
+    def pending_norm_sq(self) -> float:
+        """Squared norm of the unscaled pending center gradient, summed over the group (collective)."""
+        _, sq = center_grad_stats(self.weight.grad if self._pending else None, self.pending_rows(), self.group)
+        return sq / (self._loss_scale * self._loss_scale)
+
+    # ------------------------------------------------------------------ the step
+    def step_centers(self, settings) -> None:
+        """Apply DeepSpeed's step (``settings``: a ``deepspeed_bridge.CenterSettings``) to the pending rows."""
+        grad = self.weight.grad
+        if self._pending and grad is not None:
+            self.optimizer.follow(settings.kind, settings.hyper)
+            factor = self.clipping.factor if self.clipping is not None and self.clipping.active else 1.0
+            self.optimizer.step(self.pending_rows(), lr=settings.lr, grad_scale=1.0 / (self._loss_scale * factor))
+        self.drop()
+
+    def drop(self) -> None:
+        """Forget the pending gradient: zero the rows Partial FC wrote (O(rows)), or release the buffer."""
+        rows, grad = self.pending_rows(), self.weight.grad
+        if grad is not None and rows is not None:
+            grad.index_fill_(0, rows, 0.0)
+        else:
+            self.weight.grad = None
+        self._rows, self._all_rows, self._pending, self._window = None, False, False, None
+
+    # ------------------------------------------------------------------ device moves
+    def move_to(self, device: torch.device) -> None:
+        """Move the centers, their gradient and optimizer state to ``device`` (dtype unchanged)."""
+        if self.weight.device == device:
+            return
+        with torch.no_grad():
+            self.weight.data = self.weight.data.to(device)
+            if self.weight.grad is not None:
+                self.weight.grad = self.weight.grad.to(device)
+        if self.optimizer is not None:
+            self.optimizer.state = {k: v.to(device) for k, v in self.optimizer.state.items()}
+        if self._rows is not None:
+            self._rows = self._rows.to(device)
