@@ -187,11 +187,27 @@ def initialize(model, config=None, training_data=None, lr_scheduler=None, *, arg
             head.centers.master_weights = center_master_weights
     if model_parameters is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
+    model_parameters = list(model_parameters)
+    _refuse_centers_in(model_parameters, deepspeed_kwargs.get("optimizer"), _heads(model))
     ds_engine, optimizer, loader, scheduler = deepspeed.initialize(
         args=args, model=model, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, collate_fn=collate_fn, mpu=mpu, config=config, **deepspeed_kwargs)
     bridge.attach(ds_engine)   # misuse (optimizer holding a center, wrong group) raises now, on every rank
     return FFCEngine(ds_engine, model), optimizer, loader, scheduler
+
+
+def _refuse_centers_in(model_parameters: list, client_optimizer, heads) -> None:
+    """Raise before DeepSpeed sees them if a head's centers are among the parameters it would train."""
+    groups = [g["params"] if isinstance(g, dict) else [g] for g in model_parameters]
+    if isinstance(client_optimizer, torch.optim.Optimizer):
+        groups += [g["params"] for g in client_optimizer.param_groups]
+    given = {id(p) for group in groups for p in group}
+    for head in heads:
+        if id(head.weight) in given:
+            raise ValueError("a ShardedClassifier's weight was handed to DeepSpeed's optimizer (model_parameters or "
+                             "the optimizer's param groups): DeepSpeed would broadcast, average and partition a class "
+                             "shard that differs on every rank. Pass model.parameters() (the centers are not among "
+                             "them); the centers follow DeepSpeed's optimizer by themselves")
 
 
 def _without_config(args):

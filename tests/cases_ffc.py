@@ -210,7 +210,8 @@ def pool_checks(pool_kwargs, loss_kwargs, bad_rank):
 
 def ffc_deepspeed_train(batch_sizes, steps, stage, dim_in=6, dim=4, pool_size=7, num_ids=12, seed=0, lr=0.5):
     """FFC given to deepspeed.initialize (SGD momentum 0.9, ZeRO ``stage``, fp32, no clipping: DeepSpeed's
-    default ``gradient_clipping`` is 1.0), ``grad_multiplier=W``; the same data stream as ffc_train."""
+    default ``gradient_clipping`` is 1.0); FFC finds DeepSpeed's averaging itself (no ``grad_multiplier``);
+    the same data stream as ffc_train."""
     import importlib
 
     import deepspeed
@@ -219,8 +220,7 @@ def ffc_deepspeed_train(batch_sizes, steps, stage, dim_in=6, dim=4, pool_size=7,
     # file lock that hangs every later start), as tests/cases_engine.py does.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     rank, world = fp.get_rank(), fp.get_world_size()
-    model = _ffc_model(dim_in, dim, pool_size, seed, torch.float32, topk=2, scale=8.0, gallery_momentum=0.9,
-                       grad_multiplier=world)
+    model = _ffc_model(dim_in, dim, pool_size, seed, torch.float32, topk=2, scale=8.0, gallery_momentum=0.9)
     config = {"train_micro_batch_size_per_gpu": batch_sizes[rank], "gradient_accumulation_steps": 1,
               "optimizer": {"type": "SGD", "params": {"lr": lr, "momentum": 0.9}}, "gradient_clipping": 0.0,
               "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}

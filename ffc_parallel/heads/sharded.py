@@ -175,11 +175,13 @@ class ShardedClassifier(nn.Module):
         self.centers.attach(view)
 
     def _apply(self, fn, *args, **kwargs):
-        """Module casts and moves: the centers follow device moves only (see ``dtype``)."""
+        """Module casts and moves: the centers follow device moves only (see ``dtype``). ``deepspeed.initialize``
+        moves its model, so this also makes the next engine call check that a head is in one engine only."""
         result = super()._apply(fn, *args, **kwargs)
         w = self.centers.weight
         target = fn(torch.empty(0, dtype=w.dtype, device=w.device)).device
         self.centers.move_to(target)
+        self.centers.recheck_engine()
         return result
 
     # ------------------------------------------------------------------ state_dict: a marker, never rows

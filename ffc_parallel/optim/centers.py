@@ -98,10 +98,11 @@ class CenterTrainer:
     def attach(self, view) -> None:
         """Follow the engine ``view`` (the bridge calls this, through the head, for the engine whose
         model holds the head); raises for a configuration the centers cannot follow."""
-        if self.view is not None and self.view is not view:
-            raise RuntimeError(f"{self.owner} is inside two DeepSpeed engines' models: each head trains under one engine")
         if self.view is view:
             return
+        if self.view is not None:
+            raise RuntimeError(f"{self.owner} is inside the models of two DeepSpeed engines: a head's centers follow "
+                               "one engine's optimizer; build a new head for the second model")
         ranks = bridge.group_ranks(self.group)
         if ranks != view.dp_ranks:
             raise ValueError(f"{self.owner} is sharded over ranks {list(ranks)} but DeepSpeed averages gradients over "
@@ -119,6 +120,12 @@ class CenterTrainer:
         self.view, self.resolved = view, True
         view.trainers.append(self)
         bridge.note_bound_weight(self.weight)
+
+    def recheck_engine(self) -> None:
+        """Watch again for the engine that calls the head (an attached head then checks it is the same one)."""
+        module = self._module()
+        if self.view is not None and module is not None:
+            bridge.watch(module)
 
     @property
     def grad_multiplier(self) -> float:
