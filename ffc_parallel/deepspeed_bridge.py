@@ -274,6 +274,10 @@ class EngineView:
     def global_steps(self) -> int:
         return int(self.engine.global_steps)
 
+    @property
+    def gradient_clipping(self) -> float:
+        return float(self.engine.gradient_clipping() or 0.0)
+
     def loss_scale(self) -> float:
         """The loss scale the next backward multiplies the loss by (1 without fp16)."""
         return float(self.engine.optimizer.loss_scale) if self.fp16 else 1.0
@@ -307,7 +311,7 @@ class EngineView:
 
 
 _step_hook = None
-_foreign_checked: dict[int, bool] = {}
+_foreign_checked: "weakref.WeakSet" = weakref.WeakSet()   # optimizers outside DeepSpeed already looked at
 _bound_weights: dict[int, "weakref.ref"] = {}   # id(center weight) -> weight, of heads attached to an engine
 
 
@@ -328,9 +332,9 @@ def _after_optimizer_step(opt, _args, _kwargs) -> None:
         if view.inner is opt:
             view._after_step(opt)
             return
-    if id(opt) in _foreign_checked:
+    if opt in _foreign_checked:
         return
-    _foreign_checked[id(opt)] = True
+    _foreign_checked.add(opt)
     for group in opt.param_groups:
         for p in group["params"]:
             ref = _bound_weights.get(id(p))

@@ -68,7 +68,7 @@ class FFCEngine:
 
     def __init__(self, ds_engine, model: nn.Module):
         self.deepspeed, self.module = ds_engine, model
-        self.clipping = bridge.GlobalNormClipping(ds_engine)
+        self.clipping = bridge.GlobalNormClipping(ds_engine) if _heads(model) else None
 
     def __call__(self, *inputs, **kwargs):
         return self.deepspeed(*inputs, **kwargs)
@@ -97,7 +97,7 @@ class FFCEngine:
     def step(self, **kwargs):
         """Call after every micro-batch; at the accumulation boundary DeepSpeed steps the backbone and,
         through its optimizer, the centers, clipped together to ``gradient_clipping``."""
-        if self.clipping.active and self.deepspeed.is_gradient_accumulation_boundary():
+        if self.clipping is not None and self.clipping.active and self.deepspeed.is_gradient_accumulation_boundary():
             trainers = [h.centers for h in self.heads]
             self.clipping.factor = 1.0
             self.clipping.extra_norm_sq = sum(t.pending_norm_sq() for t in trainers)

@@ -65,3 +65,13 @@ def test_fp16_at_zero_stage_0_is_refused_with_a_clear_error(route):
 def test_loss_fn_mixup_and_cross_batch_memory_follow_the_dense_trajectory():
     reports = run_ranks("tests.cases_engine:loss_fn_trajectories_match_dense", 2, timeout=120)
     assert reports[0]["mixup"] < 1e-5 and reports[1]["xbm"] < 1e-5
+
+
+def test_fp_initialize_engine_mirrors_deepspeeds_api(tmp_path):
+    results = run_ranks("tests.cases_engine:fp_engine_mirrors_deepspeed_api", 2, timeout=200,
+                        kwargs=dict(ckpt=str(tmp_path / "ckpt")))
+    for r in results:
+        assert r["saved"] is True and not r["latest_written"]
+        assert "config was given twice" in r["both"]
+        assert r["embedding_shape"] == [3, 5]
+        assert r["centers_restored"] and r["module_only_kept_optimizer_state"]

@@ -24,6 +24,7 @@ ordinary parameter: hand it to an optimizer of your own.
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -91,6 +92,7 @@ class CenterTrainer:
         self._pending = False
         self._window = None          # engine step count when the pending gradient began
         self._loss_scale = 1.0
+        self._warned_clipping = False
         self._module = weakref.ref(module)
         bridge.watch(module)
 
@@ -195,6 +197,14 @@ class CenterTrainer:
         grad = self.weight.grad
         if self._pending and grad is not None:
             self.optimizer.follow(settings.kind, settings.hyper)
+            if self.clipping is None and self.view.gradient_clipping > 0 and not self._warned_clipping:
+                self._warned_clipping = True
+                if bridge.group_ranks(self.group)[0] == (dist.get_rank() if dist.is_initialized() else 0):
+                    warnings.warn(
+                        f"DeepSpeed clips the backbone's gradient to gradient_clipping={self.view.gradient_clipping} "
+                        "(DeepSpeed's default when the config has none); the class centers are not clipped under "
+                        "plain deepspeed.initialize. ffc_parallel.initialize clips backbone and centers by their "
+                        "global norm; set gradient_clipping to 0 to clip neither.", stacklevel=2)
             factor = self.clipping.factor if self.clipping is not None and self.clipping.active else 1.0
             self.optimizer.step(self.pending_rows(), lr=settings.lr, grad_scale=1.0 / (self._loss_scale * factor))
         self.drop()
