@@ -14,12 +14,12 @@ from .heads import CombinedMargin, ShardedClassifier, shard_range
 from . import losses  # noqa: F401  (fp.losses.CrossBatchMemory, re-weighting row losses)
 from . import planner  # noqa: F401  (fp.planner.plan, capacity planning; also ffc-plan)
 from . import data, eval, models  # noqa: F401  (fp.data sources, fp.eval metrics, fp.models backbones)
-from .engine import FFCEngine, HybridModel, PoolEngine, initialize
+from .engine import FFCEngine, HybridModel, initialize
 from .checkpoint import load_checkpoint, save_checkpoint
 from .heads import FFC, ClassPool, HardestClassSmoothing, contrastive_prior, instance_classifier  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["CombinedMargin", "DistributedInfo", "FFCEngine", "HybridModel", "PoolEngine", "ShardedClassifier",
+__all__ = ["CombinedMargin", "DistributedInfo", "FFCEngine", "HybridModel", "ShardedClassifier",
            "exit_distributed", "get_rank", "get_world_size", "init_distributed", "initialize", "load_checkpoint",
            "save_checkpoint", "shard_range"]

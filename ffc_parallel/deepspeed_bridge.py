@@ -40,13 +40,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .distributed.collectives import scale_grad
+
 SUPPORTED = ">=0.16.0,<0.20,!=0.18.7,!=0.18.8,!=0.18.9"   # setup.cfg's range; CI runs the oldest and the newest
 _MIN_VERSION, _BELOW = (0, 16, 0), (0, 20, 0)
 _BROKEN_STEP = "its ZeRO-1/2 step fails on 4 ranks under torch 2.13 ('Output 0 of Split is a view ...')"
 _KNOWN_BROKEN = {(0, 18, 7): _BROKEN_STEP, (0, 18, 8): _BROKEN_STEP, (0, 18, 9): _BROKEN_STEP}
-# ZeRO-1/2 universal checkpoints (the backbone's optimizer state at another world size) loaded wrong
-# values before 0.19 (0.16.0-0.18.5 measured: parameters off after one step); ZeRO-3's were right from 0.16.
-_UNIVERSAL_ZERO12_FROM = (0, 19, 0)
+# ZeRO-1/2 universal checkpoints (the backbone's optimizer state at another world size) load wrong values
+# before 0.19.7 (0.16.0-0.19.6 measured by benchmarks/deepspeed_versions.py); ZeRO-3's are right from 0.16.
+_UNIVERSAL_ZERO12_FROM = (0, 19, 7)
 
 
 # ---------------------------------------------------------------------- import and version
@@ -183,8 +185,6 @@ class GradientSum:
             module = self._module()
             if module is not None:
                 unwatch(module)
-        from .distributed.collectives import scale_grad
-
         return scale_grad(x, self.value) if self.value != 1.0 else x
 
 
@@ -512,7 +512,7 @@ def _load_universal(engine, tag_dir: Path, saved: int, kwargs: dict):
         import deepspeed
         raise ValueError(
             f"{tag_dir} was saved at data-parallel world size {saved}, this run has {engine.dp_world_size}: restoring "
-            f"the ZeRO-{stage} optimizer state at another world size needs DeepSpeed >= 0.19 (DeepSpeed "
+            f"the ZeRO-{stage} optimizer state at another world size needs DeepSpeed >= 0.19.7 (DeepSpeed "
             f"{deepspeed.__version__}'s universal checkpoints load wrong values). Upgrade DeepSpeed, resume at world "
             f"size {saved}, or pass load_optimizer_states=False (the backbone's optimizer state then restarts; the "
             f"centers keep theirs)")

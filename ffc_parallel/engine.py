@@ -135,9 +135,6 @@ class FFCEngine:
         return getattr(self.deepspeed, name)
 
 
-PoolEngine = FFCEngine  # the engine of an FFC model: the same facade (its class pool is saved like a head)
-
-
 def _config_of(config, args) -> dict | None:
     """The DeepSpeed config as a dict, from ``config`` (dict or JSON path) or ``args.deepspeed_config``."""
     from_args = getattr(args, "deepspeed_config", None) if args is not None else None

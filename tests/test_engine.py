@@ -12,13 +12,15 @@ def _configs(route, dtype="fp32", **extra):
             for stage in (0, 1, 2, 3) for optimizer in ("sgd", "adamw") for gas in (1, 2)]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("route", ["drop_in", "fp"])
-def test_trajectory_equals_dense_every_zero_stage_optimizer_and_accumulation(world, route):
+# The drop-in route as users launch it: the DeepSpeed launcher (2 ranks) and plain mpirun (4 ranks).
+@pytest.mark.parametrize("route,world,launcher", [("drop_in", 2, "deepspeed"), ("drop_in", 4, "mpirun"),
+                                                  ("fp", 2, "torchrun"), ("fp", 4, "torchrun")])
+def test_trajectory_equals_dense_every_zero_stage_optimizer_and_accumulation(route, world, launcher):
     configs = _configs(route)
     for i, config in enumerate(configs):   # a DeepSpeed schedule for half of them
         config["scheduler"] = i % 2 == 1
-    results = run_ranks("tests.cases_engine:trajectories_match_dense", world, timeout=500, kwargs=dict(configs=configs))
+    results = run_ranks("tests.cases_engine:trajectories_match_dense", world, launcher=launcher, timeout=500,
+                        kwargs=dict(configs=configs))
     assert len(results[0]) == len(configs)
 
 

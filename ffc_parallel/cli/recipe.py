@@ -10,7 +10,7 @@ A :class:`Recipe` holds, for one of the three kinds of run,
   random views of the images, the contrastive prior, hardest-class label smoothing, kNN and
   linear-probe evaluation;
 * ``--head ffc``: the :class:`~ffc_parallel.FFC` model (probe, EMA gallery, slot-sharded class pool)
-  under :class:`~ffc_parallel.PoolEngine`, fed by FFC's dual loader;
+  under :class:`~ffc_parallel.FFCEngine`, fed by FFC's dual loader;
 
 the engine, the number of micro-batches and the batches of each epoch, what happens at the start of
 an epoch, the extra checkpoint state and the end-of-run evaluation.

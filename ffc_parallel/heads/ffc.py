@@ -79,8 +79,6 @@ class ClassPool(nn.Module):
         self.register_buffer("ids", torch.full((n,), -1, dtype=torch.long, device=device))
         self.register_buffer("stamps", torch.full((n,), _NEVER, dtype=torch.long, device=device))
         self.register_buffer("clock", torch.zeros((), dtype=torch.long, device=device))
-        for buffer in (self.features, self.ids, self.stamps):
-            buffer.ffc_class_sharded = True  # per-rank state: never broadcast from rank 0
         self._rebuild_index()
 
     def extra_repr(self) -> str:
