@@ -6,8 +6,9 @@ For each version: a virtual environment under ``--venvs`` with ``torch==2.13.0``
 that DeepSpeed, then, on 4 gloo ranks with plain DeepSpeed (a small MLP, AdamW): does it import; do ZeRO 1, 2
 and 3 train and save; does a same-world-size resume continue the run (parameters after two more steps equal
 to the uninterrupted run's); does DeepSpeed's universal checkpoint (``ds_to_universal``) load at 3 ranks and
-continue the run. Writes one JSON record per version (``--out``, merged into an existing file). Slow (about
-a minute a version on 2 CPU cores): a tool for the next range bump, not a CI step.
+continue the run; how many of ``--zero3-repeats`` identical 2-rank ZeRO-3 runs deviate from the others. Writes
+one JSON record per version (``--out``, merged into an existing file). Slow (about two minutes a version on 2
+CPU cores): a tool for the next range bump, not a CI step.
 """
 from __future__ import annotations
 
@@ -72,6 +73,23 @@ def save(ckpt, stage):
     return _params(engine)
 
 
+def repeat_losses(steps=8):
+    """ZeRO-3, 2 ranks, accumulation 2: the losses of ``steps`` micro-batches (the same in every run of a
+    deterministic DeepSpeed)."""
+    import torch
+    import torch.distributed as dist
+
+    engine = _engine(3)
+    losses = []
+    for step in range(steps):
+        x = torch.randn(GLOBAL // dist.get_world_size(), 5, generator=torch.Generator().manual_seed(step * 10 + dist.get_rank()))
+        loss = engine(x).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(round(float(loss), 6))
+    return losses
+
+
 def load(ckpt, stage, universal):
     engine = _engine(stage, universal)
     engine.load_checkpoint(ckpt, tag="t_universal" if universal else "t")
@@ -86,7 +104,7 @@ def _error(text) -> str:
     return (lines[-1] if lines else str(text)[-200:]).strip()[:200]
 
 
-def survey(work: Path) -> dict:
+def survey(work: Path, repeats: int) -> dict:
     """Run in the version's own interpreter: the checks of the module docstring."""
     sys.path.insert(0, str(ROOT))
     from ffc_parallel.testing import run_ranks
@@ -129,6 +147,10 @@ def survey(work: Path) -> dict:
             except Exception as exc:  # noqa: BLE001
                 result["universal"], result["universal_error"] = False, _error(exc)
         record[f"zero{stage}"] = result
+    runs = [tuple(run_ranks("benchmarks.deepspeed_versions:repeat_losses", 2, timeout=300, env=env)[0])
+            for _ in range(repeats)]
+    majority = max(set(runs), key=runs.count) if runs else None
+    record["zero3_repeats"] = {"runs": repeats, "deviating": sum(run != majority for run in runs)}
     return record
 
 
@@ -148,10 +170,13 @@ def main(argv=None) -> int:
     parser.add_argument("versions", nargs="*", help="DeepSpeed versions to survey")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/deepspeed_versions.json"))
     parser.add_argument("--venvs", default="/tmp/ffc_deepspeed_venvs", help="where the virtual environments go")
+    parser.add_argument("--zero3-repeats", type=int, default=8,
+                        help="repeat a 2-rank ZeRO-3 run this often and count runs whose losses deviate "
+                             "(ZeRO-3's gather races under gloo before 0.19.8)")
     parser.add_argument("--survey-here", metavar="WORKDIR", help=argparse.SUPPRESS)   # the child's entry
     args = parser.parse_args(argv)
     if args.survey_here:
-        print(json.dumps(survey(Path(args.survey_here))))
+        print(json.dumps(survey(Path(args.survey_here), args.zero3_repeats)))
         return 0
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
@@ -160,7 +185,8 @@ def main(argv=None) -> int:
         work = Path(args.venvs) / f"work-{version}"
         work.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-        proc = subprocess.run([str(python), str(Path(__file__).resolve()), "--survey-here", str(work)],
+        proc = subprocess.run([str(python), str(Path(__file__).resolve()), "--survey-here", str(work),
+                               "--zero3-repeats", str(args.zero3_repeats)],
                               capture_output=True, text=True, env=env, cwd=ROOT)
         lines = proc.stdout.strip().splitlines()
         record = json.loads(lines[-1]) if proc.returncode == 0 and lines else {"error": _error(proc.stderr)}

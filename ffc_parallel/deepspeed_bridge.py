@@ -49,6 +49,10 @@ _KNOWN_BROKEN = {(0, 18, 7): _BROKEN_STEP, (0, 18, 8): _BROKEN_STEP, (0, 18, 9):
 # ZeRO-1/2 universal checkpoints (the backbone's optimizer state at another world size) load wrong values
 # before 0.19.7 (0.16.0-0.19.6 measured by benchmarks/deepspeed_versions.py); ZeRO-3's are right from 0.16.
 _UNIVERSAL_ZERO12_FROM = (0, 19, 7)
+# Before 0.19.8, ZeRO-3's coalesced parameter all-gather waits for its last asynchronous gather only; gloo
+# runs them on independent threads, so a forward may read parameters before they arrive (DeepSpeed PR
+# #8539). CUDA/NCCL is not affected.
+ZERO3_GLOO_SAFE_FROM = (0, 19, 8)
 
 
 # ---------------------------------------------------------------------- import and version
@@ -294,6 +298,11 @@ class EngineView:
 
     def check_trainable(self, what: str) -> None:
         """Raise for DeepSpeed configurations the centers cannot follow exactly."""
+        if self.zero_stage == 3 and dist.get_backend() == "gloo" and version() < ZERO3_GLOO_SAFE_FROM:
+            import warnings
+            warnings.warn(f"DeepSpeed {'.'.join(map(str, version()))} gathers ZeRO-3 parameters racily under gloo "
+                          "(DeepSpeed PR #8539: wrong or inf losses in some CPU runs); use DeepSpeed >= 0.19.8 for "
+                          "ZeRO-3 on CPU. NCCL is not affected.", stacklevel=3)
         if self.fp16 and self.zero_stage == 0:
             raise ValueError(f"{what}: fp16 with ZeRO stage 0 is not supported (DeepSpeed 0.19's stage-0 fp16 "
                              "optimizer does not scale the loss in engine.backward but unscales in step()); use "

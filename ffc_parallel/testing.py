@@ -100,6 +100,24 @@ def run_ranks(target: str, world_size: int, *, launcher: str = "torchrun", timeo
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def run_command(cmd: list, *, cwd=None, env: dict | None = None, timeout: float = 150) -> str:
+    """Run a launcher command line (``deepspeed ...``, ``mpirun ...``, a launch script) in its own process
+    group under a hard ``timeout``; returns its output. :class:`RankFailure` with the output's tail if it
+    fails or hangs (then the whole process group is killed)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_child_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        log, _ = proc.communicate()
+        raise RankFailure(f"{cmd[0]} hung for {timeout:.0f} s:\n{log.decode(errors='replace')[-4000:]}") from None
+    text = log.decode(errors="replace")
+    if proc.returncode != 0:
+        raise RankFailure(f"{' '.join(map(str, cmd[:3]))} ... failed (exit code {proc.returncode}):\n{text[-4000:]}")
+    return text
+
+
 def _kill(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ffc_parallel.testing import _child_env, _free_port
+from ffc_parallel.testing import _free_port, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "launch_scripts"
@@ -25,20 +25,11 @@ def _config(tmp_path, micro=2, world=2):
 def _run(script, tmp_path, world, extra_env=None, timeout=240):
     out = tmp_path / "out"
     out.mkdir()
-    env = _child_env(dict(FFC_ENTRY="tests.launch_entry", PYTHON=sys.executable, MASTER_PORT=str(_free_port()),
-                          PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-                          **(extra_env or {})))
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env = dict(FFC_ENTRY="tests.launch_entry", PYTHON=sys.executable, MASTER_PORT=str(_free_port()),
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path), **(extra_env or {}))
     cmd = ["bash", str(SCRIPTS / script), "--deepspeed_config", str(_config(tmp_path)), "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        log, _ = proc.communicate()
-        pytest.fail(f"{script} hung for {timeout} s:\n{log.decode(errors='replace')[-4000:]}")
-    assert proc.returncode == 0, f"{script} failed:\n{log.decode(errors='replace')[-4000:]}"
+    run_command(cmd, cwd=ROOT, env=env, timeout=timeout)
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
     assert all(r["world_size"] == world for r in results)
     assert len({tuple(r["losses"]) for r in results}) == 1, "ranks disagree on the loss"

@@ -9,7 +9,7 @@ averaging, ZeRO partitioning, optimizers given ``net.parameters()``, DDP) ever t
 Attached to a DeepSpeed engine (``deepspeed_bridge`` does it at the engine's first forward):
 
 * the embedding gradient is multiplied by the data-parallel size (DeepSpeed averages the backbone's
-  gradients over ranks; the head's loss needs their sum) by :meth:`gate`, an identity in the forward;
+  gradients over ranks; the head's loss needs their sum) by :meth:`gate`, a view with a gradient hook;
 * with fp16, after every backward the accumulated center gradient of the rows used so far is checked
   for inf/NaN (agreed over the head's group); if any rank has one, :meth:`gate` makes the embedding
   gradient inf, so DeepSpeed's own overflow check skips the step of backbone and centers on every
@@ -48,23 +48,6 @@ def center_grad_stats(grad: torch.Tensor | None, rows: torch.Tensor | None, grou
         dist.all_reduce(stats[1:], op=dist.ReduceOp.SUM, group=group)
         stats[0] = flag[0]
     return bool(stats[0] > 0), float(stats[1])
-
-
-class _Gate(torch.autograd.Function):
-    """Identity forward; backward: ``grad * multiplier``, or inf everywhere when the centers overflowed."""
-
-    @staticmethod
-    def forward(ctx, x, trainer):
-        ctx.trainer = trainer
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        trainer = ctx.trainer
-        if trainer.checks_overflow and trainer.center_grad_overflowed():
-            return torch.full_like(grad, float("inf")), None
-        multiplier = trainer.grad_multiplier
-        return (grad * multiplier if multiplier != 1.0 else grad), None
 
 
 class CenterTrainer:
@@ -159,10 +142,20 @@ class CenterTrainer:
         self._loss_scale = self.view.loss_scale()
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` with the backward described in the module docstring (identity when nothing applies)."""
-        if not torch.is_grad_enabled() or (self.grad_multiplier == 1.0 and not self.checks_overflow):
+        """``x`` (a view) whose gradient :meth:`_embedding_grad` rewrites; ``x`` itself when nothing applies."""
+        if not (torch.is_grad_enabled() and x.requires_grad) or (self.grad_multiplier == 1.0 and not self.checks_overflow):
             return x
-        return _Gate.apply(x, self)
+        gated = x.view_as(x)   # a node of this call only: the hook never touches another use of x
+        gated.register_hook(self._embedding_grad)
+        return gated
+
+    def _embedding_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """Runs once the head's backward wrote the center gradient: inf everywhere when any rank's centers
+        overflowed (fp16, collective), else the gradient times the multiplier."""
+        if self.checks_overflow and self.center_grad_overflowed():
+            return torch.full_like(grad, float("inf"))
+        multiplier = self.grad_multiplier
+        return grad * multiplier if multiplier != 1.0 else grad
 
     def note_rows(self, rows: torch.Tensor | None) -> None:
         """The local rows a training forward uses (None: all); their gradient waits for the next step."""
