@@ -2,7 +2,8 @@
 
 * ``"drop_in"``: a user's own module holding ``fp.ShardedClassifier`` as its classifier, given to
   plain ``deepspeed.initialize(model=net, model_parameters=net.parameters(), config=...)``;
-* ``"fp"``: ``fp.initialize(model=fp.HybridModel(backbone, head), config=...)``.
+* ``"fp"``: ``fp.initialize(model=fp.HybridModel(backbone, head), config=...)``;
+* ``"hybrid"``: ``fp.HybridModel`` under plain ``deepspeed.initialize``.
 
 Every trajectory is compared with a dense single-process reference (``tests/reference.py``).
 """
@@ -114,6 +115,12 @@ def build(route, stage, optimizer, gas, micro, num_classes, dtype="fp32", clip=0
         net = Net(num_classes, sample_rate, head_dtype)
         reference = copy.deepcopy(net.features)
         engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=config)
+        return engine, reference
+    if route == "hybrid":   # fp.HybridModel under plain deepspeed.initialize
+        model = fp.HybridModel(make_backbone(), fp.ShardedClassifier(DIM, num_classes, margin="cosface", scale=SCALE,
+                                                                     sample_rate=sample_rate, dtype=head_dtype))
+        reference = copy.deepcopy(model.backbone)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
         return engine, reference
     backbone = make_backbone()
     reference = copy.deepcopy(backbone)

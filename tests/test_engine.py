@@ -25,6 +25,11 @@ def test_trajectory_equals_dense_every_zero_stage_optimizer_and_accumulation(rou
     assert len(results[0]) == len(configs)
 
 
+def test_hybrid_model_under_plain_deepspeed_initialize_equals_dense():
+    run_ranks("tests.cases_engine:trajectories_match_dense", 2, timeout=300,
+              kwargs=dict(configs=[dict(c, route="hybrid") for c in _configs("hybrid")[::2]]))
+
+
 def test_fp_initialize_default_model_parameters_equals_dense():
     run_ranks("tests.cases_engine:trajectories_match_dense", 2, timeout=300,
               kwargs=dict(configs=[dict(c, model_parameters="default") for c in _configs("fp")[::3]]))
