@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     import torch
 
     from benchmarks.head_bench import machine, source_state
-    from ffc_parallel.optim.sharded import _fused_kernel_exists
+    from ffc_parallel.optim.center_optimizer import _fused_kernel_exists
 
     torch.set_num_threads(args.threads)
     classes = int(args.classes)

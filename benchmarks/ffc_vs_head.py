@@ -9,7 +9,7 @@ grows with the identities.
 
 * head: :class:`ffc_parallel.ShardedClassifier` (ArcFace, full softmax) + SGD with momentum: forward,
   backward, optimizer step. State: weight, gradient and momentum, ``3 * N * D * 4`` bytes.
-* ffc: :func:`ffc_parallel.heads.ffc.pool_loss` forward and backward against a :class:`ClassPool`
+* ffc: :func:`ffc_parallel.algorithms.ffc.pool_loss` forward and backward against a :class:`ClassPool`
   of ``pool_size`` slots, then :meth:`ClassPool.update` with the batch's gallery features; labels
   drawn from ``[0, N)``. State: ``pool_size * (D * 4 + 16)`` bytes, whatever N.
 
@@ -43,7 +43,7 @@ def child(kind: str, identities: int, batch: int, dim: int, pool_size: int, step
     import torch.nn.functional as F
 
     import ffc_parallel as fp
-    from ffc_parallel.heads.ffc import ClassPool, pool_loss
+    from ffc_parallel.algorithms.ffc import ClassPool, pool_loss
 
     torch.manual_seed(0)
     base = _peak_rss_mb()

@@ -1,6 +1,6 @@
 """Step time and peak memory of the class-sharded head vs a full-logits baseline and the GEMM floor.
 
-    python -m benchmarks.head_bench --quick            # or: ffc-bench --quick
+    python -m benchmarks.head_bench --quick            # from the repository root
     python -m benchmarks.head_bench --full --out benchmarks/results/cpu_full.json
 
 For every configuration (classes per rank, global batch, dim, sample rate, ranks) three methods are
@@ -385,7 +385,7 @@ def table(report: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="ffc-bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.head_bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny smoke grid (seconds)")
@@ -433,7 +433,7 @@ def main(argv=None) -> int:
     for case in cases:
         if case.batch % case.ranks:
             raise SystemExit(f"{case.name}: the global batch must divide evenly over the ranks")
-    command = "ffc-bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.head_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     report = run(cases, args, command)
     print(table(report))
     print(f"\nresults: {args.out}")

@@ -28,8 +28,8 @@ from torch import nn
 
 import ffc_parallel as fp
 from ffc_parallel.data.digits import load_digits_tensors
-from ffc_parallel.heads.instance import (HardestClassSmoothing, contrastive_prior, instance_classifier,
-                                         knn_accuracy, linear_probe_accuracy)
+from ffc_parallel.algorithms.instance import HardestClassSmoothing, contrastive_prior, instance_classifier
+from ffc_parallel.evaluation import knn_accuracy, linear_probe_accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
 CANVAS, DIGIT = 12, 8

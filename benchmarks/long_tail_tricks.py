@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 import ffc_parallel as fp
-from ffc_parallel.data.cam import CamBalancer, fetch_class_centers
-from ffc_parallel.data.mixup import Mixup
+from ffc_parallel.algorithms.cam import CamBalancer, fetch_class_centers
+from ffc_parallel.algorithms.mixup import Mixup
 from ffc_parallel.data.samplers import (ClassProbabilitySampler, InstanceBalancedSampler, RandomOverSampler,
                                         RandomUnderSampler)
 from ffc_parallel.data.sources import frequency_buckets

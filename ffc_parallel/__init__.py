@@ -7,19 +7,23 @@
 
 The head is a drop-in layer: inside any model given to ``deepspeed.initialize`` it follows DeepSpeed's
 optimizer; ``fp.save_checkpoint`` / ``fp.load_checkpoint`` replace ``engine.save_checkpoint`` /
-``engine.load_checkpoint`` so that every rank's class rows are kept.
+``engine.load_checkpoint`` so that every rank's class rows are kept. The packages follow the data path
+(``docs/architecture.md``): ``data`` -> ``models`` -> ``distributed`` -> ``heads`` -> ``losses`` /
+``algorithms`` -> ``optim`` and the engine; ``evaluation``, ``checkpoint``, ``planner``, ``cli``.
 """
+from .compat import moved_names
 from .distributed import DistributedInfo, exit_distributed, get_rank, get_world_size, init_distributed
 from .heads import CombinedMargin, ShardedClassifier, shard_range
-from . import losses  # noqa: F401  (fp.losses.CrossBatchMemory, re-weighting row losses)
-from . import planner  # noqa: F401  (fp.planner.plan, capacity planning; also ffc-plan)
-from . import data, eval, models  # noqa: F401  (fp.data sources, fp.eval metrics, fp.models backbones)
-from .engine import FFCEngine, HybridModel, initialize
+from . import algorithms, data, evaluation, losses, models, planner
+from .algorithms import FFC, ClassPool, HardestClassSmoothing, contrastive_prior, instance_classifier
+from .engine import HybridEngine, HybridModel, initialize
 from .checkpoint import load_checkpoint, save_checkpoint
-from .heads import FFC, ClassPool, HardestClassSmoothing, contrastive_prior, instance_classifier  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["CombinedMargin", "DistributedInfo", "FFCEngine", "HybridModel", "ShardedClassifier",
-           "exit_distributed", "get_rank", "get_world_size", "init_distributed", "initialize", "load_checkpoint",
-           "save_checkpoint", "shard_range"]
+__all__ = ["FFC", "ClassPool", "CombinedMargin", "DistributedInfo", "HardestClassSmoothing", "HybridEngine",
+           "HybridModel", "ShardedClassifier", "algorithms", "contrastive_prior", "data", "evaluation",
+           "exit_distributed", "get_rank", "get_world_size", "init_distributed", "initialize", "instance_classifier",
+           "load_checkpoint", "losses", "models", "planner", "save_checkpoint", "shard_range"]
+
+__getattr__ = moved_names(__name__, {"FFCEngine": "ffc_parallel.engine:HybridEngine"})

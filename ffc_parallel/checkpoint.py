@@ -4,7 +4,7 @@ loadable at any world size.
     fp.save_checkpoint(engine, save_dir, tag=None, client_state=None)   # in place of engine.save_checkpoint
     fp.load_checkpoint(engine, load_dir, tag=None)                      # in place of engine.load_checkpoint
 
-``engine`` is the engine of plain ``deepspeed.initialize`` or an :class:`~ffc_parallel.FFCEngine`
+``engine`` is the engine of plain ``deepspeed.initialize`` or an :class:`~ffc_parallel.HybridEngine`
 (whose ``save_checkpoint`` / ``load_checkpoint`` call these). Keywords and return values are
 DeepSpeed's. The sharded parts of the model are every :class:`~ffc_parallel.ShardedClassifier`
 (centers, their optimizer rows, Partial FC's sampling step) and every FFC class pool, named by
@@ -90,7 +90,7 @@ def _all_ok(ok: bool, what: str) -> None:
 
 
 def _ds_engine(engine):
-    """The DeepSpeed engine behind ``engine`` (an FFCEngine or DeepSpeed's own)."""
+    """The DeepSpeed engine behind ``engine`` (an HybridEngine or DeepSpeed's own)."""
     inner = engine.__dict__.get("deepspeed", engine)
     if not bridge.is_engine(inner):
         raise TypeError(f"expected a DeepSpeed engine (from deepspeed.initialize or ffc_parallel.initialize), "
@@ -101,7 +101,7 @@ def _ds_engine(engine):
 # ---------------------------------------------------------------------- the sharded parts of a model
 def sharded_parts(module: torch.nn.Module) -> dict:
     """``{module path: module}`` of every ShardedClassifier and FFC ClassPool inside ``module``."""
-    from .heads.ffc import ClassPool
+    from .algorithms.ffc import ClassPool
     from .heads.sharded import ShardedClassifier
 
     return {name or "model": m for name, m in module.named_modules() if isinstance(m, (ShardedClassifier, ClassPool))}

@@ -4,7 +4,7 @@ A :class:`~ffc_parallel.ShardedClassifier` is safe inside any model given to ``d
 (its centers are not module parameters; it follows DeepSpeed's optimizer, see ``optim/centers.py``).
 What :func:`initialize` adds: it starts torch.distributed under any launcher, reads the config from
 ``args.deepspeed_config`` too, defaults ``model_parameters`` to the model's trainable parameters,
-and returns an :class:`FFCEngine`, DeepSpeed's engine plus global-norm clipping over backbone AND
+and returns an :class:`HybridEngine`, DeepSpeed's engine plus global-norm clipping over backbone AND
 centers and checkpoints that include the class shards (``fp.save_checkpoint`` / ``fp.load_checkpoint``).
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _heads(module: nn.Module) -> list:
     return [m for m in module.modules() if isinstance(m, ShardedClassifier)]
 
 
-class FFCEngine:
+class HybridEngine:
     """DeepSpeed's engine (``engine.deepspeed``) with two extras: global-norm clipping over the
     backbone and every head's centers, and checkpoints that hold the class shards.
 
@@ -153,18 +153,17 @@ def _config_of(config, args) -> dict | None:
 
 
 def initialize(model, config=None, training_data=None, lr_scheduler=None, *, args=None,
-               model_parameters=None, collate_fn=None, mpu=None, center_master_weights: bool | None = None,
-               **deepspeed_kwargs):
+               model_parameters=None, collate_fn=None, mpu=None, **deepspeed_kwargs):
     """``engine, optimizer, loader, scheduler`` like ``deepspeed.initialize``; the engine is an
-    :class:`FFCEngine`.
+    :class:`HybridEngine`.
 
     ``model``: any module holding :class:`~ffc_parallel.ShardedClassifier` heads (e.g. a
     :class:`HybridModel`) or an :class:`~ffc_parallel.FFC` model. ``config``: a DeepSpeed config
     dict or JSON path, or ``None`` to read ``args.deepspeed_config``. The centers follow DeepSpeed's
     optimizer (the config's ``optimizer`` section or a client optimizer: SGD, Adam, AdamW) and its
     learning-rate schedule. ``model_parameters`` defaults to the model's trainable parameters (the
-    centers are never among them). ``center_master_weights`` sets every head's fp32 master-copy
-    policy for half-precision centers (see ``docs/deepspeed.md``).
+    centers are never among them). Everything about a head (its master copies, gradient multiplier,
+    row loss) is set by its constructor.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"ffc_parallel.initialize expects an nn.Module, got {type(model).__name__}")
@@ -174,14 +173,11 @@ def initialize(model, config=None, training_data=None, lr_scheduler=None, *, arg
     config = _config_of(config, args)
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = _without_config(args)   # DeepSpeed refuses a config given both ways
-    from .heads.ffc import FFC
+    from .algorithms.ffc import FFC
 
     if isinstance(model, FFC) and config.get("zero_optimization", {}).get("stage", 0) >= 3:
         raise ValueError("FFC under ZeRO-3 is not supported: ZeRO-3 partitions the probe, whose whole parameters "
                          "the gallery's EMA reads every step. Use ZeRO stage 0, 1 or 2.")
-    for head in _heads(model):
-        if center_master_weights is not None:
-            head.centers.master_weights = center_master_weights
     if model_parameters is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
     model_parameters = list(model_parameters)
@@ -190,7 +186,7 @@ def initialize(model, config=None, training_data=None, lr_scheduler=None, *, arg
         args=args, model=model, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, collate_fn=collate_fn, mpu=mpu, config=config, **deepspeed_kwargs)
     bridge.attach(ds_engine)   # misuse (optimizer holding a center, wrong group) raises now, on every rank
-    return FFCEngine(ds_engine, model), optimizer, loader, scheduler
+    return HybridEngine(ds_engine, model), optimizer, loader, scheduler
 
 
 def _refuse_centers_in(model_parameters: list, client_optimizer, heads) -> None:

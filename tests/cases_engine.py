@@ -298,11 +298,10 @@ def loss_fn_trajectories_match_dense(num_classes=11, micro=3, steps=3, xbm_size=
     """``HybridModel(loss_fn=...)`` under fp.initialize on W ranks follows the dense one-process
     trajectory for input mixup (two head calls, per-rank partners) and head + cross-batch memory;
     with Partial FC, the rows of BOTH mixup head calls are stepped."""
-    import numpy as np
     import torch.distributed as dist
 
-    from ffc_parallel.cli.recipe import StepLoss
-    from ffc_parallel.heads.sampling import step_generator
+    from ffc_parallel.algorithms import StepLoss
+    from ffc_parallel.distributed import streams
 
     rank, world = fp.get_rank(), fp.get_world_size()
     own_group = [dist.new_group([r]) for r in range(world)][rank]   # a one-rank world for the reference
@@ -311,7 +310,7 @@ def loss_fn_trajectories_match_dense(num_classes=11, micro=3, steps=3, xbm_size=
         backbone = make_backbone()
         ref_bb = copy.deepcopy(backbone)
         head = fp.ShardedClassifier(DIM, num_classes, margin="cosface", scale=SCALE)
-        mixup = fp.data.Mixup(alpha=0.7, seed=seed) if case == "mixup" else None
+        mixup = fp.algorithms.Mixup(alpha=0.7, seed=seed) if case == "mixup" else None
         xbm = fp.losses.CrossBatchMemory(xbm_size, DIM, warmup_steps=1) if case == "xbm" else None
         ref_xbm = fp.losses.CrossBatchMemory(xbm_size, DIM, warmup_steps=1, group=own_group) if xbm else None
         loss_fn = StepLoss(mixup=mixup, xbm=xbm)
@@ -327,8 +326,8 @@ def loss_fn_trajectories_match_dense(num_classes=11, micro=3, steps=3, xbm_size=
             engine.step()
             ref_opt.zero_grad()
             if mixup is not None:   # λ from (seed, step); partners: a permutation of each rank's own batch
-                lam = float(np.random.default_rng([seed, step]).beta(0.7, 0.7))
-                perm = torch.cat([torch.randperm(micro, generator=step_generator(seed, r + 1, step)) + r * micro
+                lam = float(streams.numpy_generator(seed, "mixup", step).beta(0.7, 0.7))
+                perm = torch.cat([torch.randperm(micro, generator=streams.generator(seed, "mixup_partners", r, step)) + r * micro
                                   for r in range(world)])
                 emb = ref_bb(lam * x + (1 - lam) * x[perm])
                 ref_loss = lam * dense_margin_loss(emb, ref_w, y, SCALE, 1.0, 0.0, M3) + \
@@ -348,7 +347,7 @@ def loss_fn_trajectories_match_dense(num_classes=11, micro=3, steps=3, xbm_size=
 
     # Partial FC: a mixup step's two head calls draw different rows; both sets are stepped.
     head = fp.ShardedClassifier(DIM, 200, margin="cosface", scale=SCALE, sample_rate=0.1)
-    loss_fn = StepLoss(mixup=fp.data.Mixup(alpha=0.7, seed=seed))
+    loss_fn = StepLoss(mixup=fp.algorithms.Mixup(alpha=0.7, seed=seed))
     engine, *_ = fp.initialize(model=fp.HybridModel(make_backbone(), head, loss_fn=loss_fn),
                                config=ds_config(1, "sgd", 1, micro, world))
     calls = []

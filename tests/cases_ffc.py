@@ -1,6 +1,6 @@
 """FFC references and per-rank bodies of the multi-rank FFC tests (run through run_ranks).
 
-The references are written from the rule in docs/ffc.md, independently of ffc_parallel.heads.ffc: a
+The references are written from the rule in docs/ffc.md, independently of ffc_parallel.algorithms.ffc: a
 plain-Python LRU pool (lists and dicts) and a dense float64 loss over the full pool matrix.
 """
 import os
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import ffc_parallel as fp
-from ffc_parallel.heads.ffc import FFC, ClassPool, pool_loss
+from ffc_parallel.algorithms.ffc import FFC, ClassPool, pool_loss
 from tests.reference import margin_target, rel_err
 
 

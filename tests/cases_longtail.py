@@ -263,9 +263,9 @@ def reweighting_suite(runs, formulas_classes=None, zero_weight_classes=None):
 def mixup_and_centers_match_dense(num_classes, dim, batch_sizes, seed=0):
     """Input and manifold mixup with the two-target ArcFace loss on the sharded head vs a dense
     reference (the same λ on every rank, partners local); and fetch_class_centers vs the full matrix."""
-    import ffc_parallel.data.mixup as mixup_module
-    from ffc_parallel.data.cam import fetch_class_centers
-    from ffc_parallel.data.mixup import Mixup
+    import ffc_parallel.algorithms.mixup as mixup_module
+    from ffc_parallel.algorithms.cam import fetch_class_centers
+    from ffc_parallel.algorithms.mixup import Mixup
     rank = fp.get_rank()
     g = torch.Generator().manual_seed(seed)
     total = sum(batch_sizes)

@@ -8,7 +8,6 @@ import torch
 import ffc_parallel as fp
 from benchmarks import head_bench
 from benchmarks.full_logits import FullLogitsHead
-from ffc_parallel.cli.bench import main as bench_cli
 
 
 @pytest.mark.parametrize("sample_rate", [1.0, 0.5])
@@ -49,7 +48,7 @@ def test_tiny_run_writes_the_json_schema_and_skips_what_cannot_fit(tmp_path, cap
                             "--memory-limit", "3", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["schema"] == head_bench.SCHEMA and report["machine"]["cores"] >= 1
-    assert report["source"]["commit"] and report["command"].startswith("ffc-bench --case")
+    assert report["source"]["commit"] and report["command"].startswith("python -m benchmarks.head_bench --case")
     small, big = report["cases"]
     assert small["config"] == dict(classes_per_rank=300, batch=8, dim=16, sample_rate=1.0, ranks=2, dtype="fp32")
     for method in head_bench.METHODS:
@@ -73,7 +72,7 @@ def test_time_budget_skips_instead_of_running_and_ffc_bench_prints_tables(tmp_pa
     assert all(r["status"] == "skipped" and "time budget" in r["reason"]
                for r in json.loads(out.read_text())["cases"][0]["results"].values())
     capsys.readouterr()
-    assert bench_cli(["--table", str(out)]) == 0
+    assert head_bench.main(["--table", str(out)]) == 0
     assert "| 3e+02 | 8 | 16 | 1.0 | 1 | skipped | skipped | skipped |" in capsys.readouterr().out
 
 

@@ -4,7 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ffc_parallel.data.cam import (CamBalancer, class_activation_maps, foreground_masks,
+from ffc_parallel.algorithms.cam import (CamBalancer, class_activation_maps, foreground_masks,
                                    paste_transformed_foreground, random_affines)
 
 H = W = 16
@@ -103,7 +103,7 @@ def test_small_resnet_cam_projection_maps_pooled_feature_maps_to_the_embedding()
 
 def test_online_balancer_replaces_draws_of_class_c_with_probability_one_minus_n_c_over_max():
     import ffc_parallel as fp
-    from ffc_parallel.data.cam import OnlineCamBalancer
+    from ffc_parallel.algorithms.cam import OnlineCamBalancer
     from ffc_parallel.models import SmallResNet
     torch.manual_seed(0)
     net = SmallResNet((1, H, W), 8)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ffc_parallel.optim import ShardedCenterOptimizer
-from ffc_parallel.optim.sharded import _fused_kernel_exists
+from ffc_parallel.optim.center_optimizer import _fused_kernel_exists
 
 CASES = {
     "sgd": (dict(kind="sgd", lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
@@ -193,7 +193,7 @@ def test_fused_kernel_step_equals_unfused_step(name, dtype):
 def test_all_row_steps_after_partial_steps_stay_lazy(max_groups, monkeypatch):
     """Rows at different step counts (after Partial FC steps): fused per group of rows at one step count,
     or (past the group limit) unfused; row by row exact either way."""
-    monkeypatch.setattr("ffc_parallel.optim.sharded._MAX_FUSED_GROUPS", max_groups)
+    monkeypatch.setattr("ffc_parallel.optim.center_optimizer._MAX_FUSED_GROUPS", max_groups)
     ours_kwargs, make_torch = CASES["adamw"]
     w0 = torch.randn(5, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     ours = torch.nn.Parameter(w0.clone())

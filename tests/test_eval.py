@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ffc_parallel.eval import (bucket_accuracy, pair_scores, recall_at_k, roc_auc, roc_curve, tar_at_far,
+from ffc_parallel.evaluation import (bucket_accuracy, pair_scores, recall_at_k, roc_auc, roc_curve, tar_at_far,
                                topk_accuracy)
 from ffc_parallel.testing import run_ranks
 

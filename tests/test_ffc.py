@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import ffc_parallel as fp
-from ffc_parallel.heads.ffc import FFC, ClassPool, ema_update_, pool_loss
+from ffc_parallel.algorithms.ffc import FFC, ClassPool, ema_update_, pool_loss
 from tests.cases_ffc import ReferencePool, dense_pool_loss, ffc_train
 
 
@@ -197,5 +197,5 @@ def test_bad_input():
     model = FFC(torch.nn.Linear(3, 2), 2, pool_size=4)
     with pytest.raises(ValueError, match="identity labels must be >= 0"):
         model(torch.randn(2, 3), torch.tensor([0, -5]))
-    with pytest.raises(ValueError, match=r"embeddings must be \[b, 3\]"):
+    with pytest.raises(ValueError, match="embedding dim is 2 but the pool's embedding_dim is 3"):
         FFC(torch.nn.Linear(3, 2), 3, pool_size=4)(torch.randn(2, 3), torch.tensor([0, 1]))

@@ -6,9 +6,11 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ffc_parallel as fp
-from ffc_parallel.heads.sampling import sample_rows, step_generator
+from ffc_parallel.distributed import streams
+from ffc_parallel.heads.sampling import sample_rows
 from ffc_parallel.heads.sharded import init_class_rows
 from ffc_parallel.heads.row_loss import CrossEntropy
 from ffc_parallel.heads.softmax_ce import ChunkPlan, ShardedMarginSoftmaxCE, Targets
@@ -32,6 +34,20 @@ def test_init_rows_independent_of_sharding():
     for start, stop in [(0, 1), (65_535, 65_537), (131_000, 200_000), (5, 5)]:
         assert torch.equal(init_class_rows(start, stop, 3, 0.01, seed=7), full[start:stop])
     assert not torch.equal(init_class_rows(0, 10, 3, 0.01, seed=8), full[:10])
+
+
+def test_seed_streams_are_apart_from_torch_manual_seed_and_from_each_other():
+    # A user's torch.randn after torch.manual_seed(0) must not be the head's centers of seed 0 (it was).
+    torch.manual_seed(0)
+    user = F.normalize(torch.randn(64, 8), dim=1)
+    centers = F.normalize(fp.ShardedClassifier(8, 64, seed=0).weight.detach(), dim=1)
+    assert float((user @ centers.t()).max()) < 0.999
+    draws = {name: torch.rand(4, generator=streams.generator(0, name, 1)) for name in streams.STREAMS}
+    assert len({tuple(d.tolist()) for d in draws.values()}) == len(streams.STREAMS)
+    assert torch.equal(torch.rand(4, generator=streams.generator(0, "partial_fc", 1)), draws["partial_fc"])
+    assert len(set(streams.STREAMS.values())) == len(streams.STREAMS), "two streams share a salt"
+    with pytest.raises(KeyError, match="unknown random stream"):
+        streams.generator(0, "no_such_stream")
 
 
 def test_margin_shorthands_and_validation():
@@ -121,7 +137,7 @@ def test_sampler_keeps_positives_counts_and_is_uniform():
     positives = torch.tensor([3, 10, 11])
     counts = torch.zeros(40)
     for step in range(3000):
-        rows = sample_rows(positives, 40, 8, step_generator(0, 0, step))
+        rows = sample_rows(positives, 40, 8, streams.generator(0, "partial_fc", 0, step))
         assert rows.numel() == 8 and torch.isin(positives, rows).all()
         assert torch.equal(rows, rows.unique())
         counts[rows] += 1
@@ -129,8 +145,8 @@ def test_sampler_keeps_positives_counts_and_is_uniform():
     expected = 3000 * 5 / 37
     assert float((negatives - expected).abs().max()) < 5 * math.sqrt(expected)
     # the dense regime (most rows wanted) and more positives than the sample size
-    assert sample_rows(positives, 40, 30, step_generator(0, 0, 1)).numel() == 30
-    assert torch.equal(sample_rows(positives, 40, 2, step_generator(0, 0, 1)), positives)
+    assert sample_rows(positives, 40, 30, streams.generator(0, "partial_fc", 0, 1)).numel() == 30
+    assert torch.equal(sample_rows(positives, 40, 2, streams.generator(0, "partial_fc", 0, 1)), positives)
 
 
 def test_eval_mode_uses_every_class():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ffc_parallel.data.dual_loader import DualBatchSampler, dual_loader, labels_of
-from ffc_parallel.heads.instance import (HardestClassSmoothing, contrastive_prior, instance_classifier,
-                                         knn_accuracy, linear_probe_accuracy)
+from ffc_parallel.algorithms.instance import HardestClassSmoothing, contrastive_prior, instance_classifier
+from ffc_parallel.evaluation import knn_accuracy, linear_probe_accuracy
 
 # 12 identities with 1..6 images each (a long tail), labels interleaved and not contiguous ids
 COUNTS = [6, 1, 3, 1, 2, 5, 1, 4, 2, 1, 3, 1]

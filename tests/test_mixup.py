@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import ffc_parallel as fp
-from ffc_parallel.data.mixup import Mixup
+from ffc_parallel.algorithms.mixup import Mixup
 from ffc_parallel.testing import run_ranks
 
 
@@ -25,7 +25,7 @@ def test_lambda_is_beta_distributed_and_the_same_for_every_rank(monkeypatch):
         assert abs(lams.var() - var) < 0.1 * var
     plans = []
     for rank in (0, 3):
-        monkeypatch.setattr("ffc_parallel.data.mixup.get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr("ffc_parallel.algorithms.mixup.get_rank", lambda rank=rank: rank)
         plans.append(Mixup(seed=1, layers=["input", "2"]).plan(5, 16))
     assert plans[0].lam == plans[1].lam and plans[0].layer == plans[1].layer, "λ and layer must not depend on rank"
     assert not torch.equal(plans[0].perm, plans[1].perm), "partners are drawn per rank"

@@ -10,7 +10,7 @@ import pytest
 
 from ffc_parallel.cli.train import (TrainOptions, check_resumable, deepspeed_config, load_config_file,
                                     parse_options)
-from ffc_parallel.eval.report import read_log, summary_text, write_metrics_json, write_plots
+from ffc_parallel.evaluation.report import read_log, summary_text, write_metrics_json, write_plots
 from ffc_parallel.testing import run_ranks
 
 

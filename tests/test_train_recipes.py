@@ -10,7 +10,7 @@ import torch
 from ffc_parallel.cli.recipe import InstanceViews, check_options
 from ffc_parallel.cli.train import EpochPlan, TrainOptions, parse_options
 from ffc_parallel.data import SyntheticLongTail
-from ffc_parallel.eval.report import read_log
+from ffc_parallel.evaluation.report import read_log
 from ffc_parallel.testing import run_ranks
 
 

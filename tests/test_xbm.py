@@ -47,7 +47,7 @@ def test_state_survives_state_dict_and_bad_input_is_rejected():
     copy = CrossBatchMemory(size=6, dim=2, dtype=torch.float64)
     copy.load_state_dict(xbm.state_dict())
     assert copy.step == 2 and copy.filled == 6 and torch.equal(copy.memory()[1], xbm.memory()[1])
-    with pytest.raises(ValueError, match="embedding dim 3 != memory dim 2"):
+    with pytest.raises(ValueError, match="embedding dim is 3 but the memory.s dim is 2"):
         xbm(torch.randn(4, 3), LABELS)
     with pytest.raises(ValueError, match="4 embeddings but 3 labels"):
         xbm(POINTS, LABELS[:3])

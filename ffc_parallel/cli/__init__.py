@@ -1,1 +1,1 @@
-"""Console entry points: ffc-train, ffc-bench, ffc-plan, ffc-reshard, ffc-export."""
+"""Console entry points: ffc-train, ffc-plan, ffc-reshard, ffc-export."""

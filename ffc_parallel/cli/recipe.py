@@ -10,7 +10,7 @@ A :class:`Recipe` holds, for one of the three kinds of run,
   random views of the images, the contrastive prior, hardest-class label smoothing, kNN and
   linear-probe evaluation;
 * ``--head ffc``: the :class:`~ffc_parallel.FFC` model (probe, EMA gallery, slot-sharded class pool)
-  under :class:`~ffc_parallel.FFCEngine`, fed by FFC's dual loader;
+  under :class:`~ffc_parallel.HybridEngine`, fed by FFC's dual loader;
 
 the engine, the number of micro-batches and the batches of each epoch, what happens at the start of
 an epoch, the extra checkpoint state and the end-of-run evaluation.
@@ -24,19 +24,14 @@ from itertools import islice
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import ffc_parallel as fp
+from ffc_parallel.algorithms import StepLoss
 from ffc_parallel.data import RankLoader, frequency_buckets, labels_of
-from ffc_parallel.data import hashrng
 from ffc_parallel.data.loader import load_batches
+from ffc_parallel.distributed import streams
 
-SAMPLERS = ("instance", "class_balanced", "sqrt", "progressive", "oversample", "undersample")
-REWEIGHTING = ("ce", "cs_ce", "cb_ce", "focal", "cb_focal", "sigmoid_focal")
-PAIR_LOSSES = ("contrastive", "multi_similarity")
-
-
-def resolve_margin(text: str | None):
+def parse_margin(text: str | None):
     """``--margin``: "arcface", "cosface", "none" or "s,m1,m2,m3" (a :class:`~ffc_parallel.CombinedMargin`)."""
     if text is None or text.lower() == "none":
         return None
@@ -67,43 +62,7 @@ def check_options(opts) -> None:
                          "--drs-epoch")
     if opts.drs_epoch is not None and opts.sampler == "instance":
         raise ValueError("--drs-epoch switches to --sampler at that epoch: choose a re-sampler "
-                         f"({', '.join(SAMPLERS[1:])})")
-
-
-class StepLoss:
-    """``HybridModel.loss_fn`` of a classification or instance run.
-
-    ``inputs`` (CAM-transformed by ``cam`` from ``cam_epoch`` on) -> ``backbone(inputs)`` (mixed by
-    ``mixup`` while it is active) -> the head's loss (with
-    ``smoothing``'s soft targets, or ``focal`` = sigmoid focal instead of the softmax) -> plus the
-    cross-batch-memory loss ``xbm``. ``epoch`` and ``step`` (micro-batch counter, the same on every
-    rank) are set by the training loop; mixup draws λ from them.
-    """
-
-    def __init__(self, mixup=None, xbm=None, focal=None, smoothing=None, cam=None, cam_epoch: int = 0):
-        self.mixup, self.xbm, self.focal, self.smoothing = mixup, xbm, focal, smoothing
-        self.cam, self.cam_epoch = cam, cam_epoch
-        self.epoch = self.step = 0
-
-    def __call__(self, backbone, head, inputs, labels):
-        if self.cam is not None and self.epoch >= self.cam_epoch:
-            inputs = self.cam.augment(backbone, head, inputs, labels, self.step)
-        if self.mixup is not None and self.mixup.active(self.epoch):
-            embeddings, plan = self.mixup.forward_embeddings(backbone, inputs, self.step)
-            partner = labels[plan.perm.to(labels.device)]
-            loss = plan.lam * self._head(head, embeddings, labels) + (1 - plan.lam) * self._head(head, embeddings, partner)
-        else:
-            embeddings = backbone(inputs)
-            loss = self._head(head, embeddings, labels)
-        if self.xbm is not None:
-            loss = loss + self.xbm(embeddings, labels)
-        return loss
-
-    def _head(self, head, embeddings, labels):
-        if self.focal is not None:
-            return self.focal(head, embeddings, labels)
-        soft = self.smoothing.soft_targets(labels) if self.smoothing is not None else None
-        return head(embeddings, labels, soft_targets=soft)
+                         f"({', '.join(fp.data.SAMPLERS[1:])})")
 
 
 class InstanceViews:
@@ -123,8 +82,7 @@ class InstanceViews:
             x = self.source.batch(indices)[0]
         else:
             x = torch.stack([torch.as_tensor(self.source[int(i)][0]) for i in indices])
-        g = torch.Generator().manual_seed(int(hashrng.hash_keys(self.seed, 0x1257, self.epoch, int(indices[0]),
-                                                                len(indices)).item()) & (2**62 - 1))
+        g = streams.generator(self.seed, "instance_views", self.epoch, int(indices[0]), len(indices))
         if x.dim() == 4 and self.shift > 0:
             shifts = torch.randint(-self.shift, self.shift + 1, (x.shape[0], 2), generator=g).tolist()
             x = torch.stack([torch.roll(img, (dy, dx), dims=(1, 2)) for img, (dy, dx) in zip(x, shifts)])
@@ -156,9 +114,10 @@ class Recipe:
                 self.smoothing = fp.HardestClassSmoothing(self.head, k=opts.smoothing_neighbours,
                                                           alpha=opts.smoothing_alpha)
         else:
-            self.head = fp.ShardedClassifier(opts.embedding_dim, bundle.num_classes, margin=resolve_margin(opts.margin),
+            row_loss = fp.losses.row_loss_for(opts.reweight, opts.focal_gamma)
+            self.head = fp.ShardedClassifier(opts.embedding_dim, bundle.num_classes, margin=parse_margin(opts.margin),
                                              scale=opts.scale, sample_rate=opts.sample_rate, seed=opts.seed,
-                                             device=device)
+                                             device=device, row_loss=row_loss)
             self._build_sampler()
         self.loss = StepLoss(mixup=self._mixup(), xbm=self._xbm(device), focal=self._sigmoid_focal(),
                              smoothing=self.smoothing, cam=self._cam(), cam_epoch=opts.cam_epoch or 0)
@@ -177,7 +136,7 @@ class Recipe:
         size = opts.pool_size
         pool_size = int(round(size * self.bundle.num_classes)) if size <= 1 else int(size)
         self.model = fp.FFC(self.backbone, opts.embedding_dim, max(1, pool_size),
-                            margin=resolve_margin(opts.margin), scale=opts.scale or 32.0,
+                            margin=parse_margin(opts.margin), scale=opts.scale or 32.0,
                             gallery_momentum=opts.gallery_momentum, device=device)
         id_batch = opts.ffc_identities if opts.ffc_identities is not None else opts.batch_size // 4
         instance_batch = opts.batch_size - 2 * id_batch
@@ -192,32 +151,26 @@ class Recipe:
         if not (hasattr(self.backbone, "feature_maps") and hasattr(self.backbone, "cam_projection")):
             raise ValueError("--cam-epoch needs image data and a backbone with feature_maps() and cam_projection() "
                              "(--synthetic-mode image or image data, --backbone resnet)")
-        return fp.data.OnlineCamBalancer(self.bundle.class_counts, seed=self.opts.seed)
+        return fp.algorithms.OnlineCamBalancer(self.bundle.class_counts, seed=self.opts.seed)
 
     def _build_sampler(self) -> None:
         opts = self.opts
         if opts.cam_epoch is not None:   # CAM balancing draws class-balanced from its epoch on
             opts = dataclasses.replace(opts, sampler="class_balanced", drs_epoch=opts.cam_epoch)
-        if opts.sampler == "instance":
+        if opts.sampler == "instance":   # plain shuffling (RankLoader's epoch permutation)
             return
-        data = fp.data
-        kw = dict(rank=self.rank, world_size=self.world, seed=opts.seed, num_classes=self.bundle.num_classes)
-        if opts.sampler == "oversample":
-            sampler = data.RandomOverSampler(self.labels, **kw)
-        elif opts.sampler == "undersample":
-            sampler = data.RandomUnderSampler(self.labels, **kw)
-        else:
-            sampler = data.ClassProbabilitySampler(self.labels, opts.sampler, total_epochs=opts.epochs, **kw)
-        self.sampler = sampler
+        self.sampler = fp.data.build_sampler(opts.sampler, self.labels, rank=self.rank, world_size=self.world,
+                                             seed=opts.seed, num_classes=self.bundle.num_classes,
+                                             total_epochs=opts.epochs)
         if opts.drs_epoch is not None:
-            self.drs = data.DeferredResampling(opts.drs_epoch, before=None, after=sampler)
+            self.drs = fp.data.DeferredResampling(opts.drs_epoch, before=None, after=self.sampler)
 
     def _mixup(self):
         opts = self.opts
         if opts.mixup_alpha <= 0:
             return None
         layers = [name.strip() for name in opts.mixup_layers.split(",")] if opts.mixup_layers else None
-        return fp.data.Mixup(opts.mixup_alpha, layers=layers, stop_epoch=opts.mixup_stop_epoch, seed=opts.seed)
+        return fp.algorithms.Mixup(opts.mixup_alpha, layers=layers, stop_epoch=opts.mixup_stop_epoch, seed=opts.seed)
 
     def _xbm(self, device):
         opts = self.opts
@@ -236,18 +189,20 @@ class Recipe:
         return ShardedSigmoidFocal(gamma=self.opts.focal_gamma, prior=1.0 / self.bundle.num_classes)
 
     def configure_reweighting(self) -> None:
-        """Class weights and row loss of ``--reweight`` (collective; again after a resume: the
-        weights are recomputed from the class counts, not checkpointed)."""
+        """Class weights of ``--reweight`` (collective; again after a resume: the weights are recomputed
+        from the class counts, not checkpointed). The row loss was given to the head's constructor."""
         opts = self.opts
-        if self.head is None or opts.reweight in ("ce", "sigmoid_focal"):
+        if self.head is None:
             return
-        from ffc_parallel.losses.reweight import DeferredReweighting, configure_reweighting
         start, stop = self.head.class_range
         counts = torch.as_tensor(np.asarray(self.bundle.class_counts)[start:stop], dtype=torch.long)
-        configure_reweighting(self.head, opts.reweight, counts, gamma=opts.reweight_gamma, beta=opts.reweight_beta,
-                              focal_gamma=opts.focal_gamma)
+        weights = fp.losses.class_weights_for(opts.reweight, counts, num_local=self.head.num_local,
+                                              gamma=opts.reweight_gamma, beta=opts.reweight_beta, group=self.head.group)
+        if weights is None:
+            return
+        self.head.set_class_weight(weights)
         if opts.drw_epoch is not None:
-            self.drw = DeferredReweighting(opts.drw_epoch, after=self.head.class_weight)
+            self.drw = fp.losses.DeferredReweighting(opts.drw_epoch, after=weights)
 
     # ------------------------------------------------------------------ before training
     def prepare(self, engine_factory, resume: bool):
@@ -299,11 +254,8 @@ class Recipe:
         """Per-epoch switches: DRW weights, smoothing refresh, fresh instance views (collective)."""
         if self.drw is not None:
             self.drw.apply(self.head, epoch)
-        if self.smoothing is not None and (self.smoothing.neighbours is None
-                                           or epoch % self.smoothing.refresh_every == 0):
-            if self.smoothing.refreshed_at != epoch:  # also on a resume: neighbours are not checkpointed
-                self.smoothing.refresh(progress=False)
-                self.smoothing.refreshed_at = epoch
+        if self.smoothing is not None:
+            self.smoothing.maybe_refresh(epoch)
         if isinstance(self.source, InstanceViews):
             self.source.epoch = epoch
         if self.loss is not None:
@@ -326,14 +278,12 @@ class Recipe:
 
     # ------------------------------------------------------------------ checkpoint state and evaluation
     def client_state(self) -> dict:
-        state = {"sample_step": self.head.sample_step} if self.head is not None else {}
+        state = {}   # the head's rows and Partial FC step are in fp.save_checkpoint's shards
         if self.xbm is not None:
             state["xbm"] = {k: v.cpu() for k, v in self.xbm.state_dict().items()}
         return state
 
     def load_client_state(self, state: dict) -> None:
-        if self.head is not None:
-            self.head.sample_step = int(state.get("sample_step", 0))
         if self.xbm is not None:
             if "xbm" not in state:
                 raise ValueError("--xbm-size: the checkpoint holds no cross-batch memory (saved without --xbm-size)")
@@ -342,7 +292,7 @@ class Recipe:
     def evaluate(self, device):
         """``(metrics, curves)``: the head's seen-class accuracy (classification), verification and
         retrieval on unseen identities, and kNN / linear probe of held-out labelled images."""
-        from ffc_parallel.eval import evaluate
+        from ffc_parallel.evaluation import evaluate, feature_probes
         opts, bundle = self.opts, self.bundle
         backbone = self.model.probe if opts.head == "ffc" else self.backbone
         head = self.head if opts.task == "classify" and opts.head != "ffc" else None
@@ -372,17 +322,3 @@ class IndexBatches:
 def _on(device, batches):
     """``(inputs, labels)`` batches moved to ``device``."""
     return ((x.to(device), y.to(device)) for x, y in batches)
-
-
-def feature_probes(backbone, seen, batch_size: int, device) -> dict:
-    """kNN (k=20) and linear-probe top-1 of frozen features on held-out labelled images: every other
-    image of ``seen = (inputs, labels)`` is the labelled bank, the rest the queries. No collective:
-    one rank may call it alone."""
-    from ffc_parallel.eval.runner import embed
-    from ffc_parallel.heads.instance import knn_accuracy, linear_probe_accuracy
-    x, y = seen
-    feats = F.normalize(embed(backbone, x, batch_size, device), dim=1)
-    bank, queries = slice(0, None, 2), slice(1, None, 2)
-    return {"knn_top1": knn_accuracy(feats[bank], y[bank], feats[queries], y[queries], k=20),
-            "linear_probe_top1": linear_probe_accuracy(feats[bank], y[bank], feats[queries], y[queries]),
-            "probe_images": len(x)}

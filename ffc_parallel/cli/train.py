@@ -28,6 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ffc_parallel.data.samplers import SAMPLERS
+from ffc_parallel.losses.pairs import PAIR_LOSSES
+from ffc_parallel.losses.reweight import REWEIGHTING
+
 
 def _opt(default, help: str, section: str, choices=None, kind=None):
     """An option; ``kind`` (default: the default's type) parses its values."""
@@ -80,14 +84,13 @@ class TrainOptions:
     view_noise: float = _opt(0.2, "instance: Gaussian noise of a random view (input units)", "instance")
     view_shift: int = _opt(2, "instance: random translation of a view in pixels (images)", "instance")
     # long-tail tricks and cross-batch memory (--task classify, sharded head)
-    reweight: str = _opt("ce", "re-weighting of the loss", "long-tail",
-                         ("ce", "cs_ce", "cb_ce", "focal", "cb_focal", "sigmoid_focal"))
+    reweight: str = _opt("ce", "re-weighting of the loss", "long-tail", REWEIGHTING)
     reweight_beta: float = _opt(0.999, "cb_ce / cb_focal: class-balanced beta", "long-tail")
     reweight_gamma: float = _opt(1.0, "cs_ce: weights (n_min / n_c)^gamma", "long-tail")
     focal_gamma: float = _opt(2.0, "focal, cb_focal, sigmoid_focal: focusing gamma", "long-tail")
     drw_epoch: int = _opt(None, "DRW: apply the --reweight class weights from this epoch on", "long-tail", kind=int)
-    sampler: str = _opt("instance", "re-sampling of the training data", "long-tail",
-                        ("instance", "class_balanced", "sqrt", "progressive", "oversample", "undersample"))
+    sampler: str = _opt("instance", "re-sampling of the training data (instance: plain shuffling)", "long-tail",
+                        SAMPLERS)
     drs_epoch: int = _opt(None, "DRS: plain shuffling before this epoch, --sampler from it on", "long-tail", kind=int)
     cam_epoch: int = _opt(None, "CAM-based balanced sampling from this epoch: class-balanced draws, a draw of class c "
                                 "CAM-transformed with probability 1 - n_c / max n (images, --backbone resnet)",
@@ -99,8 +102,7 @@ class TrainOptions:
     xbm_size: int = _opt(0, "cross-batch memory slots (0: off); its pair loss is added to the head's", "xbm")
     xbm_weight: float = _opt(1.0, "weight of the memory term", "xbm")
     xbm_warmup: int = _opt(0, "micro-batches before the memory is used and filled", "xbm")
-    xbm_loss: str = _opt("contrastive", "pair loss of the batch and memory terms", "xbm",
-                         ("contrastive", "multi_similarity"))
+    xbm_loss: str = _opt("contrastive", "pair loss of the batch and memory terms", "xbm", tuple(PAIR_LOSSES))
     xbm_margin: float = _opt(0.5, "contrastive pair loss margin", "xbm")
     # optimizer and schedule
     optimizer: str = _opt("sgd", "optimizer of backbone and centers", "optim", ("sgd", "adam", "adamw"))
@@ -336,7 +338,7 @@ def train(opts: TrainOptions) -> dict | None:
     from ffc_parallel.cli.recipe import Recipe, check_options
     from ffc_parallel.data import build_data
     from ffc_parallel.distributed.collectives import average_batchnorm_stats_
-    from ffc_parallel.eval.report import read_log, summary_text, write_metrics_json, write_plots
+    from ffc_parallel.evaluation.report import read_log, summary_text, write_metrics_json, write_plots
 
     check_options(opts)
     info = fp.init_distributed()

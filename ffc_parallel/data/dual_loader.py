@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ..distributed import streams
 from ..distributed.init import get_rank, get_world_size
 
 
@@ -83,7 +84,7 @@ class DualBatchSampler(Sampler):
         return self.steps
 
     def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 2)
+        return streams.generator(self.seed, "dual_loader", self.epoch)
 
     def _identity_stream(self):
         """This rank's identity positions, ``id_batch_size`` at a time. Passes over the identities
@@ -93,7 +94,7 @@ class DualBatchSampler(Sampler):
         steps_per_pass = per_pass // self.id_batch_size
         p, step = divmod(self.epoch * self.steps, steps_per_pass)
         while True:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + p) * 2 + 1)
+            g = streams.generator(self.seed, "dual_identities", p)
             mine = torch.randperm(self.identities.numel(), generator=g)[self.rank::self.world_size][:per_pass]
             for lo in range(step * self.id_batch_size, steps_per_pass * self.id_batch_size, self.id_batch_size):
                 yield mine[lo: lo + self.id_batch_size]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import hashrng
+from ..distributed import streams
 
 _ROUNDS = 6
 
@@ -31,7 +31,7 @@ class FeistelPermutation:
         shift = np.uint64(self.half)
         left, right = x >> shift, x & self.mask
         for r in range(_ROUNDS):
-            left, right = right, left ^ (hashrng.hash_keys(self.key, r, right) & self.mask)
+            left, right = right, left ^ (streams.hash_keys(self.key, r, right) & self.mask)
         return (left << shift) | right
 
     def __call__(self, positions) -> np.ndarray:
@@ -63,7 +63,7 @@ class EpochBatches:
             raise ValueError(f"{num_items} items cannot fill one global batch of {world_size} ranks x "
                              f"{batch_size}: lower the batch size or use more data")
         self.start_step = start_step
-        self.permutation = FeistelPermutation(num_items, hashrng.hash_keys(seed, 0xE90C, epoch).item()) \
+        self.permutation = FeistelPermutation(num_items, streams.hash_keys(seed, streams.salt("epoch_permutation"), epoch).item()) \
             if shuffle else None
 
     def __len__(self) -> int:

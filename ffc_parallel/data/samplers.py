@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Sampler
 
 from ..distributed.init import get_rank, get_world_size
-from ..heads.sampling import step_generator
+from ..distributed import streams
 
 SCHEMES = ("instance", "class_balanced", "sqrt", "progressive")
 
@@ -133,7 +133,7 @@ class _DistributedEpochSampler(Sampler):
 
     def global_epoch(self) -> torch.Tensor:
         """The whole epoch's indices (every rank, before partitioning), ``[epoch_size]`` int64."""
-        return self._draw(step_generator(self.seed, 0, self.epoch))
+        return self._draw(streams.generator(self.seed, "class_sampler", self.epoch))
 
     def __iter__(self):
         indices = self.global_epoch()
@@ -220,6 +220,23 @@ class RandomUnderSampler(_DistributedEpochSampler):
         position = torch.arange(len(index)) - index.offsets[index.labels[by_class]]
         kept = by_class[position < self.target]
         return kept[torch.randperm(kept.numel(), generator=generator)]
+
+
+SAMPLERS = SCHEMES + ("oversample", "undersample")   # the one table of re-samplers (ffc-train's --sampler)
+
+
+def build_sampler(name: str, labels, *, rank=None, world_size=None, seed: int = 0, num_classes: int | None = None,
+                  total_epochs: int | None = None) -> _DistributedEpochSampler:
+    """The re-sampler called ``name`` (one of :data:`SAMPLERS`): a :class:`ClassProbabilitySampler`
+    for the schemes, :class:`RandomOverSampler` / :class:`RandomUnderSampler` for the other two."""
+    kw = dict(rank=rank, world_size=world_size, seed=seed, num_classes=num_classes)
+    if name == "oversample":
+        return RandomOverSampler(labels, **kw)
+    if name == "undersample":
+        return RandomUnderSampler(labels, **kw)
+    if name not in SCHEMES:
+        raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
+    return ClassProbabilitySampler(labels, name, total_epochs=total_epochs, **kw)
 
 
 class DeferredResampling:

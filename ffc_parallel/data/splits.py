@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import hashrng
+from ..distributed import streams
 
 
 @dataclass
@@ -48,7 +48,7 @@ def split_identities(labels, *, unseen_fraction: float = 0.1, heldout_per_class:
     classes = np.unique(labels)
     if len(classes) < 2:
         raise ValueError(f"need at least 2 classes to split, got {len(classes)}")
-    order = np.argsort(hashrng.uniform(seed, 0x5EE, classes))
+    order = np.argsort(streams.uniform(seed, streams.salt("split_classes"), classes))
     num_unseen = int(round(unseen_fraction * len(classes)))
     if num_unseen >= len(classes):
         raise ValueError(f"unseen_fraction={unseen_fraction} leaves no training class")
@@ -61,7 +61,7 @@ def split_identities(labels, *, unseen_fraction: float = 0.1, heldout_per_class:
 
     items = np.nonzero(~is_unseen)[0]
     # Rank of each item inside its class, in a seeded random order.
-    key = hashrng.uniform(seed, 0x4E1D, items)
+    key = streams.uniform(seed, streams.salt("split_items"), items)
     items = items[np.lexsort((key, labels[items]))]
     cls = labels[items]
     first = np.searchsorted(cls, cls, side="left")
@@ -99,4 +99,4 @@ def cap_positions(indices: np.ndarray, limit: int | None, seed: int) -> np.ndarr
     """Positions into ``indices`` of at most ``limit`` of them (a seeded sample, in order), or of all."""
     if limit is None or len(indices) <= limit:
         return np.arange(len(indices))
-    return np.sort(np.argsort(hashrng.uniform(seed, 0xCA9, np.arange(len(indices))))[:limit])
+    return np.sort(np.argsort(streams.uniform(seed, streams.salt("split_limit"), np.arange(len(indices))))[:limit])

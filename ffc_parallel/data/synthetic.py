@@ -8,7 +8,7 @@ brightness/contrast jitter and pixel noise. A fraction of training labels is wro
 
 Nothing is stored: training item ``n`` is identity ``searchsorted(starts, n)``, image
 ``n - starts[i]``, and every random number is a pure function of ``(seed, identity, image)`` (see
-``hashrng``), so any rank can produce any slice in any order. Memory is the ``starts`` array (8 bytes
+``distributed.streams``), so any rank can produce any slice in any order. Memory is the ``starts`` array (8 bytes
 per identity: 80 MB at 10M identities) plus the generator weights.
 
 Evaluation images never appear in training: images ``j >= class_counts[i]`` of training identities
@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import hashrng
+from ..distributed import streams
 
-# Salts that keep the independent random streams apart.
-_COUNT, _LATENT, _EXPRESSION, _POSE, _LIGHT, _PIXEL, _WRONG = range(1, 8)
+_COUNT, _LATENT, _EXPRESSION, _POSE, _LIGHT, _PIXEL, _WRONG = (streams.salt(f"synthetic_{name}") for name in (
+    "count", "latent", "expression", "pose", "light", "pixel", "wrong_label"))
 _CHUNK = 1 << 20
 _NOISE_BANK = 4096  # pixel-noise patterns; each image picks one by hash and a random sign
 
@@ -37,7 +37,7 @@ def zipf_image_counts(num_identities: int, min_images: int, max_images: int, exp
     out = np.empty(num_identities, dtype=np.int64)
     for lo in range(0, num_identities, _CHUNK):
         ids = np.arange(lo, min(lo + _CHUNK, num_identities), dtype=np.int64)
-        u = hashrng.uniform(seed, _COUNT, ids)
+        u = streams.uniform(seed, _COUNT, ids)
         out[lo: lo + len(ids)] = np.minimum(np.floor(min_images * u ** (-1.0 / exponent)), max_images)
     return out
 
@@ -122,17 +122,17 @@ class SyntheticLongTail(torch.utils.data.Dataset):
     def _noisy_labels(self, identity: np.ndarray, image: np.ndarray) -> np.ndarray:
         if self.label_noise == 0:
             return identity
-        u = hashrng.uniform(self.seed, _WRONG, identity, image, n=2)
+        u = streams.uniform(self.seed, _WRONG, identity, image, n=2)
         other = np.floor(u[..., 1] * (self.num_identities - 1)).astype(np.int64)
         other += other >= identity
         return np.where(u[..., 0] < self.label_noise, other, identity)
 
     # ------------------------------------------------------------------ rendering
     def _build_generator(self) -> None:
-        g = torch.Generator().manual_seed(self.seed * 7919 + 17)
+        g = streams.generator(self.seed, "synthetic_renderer")
         L = self.latent_dim
         size = int(np.prod(self.input_shape))
-        self._noise_bank = torch.from_numpy(hashrng.normal(self.seed, _PIXEL, np.arange(_NOISE_BANK), n=size)).float()
+        self._noise_bank = torch.from_numpy(streams.normal(self.seed, _PIXEL, np.arange(_NOISE_BANK), n=size)).float()
         if self.mode == "image":
             low = max(4, self.image_size // 2)
             self._low = low
@@ -149,7 +149,7 @@ class SyntheticLongTail(torch.utils.data.Dataset):
     def latents(self, identities) -> torch.Tensor:
         """Identity latent vectors ``[n, latent_dim]`` (unit-variance normal, a function of (seed, id))."""
         ids = np.asarray(identities, dtype=np.int64)
-        return torch.from_numpy(hashrng.normal(self.seed, _LATENT, ids, n=self.latent_dim)).float()
+        return torch.from_numpy(streams.normal(self.seed, _LATENT, ids, n=self.latent_dim)).float()
 
     def render(self, identities, images) -> torch.Tensor:
         """Inputs ``[n, *input_shape]`` (float32) for image ``images[k]`` of identity ``identities[k]``.
@@ -160,8 +160,8 @@ class SyntheticLongTail(torch.utils.data.Dataset):
         img = np.asarray(images, dtype=np.int64)
         z = self.latents(ids)
         z = z + self.intra_class_noise * torch.from_numpy(
-            hashrng.normal(self.seed, _EXPRESSION, ids, img, n=self.latent_dim)).float()
-        pose = torch.from_numpy(hashrng.uniform(self.seed, _POSE, ids, img, n=4)).float() * 2 - 1  # [-1, 1]
+            streams.normal(self.seed, _EXPRESSION, ids, img, n=self.latent_dim)).float()
+        pose = torch.from_numpy(streams.uniform(self.seed, _POSE, ids, img, n=4)).float() * 2 - 1  # [-1, 1]
         if self.mode == "vector":
             h = torch.tanh(torch.cat([z, self.pose_strength * pose], dim=1) @ self._hidden)
             return h @ self._out + self.pixel_noise * self._pixel_noise(ids, img)
@@ -169,7 +169,7 @@ class SyntheticLongTail(torch.utils.data.Dataset):
 
     def _pixel_noise(self, ids, img) -> torch.Tensor:
         """Per-image noise ``[n, prod(input_shape)]``: a bank pattern picked by hash, random sign."""
-        h = hashrng.hash_keys(self.seed, _PIXEL, ids, img)
+        h = streams.hash_keys(self.seed, _PIXEL, ids, img)
         rows = torch.from_numpy((h % np.uint64(_NOISE_BANK)).astype(np.int64))
         sign = torch.from_numpy(((h >> np.uint64(40)) & np.uint64(1)).astype(np.float32) * 2 - 1)
         return self._noise_bank[rows] * sign[:, None]
@@ -186,7 +186,7 @@ class SyntheticLongTail(torch.utils.data.Dataset):
         theta[:, :, 2] = 2 * self.pose_shift * pose[:, 2:4]
         grid = F.affine_grid(theta, [n, c, s, s], align_corners=False)
         x = F.grid_sample(face, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        light = torch.from_numpy(hashrng.normal(self.seed, _LIGHT, ids, img, n=2)).float()
+        light = torch.from_numpy(streams.normal(self.seed, _LIGHT, ids, img, n=2)).float()
         x = x * torch.exp(0.15 * light[:, :1, None, None]) + 0.1 * light[:, 1:, None, None]
         return x + self.pixel_noise * self._pixel_noise(ids, img).view(n, c, s, s)
 

@@ -1,4 +1,5 @@
-"""Collectives the class-sharded head is built from.
+"""Every collective of the package: plain ones, autograd ones (forward and backward side by side), and the
+pipelined pieces of the head's gather.
 
 Every function takes a ``group`` (``None`` = the default world group) and degrades to a no-op when
 torch.distributed is not initialised or the group has one rank, so single-process code paths run the
@@ -43,23 +44,6 @@ def average_batchnorm_stats_(module: torch.nn.Module, group=None) -> int:
     return len(stats) // 2
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
-
-
-def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity in the forward; multiplies the gradient by ``factor`` in the backward (e.g. the world
-    size, so that a data-parallel wrapper's AVERAGE over ranks becomes the SUM the head needs)."""
-    return _ScaleGrad.apply(x, factor)
-
-
 def all_gather_table(row: torch.Tensor, group=None) -> torch.Tensor:
     """Gather one small 1-D int64 tensor per rank into ``[world, len(row)]`` (rank order)."""
     world = get_world_size(group)
@@ -83,6 +67,48 @@ def _gather_padded(local: torch.Tensor, sizes: Sequence[int], group) -> torch.Te
     keep = torch.cat([torch.arange(r * longest, r * longest + s, device=local.device)
                       for r, s in enumerate(sizes)])
     return out.index_select(0, keep)
+
+
+# ---------------------------------------------------------------------- autograd collectives
+# Each states its forward and its backward; together they are every gradient rule the package's
+# rank protocols use (the head's fused loss has its own pieces below).
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, group):
+        return all_reduce_(tensor.clone(), group=group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def sum_over_ranks(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Forward: all-reduce SUM over ``group``. Backward: identity.
+
+    For partial sums of a loss that every rank then holds in full: each rank back-propagates the same
+    loss through its own part only, and the embedding gather's reduce-scatter sums the parts, so the
+    gradient must not be summed a second time here."""
+    if get_world_size(group) == 1:
+        return tensor
+    return _SumOverRanks.apply(tensor, group)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Forward: identity. Backward: the gradient times ``factor`` (e.g. the data-parallel size, so that
+    a data-parallel wrapper's AVERAGE over ranks becomes the SUM the head needs)."""
+    return _ScaleGrad.apply(x, factor)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -114,7 +140,8 @@ class _GatherRows(torch.autograd.Function):
 
 
 def gather_rows(local: torch.Tensor, sizes: Sequence[int], group=None) -> torch.Tensor:
-    """Concatenate every rank's ``local`` rows (``[sizes[r], ...]`` on rank r) in rank order.
+    """Forward: all-gather of every rank's ``local`` rows (``[sizes[r], ...]`` on rank r) in rank
+    order. Backward: reduce-scatter (sum) of the gradient back to the rows' owners.
 
     Differentiable: the backward sums the gradient over ranks and returns each rank its own rows,
     so ``local.grad`` is the gradient of a loss that is identical on every rank (not W times it).
@@ -127,6 +154,7 @@ def gather_rows(local: torch.Tensor, sizes: Sequence[int], group=None) -> torch.
     return _gather_padded(local, sizes, group)
 
 
+# ---------------------------------------------------------------------- pipelined pieces of the head's gather
 class PieceLayout:
     """How a rank-major global batch is moved in ``pieces`` collectives.
 

@@ -1,8 +1,8 @@
-"""Evaluation: verification (TAR@FAR, ROC AUC), retrieval (Recall@K), top-k accuracy through the sharded
-head, accuracy by class-frequency bucket."""
-from .metrics import (BUCKET_NAMES, bucket_accuracy, pair_scores, recall_at_k, roc_auc, roc_curve, tar_at_far,
-                      topk_accuracy)
-from .runner import embed, evaluate
+"""Moved to :mod:`ffc_parallel.evaluation` (``eval`` shadowed the builtin); this path goes in the next release."""
+import warnings
 
-__all__ = ["BUCKET_NAMES", "bucket_accuracy", "embed", "evaluate", "pair_scores", "recall_at_k", "roc_auc",
-           "roc_curve", "tar_at_far", "topk_accuracy"]
+from ..evaluation import *  # noqa: F401,F403
+from ..evaluation import __all__  # noqa: F401
+
+warnings.warn("ffc_parallel.eval moved to ffc_parallel.evaluation; the old path goes in the next release",
+              DeprecationWarning, stacklevel=2)

@@ -1,11 +1,15 @@
-"""Class-sharded classifier heads and their losses."""
+"""The class-sharded classifier head: ShardedClassifier, its margins, Partial FC sampling, row losses and the
+fused chunked kernel (``softmax_ce``)."""
+from ..compat import moved_names
 from .margins import CombinedMargin, resolve_margin
 from .row_loss import CrossEntropy, RowLoss
 from .sharded import ShardedClassifier, shard_range
-from .softmax_ce import ChunkPlan, ShardedMarginSoftmaxCE, Targets
-from .ffc import FFC, ClassPool, pool_loss  # noqa: F401
-from .instance import (HardestClassSmoothing, contrastive_prior, hardest_class_neighbours,  # noqa: F401
-                       instance_classifier, knn_accuracy, linear_probe_accuracy)
 
-__all__ = ["ChunkPlan", "CombinedMargin", "CrossEntropy", "RowLoss", "ShardedClassifier",
-           "ShardedMarginSoftmaxCE", "Targets", "resolve_margin", "shard_range"]
+__all__ = ["CombinedMargin", "CrossEntropy", "RowLoss", "ShardedClassifier", "resolve_margin", "shard_range"]
+
+__getattr__ = moved_names(__name__, {
+    **{name: "ffc_parallel.algorithms" for name in ("FFC", "ClassPool", "pool_loss", "HardestClassSmoothing",
+                                                     "contrastive_prior", "hardest_class_neighbours",
+                                                     "instance_classifier")},
+    **{name: "ffc_parallel.evaluation" for name in ("knn_accuracy", "linear_probe_accuracy")},
+    **{name: "ffc_parallel.heads.softmax_ce" for name in ("ChunkPlan", "ShardedMarginSoftmaxCE", "Targets")}})

@@ -6,13 +6,6 @@ import torch
 _DENSE_FRACTION = 0.25  # above this share of the shard, draw by one random key per row
 
 
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """A CPU generator that depends only on (seed, rank, step): resumable and reproducible."""
-    g = torch.Generator()
-    g.manual_seed(((seed * 1_000_003 + rank) * 1_000_033 + step) & 0x7FFF_FFFF_FFFF_FFFF)
-    return g
-
-
 def sample_rows(positives: torch.Tensor, num_local: int, num_sample: int,
                 generator: torch.Generator) -> torch.Tensor:
     """Sorted local row indices: all ``positives`` plus uniform negatives, ``max(P, num_sample)`` rows.

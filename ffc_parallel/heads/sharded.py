@@ -6,12 +6,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed.collectives import PieceLayout, all_gather_table, gather_rows
+from ..distributed.collectives import PieceLayout, gather_rows
 from ..distributed.init import get_rank, get_world_size, init_distributed, launched_world_size
 from ..optim.centers import CenterTrainer
 from .margins import resolve_margin
 from .row_loss import CrossEntropy
-from .sampling import sample_rows, step_generator
+from ..distributed import streams
+from ..distributed.checks import BATCH_FIELDS, BatchSpec, check_batch
+from .sampling import sample_rows
 from .softmax_ce import (DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, ShardedMarginSoftmaxCE, Targets,
                          chunk_cosines, chunk_rows, stats_dtype)
 
@@ -32,38 +34,46 @@ def init_class_rows(start: int, stop: int, dim: int, std: float, seed: int) -> t
     out = torch.empty(stop - start, dim)
     for block in range(start // _INIT_BLOCK, (stop - 1) // _INIT_BLOCK + 1 if stop > start else 0):
         lo, hi = block * _INIT_BLOCK, (block + 1) * _INIT_BLOCK
-        g = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        g = streams.generator(seed, "center_init", block)
         rows = torch.empty(_INIT_BLOCK, dim).normal_(0.0, std, generator=g)
         a, b = max(lo, start), min(hi, stop)
         out[a - start: b - start] = rows[a - lo: b - lo]
     return out
 
 
-def _soft_target_summary(soft_targets, batch: int) -> list[int]:
-    """Integers describing one rank's soft targets for the input check: [K or -1, ok, min, max, bad]."""
-    if soft_targets is None:
-        return [-1, 1, 0, -1, 0]
-    classes, probs = soft_targets
-    shape_ok = (classes.dim() == 2 and probs.shape == classes.shape and classes.shape[0] == batch
-                and not classes.is_floating_point() and probs.is_floating_point())
-    if not shape_ok:
-        return [classes.shape[-1] if classes.dim() else 0, 0, 0, -1, 0]
-    lo, hi = (int(classes.min()), int(classes.max())) if classes.numel() else (0, -1)
-    bad = (~torch.isfinite(probs)).any() | (probs < 0).any() | (probs.sum(dim=1) > 1 + 1e-6).any()
-    return [classes.shape[1], 1, lo, hi, int(bad)]
+SOFT_TARGET_FIELDS = ("soft_k", "soft_ok", "soft_min", "soft_max", "soft_bad")
+INPUT_CHECK_FIELDS = BATCH_FIELDS + ("k",) + SOFT_TARGET_FIELDS   # integers per rank in the head's input check
 
 
-def _soft_target_problems(rank: int, summary, k0: int, num_classes: int) -> list[str]:
-    k, ok, lo, hi, bad = summary
+def _soft_target_fields(soft_targets, batch: int) -> dict[str, int]:
+    """One rank's soft targets as :data:`SOFT_TARGET_FIELDS`: K (-1: none), well formed, class range,
+    whether any probability is bad."""
+    values = [-1, 1, 0, -1, 0]
+    if soft_targets is not None:
+        classes, probs = soft_targets
+        shape_ok = (classes.dim() == 2 and probs.shape == classes.shape and classes.shape[0] == batch
+                    and not classes.is_floating_point() and probs.is_floating_point())
+        if not shape_ok:
+            values = [classes.shape[-1] if classes.dim() else 0, 0, 0, -1, 0]
+        else:
+            lo, hi = (int(classes.min()), int(classes.max())) if classes.numel() else (0, -1)
+            bad = (~torch.isfinite(probs)).any() | (probs < 0).any() | (probs.sum(dim=1) > 1 + 1e-6).any()
+            values = [classes.shape[1], 1, lo, hi, int(bad)]
+    return dict(zip(SOFT_TARGET_FIELDS, values))
+
+
+def _soft_target_problems(rank: int, f: dict[str, int], k0: int, num_classes: int) -> list[str]:
     problems = []
-    if not ok:
+    if not f["soft_ok"]:
         problems.append(f"rank {rank}: soft_targets must be (classes[b, K] int, probs[b, K] float) "
                         f"with b = the number of embeddings")
-    elif k != k0:
-        problems.append(f"rank {rank}: soft_targets has K={k} but rank 0 has K={k0} (use the same K everywhere)")
-    elif lo <= hi and (lo < 0 or hi >= num_classes):
-        problems.append(f"rank {rank}: soft target classes must be in [0, {num_classes}), got [{lo}, {hi}]")
-    if bad:
+    elif f["soft_k"] != k0:
+        problems.append(f"rank {rank}: soft_targets has K={f['soft_k']} but rank 0 has K={k0} "
+                        "(use the same K everywhere)")
+    elif f["soft_min"] <= f["soft_max"] and (f["soft_min"] < 0 or f["soft_max"] >= num_classes):
+        problems.append(f"rank {rank}: soft target classes must be in [0, {num_classes}), "
+                        f"got [{f['soft_min']}, {f['soft_max']}]")
+    if f["soft_bad"]:
         problems.append(f"rank {rank}: soft target probabilities must be finite, >= 0 and sum to at most 1 per sample")
     return problems
 
@@ -217,6 +227,13 @@ class ShardedClassifier(nn.Module):
                 f"class_range={self.class_range}, margin=(s={m.s}, m1={m.m1}, m2={m.m2}, m3={m.m3}), "
                 f"sample_rate={self.sample_rate}, world_size={self.world_size}")
 
+    def set_row_loss(self, row_loss) -> None:
+        """Replace the constructor's ``row_loss`` (e.g. :func:`ffc_parallel.losses.configure_reweighting`)."""
+        if not callable(row_loss):
+            raise TypeError(f"row_loss must be callable (log_p[B], class_weight[B] or None) -> (loss, dloss_dlogp), "
+                            f"got {type(row_loss).__name__}")
+        self.row_loss = row_loss
+
     def set_class_weight(self, local_weight: torch.Tensor | None) -> None:
         """Weights ``[num_local]`` of this rank's classes (rows ``class_range``), or None for none.
 
@@ -239,50 +256,25 @@ class ShardedClassifier(nn.Module):
         batch sizes. Losses built on the head call this first, as ``forward`` does.
 
         Every rank sees the same table and raises the same ``ValueError`` before any other
-        collective, so a bad input on one rank never leaves the others waiting.
+        collective, so a bad input on one rank never leaves the others waiting (see
+        ``distributed/checks.py``).
         """
-        e_ok = embeddings.dim() == 2 and embeddings.is_floating_point()
-        row = [embeddings.shape[0] if embeddings.dim() >= 1 else -1,
-               embeddings.shape[-1] if embeddings.dim() == 2 else -1, int(e_ok),
-               -1, 1, 0, -1, 0, k]
-        if labels is not None:
-            is_int = not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool
-            row[3] = labels.shape[0] if labels.dim() == 1 else -1
-            row[4] = int(is_int)
-            if is_int and labels.numel():
-                row[5], row[6] = int(labels.min()), int(labels.max())
-        if self.check_inputs and e_ok:
-            row[7] = int((~torch.isfinite(embeddings)).sum())
-        row += _soft_target_summary(soft_targets, embeddings.shape[0] if embeddings.dim() else -1)
-        table = all_gather_table(torch.tensor(row, dtype=torch.long, device=self.weight.device),
-                                 self.group).tolist()
-        problems = []
-        for r, (b, d, e_ok, nl, is_int, lo, hi, bad, kk, *soft) in enumerate(table):
-            if not e_ok:
-                problems.append(f"rank {r}: embeddings must be a 2-D floating-point tensor [batch, {self.embedding_dim}]")
-            elif d != self.embedding_dim:
-                problems.append(f"rank {r}: embedding dim is {d} but the head's embedding_dim is {self.embedding_dim}")
-            if labels is not None:
-                if nl < 0:
-                    problems.append(f"rank {r}: labels must be a 1-D tensor [batch]")
-                elif nl != b:
-                    problems.append(f"rank {r}: {b} embeddings but {nl} labels")
-                if not is_int:
-                    problems.append(f"rank {r}: labels must be an integer tensor (class ids), not floating point or bool")
-                elif lo <= hi and (lo < 0 or hi >= self.num_classes):
-                    problems.append(f"rank {r}: labels must be in [0, {self.num_classes}), got values in [{lo}, {hi}]")
-            if bad:
-                problems.append(f"rank {r}: {bad} non-finite (NaN/inf) values in the embeddings")
-            if kk != table[0][8]:
-                problems.append(f"rank {r}: k={kk} differs from rank 0's k={table[0][8]}")
-            problems += _soft_target_problems(r, soft, table[0][9], self.num_classes)
-        if labels is None and not 1 <= table[0][8] <= self.num_classes:
-            problems.append(f"k must be in [1, {self.num_classes}], got {table[0][8]}")
-        if not problems and sum(t[0] for t in table) == 0:
-            problems.append("the global batch is empty on every rank")
-        if problems:
-            raise ValueError("ffc_parallel.ShardedClassifier: bad input: " + "; ".join(problems))
-        return [t[0] for t in table]
+        spec = BatchSpec("ffc_parallel.ShardedClassifier", self.embedding_dim, "the head's embedding_dim",
+                         label_range=(0, self.num_classes), count_nonfinite=self.check_inputs)
+        extra = {"k": int(k), **_soft_target_fields(soft_targets, embeddings.shape[0] if embeddings.dim() else -1)}
+
+        def problems(table):
+            found = [f"rank {r}: k={f['k']} differs from rank 0's k={table[0]['k']}"
+                     for r, f in enumerate(table) if f["k"] != table[0]["k"]]
+            found += [p for r, f in enumerate(table)
+                      for p in _soft_target_problems(r, f, table[0]["soft_k"], self.num_classes)]
+            if labels is None and not 1 <= table[0]["k"] <= self.num_classes:
+                found.append(f"k must be in [1, {self.num_classes}], got {table[0]['k']}")
+            return found
+
+        table = check_batch(spec, embeddings, labels, group=self.group, device=self.weight.device, extra=extra,
+                            extra_problems=problems)
+        return [f["rows"] for f in table]
 
     def _gather_normalized(self, embeddings, sizes):
         x = embeddings.to(device=self.weight.device, dtype=self.weight.dtype)
@@ -307,7 +299,7 @@ class ShardedClassifier(nn.Module):
         rows = None
         if self.training and self.sample_rate < 1.0:
             positives = local[owned].unique()
-            generator = step_generator(self.seed, self.rank, self.sample_step)
+            generator = streams.generator(self.seed, "partial_fc", self.rank, self.sample_step)
             rows = sample_rows(positives, self.num_local, int(self.sample_rate * self.num_local), generator)
             self.sample_step += 1
             local = torch.searchsorted(rows, local)

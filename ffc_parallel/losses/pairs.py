@@ -60,3 +60,6 @@ class MultiSimilarityLoss:
     def __repr__(self):
         return (f"MultiSimilarityLoss(alpha={self.alpha}, beta={self.beta}, base={self.base}, "
                 f"epsilon={self.epsilon})")
+
+
+PAIR_LOSSES = {"contrastive": ContrastiveLoss, "multi_similarity": MultiSimilarityLoss}   # ffc-train's --xbm-loss

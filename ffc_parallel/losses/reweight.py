@@ -154,32 +154,61 @@ class SoftmaxFocal:
         return f"SoftmaxFocal(gamma={self.gamma}, reduction={self.reduction!r})"
 
 
-# ---------------------------------------------------------------------------- one call to set it up
-REWEIGHTING = ("ce", "cs_ce", "cb_ce", "focal", "cb_focal")
+# ---------------------------------------------------------------------------- the re-weighting methods
+# method -> (row loss, class weights): the one table of the re-weightings (ffc-train's --reweight too).
+# "sigmoid_focal" is not a row loss of the softmax but a loss of its own on the head (ShardedSigmoidFocal).
+_METHODS = {"ce": ("ce", None), "cs_ce": ("ce", "cs"), "cb_ce": ("ce", "cb"), "focal": ("focal", None),
+            "cb_focal": ("focal", "cb"), "sigmoid_focal": (None, None)}
+REWEIGHTING = tuple(_METHODS)
+
+
+def _method(method: str):
+    if method not in _METHODS:
+        raise ValueError(f"unknown re-weighting {method!r}: use one of {REWEIGHTING}")
+    return _METHODS[method]
+
+
+def row_loss_for(method: str, focal_gamma: float = 2.0, reduction: str = "weighted_mean"):
+    """The head's ``row_loss`` for ``method`` (pass it as ``ShardedClassifier(..., row_loss=...)``);
+    None for ``"sigmoid_focal"``, which replaces the softmax (:class:`ShardedSigmoidFocal`)."""
+    loss = _method(method)[0]
+    if loss is None:
+        return None
+    return SoftmaxFocal(focal_gamma, reduction) if loss == "focal" else WeightedCrossEntropy(reduction)
+
+
+def class_weights_for(method: str, local_counts=None, *, num_local: int, gamma: float = 1.0, beta: float = 0.999,
+                      group=None):
+    """This rank's class weights ``[num_local]`` for ``method`` (None for the unweighted ones), from its
+    class counts (:func:`shard_class_counts`). Weighted methods all-reduce over ``group``: every rank calls."""
+    kind = _method(method)[1]
+    if kind is None:
+        return None
+    if local_counts is None:
+        raise ValueError(f"re-weighting {method!r} needs this rank's class counts (shard_class_counts)")
+    counts = torch.as_tensor(local_counts)
+    if counts.shape != (num_local,):
+        raise ValueError(f"class counts must have shape [num_local] = [{num_local}], got {tuple(counts.shape)}")
+    return cs_weights(counts, gamma, group) if kind == "cs" else cb_weights(counts, beta, group)
 
 
 def configure_reweighting(head, method: str, local_counts=None, *, gamma: float = 1.0, beta: float = 0.999,
                           focal_gamma: float = 2.0, reduction: str = "weighted_mean") -> None:
-    """Set ``head.row_loss`` and ``head.class_weight`` for one of :data:`REWEIGHTING`.
+    """One call for a built head: its row loss (:func:`row_loss_for`) and class weights
+    (:func:`class_weights_for`) for one of :data:`REWEIGHTING` but ``"sigmoid_focal"``.
 
     ``"ce"``: plain cross-entropy, no weights; ``"cs_ce"``: CE with ``cs_weights(counts, gamma)``;
     ``"cb_ce"``: CE with ``cb_weights(counts, beta)``; ``"focal"``: softmax focal (``focal_gamma``),
     no weights; ``"cb_focal"``: softmax focal with CB weights. ``local_counts[num_local]`` are this
-    rank's class counts (:func:`shard_class_counts`); weighted methods all-reduce over ``head.group``,
-    so every rank must call.
+    rank's class counts; weighted methods all-reduce over ``head.group``, so every rank must call.
     """
-    if method not in REWEIGHTING:
-        raise ValueError(f"unknown re-weighting {method!r}: use one of {REWEIGHTING}")
-    weights = None
-    if method in ("cs_ce", "cb_ce", "cb_focal"):
-        if local_counts is None:
-            raise ValueError(f"re-weighting {method!r} needs this rank's class counts (shard_class_counts)")
-        counts = torch.as_tensor(local_counts)
-        if counts.shape != (head.num_local,):
-            raise ValueError(f"class counts must have shape [num_local] = [{head.num_local}], got {tuple(counts.shape)}")
-        weights = cs_weights(counts, gamma, head.group) if method == "cs_ce" else cb_weights(counts, beta, head.group)
-    head.row_loss = (SoftmaxFocal(focal_gamma, reduction) if method in ("focal", "cb_focal")
-                     else WeightedCrossEntropy(reduction))
+    row_loss = row_loss_for(method, focal_gamma, reduction)
+    if row_loss is None:
+        raise ValueError("re-weighting 'sigmoid_focal' is a loss of its own: call "
+                         "fp.losses.ShardedSigmoidFocal(...)(head, embeddings, labels) instead of the head")
+    weights = class_weights_for(method, local_counts, num_local=head.num_local, gamma=gamma, beta=beta,
+                                group=head.group)
+    head.set_row_loss(row_loss)
     head.set_class_weight(weights)
 
 

@@ -30,12 +30,12 @@ all-reduce of a scalar (plus, in the backward, one reduce-scatter of ``B · dim`
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..deepspeed_bridge import GradientSum
-from ..distributed.collectives import all_gather_table, all_reduce_, gather_rows
+from ..distributed.checks import BatchSpec, check_batch
+from ..distributed.collectives import all_gather_table, gather_rows, sum_over_ranks
 from ..distributed.init import get_rank, get_world_size
 from .pairs import ContrastiveLoss
 
@@ -123,7 +123,9 @@ class CrossBatchMemory(nn.Module):
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """``loss`` (scalar, same on every rank) for this step; see the module docstring."""
-        sizes = self._exchange(local_embeddings, local_labels)
+        spec = BatchSpec("CrossBatchMemory", self.dim, "the memory's dim", label_range=None)
+        sizes = [f["rows"] for f in check_batch(spec, local_embeddings, local_labels, group=self.group,
+                                                device=self.labels.device)]
         x = self.gradient_sum(local_embeddings).to(self.embeddings.dtype)
         if self.normalize:
             x = F.normalize(x, dim=1)
@@ -140,36 +142,13 @@ class CrossBatchMemory(nn.Module):
             mem_x, mem_y = (t.clone() for t in self.memory())  # the backward needs them after the enqueue
             valid = torch.ones(x.shape[0], mem_x.shape[0], dtype=torch.bool, device=x.device)
             part = part + self.weight * self.pair_loss(x @ mem_x.t(), labels[:, None] == mem_y[None, :], valid).sum()
-        part = part / total
-        # The value is the all-reduced total (bit-identical on every rank); the gradient is this rank's part.
-        loss = all_reduce_(part.detach().clone(), dist.ReduceOp.SUM, self.group) + (part - part.detach())
+        loss = sum_over_ranks(part / total, self.group)   # every rank's value; this rank's part's gradient
         if use_memory:
             self.enqueue(batch_x.detach(), batch_y)
         self.state[2] += 1
         if self.verify:
             self.check_consistent()
         return loss
-
-    def _exchange(self, embeddings, labels) -> list[int]:
-        """Per-rank batch sizes; every rank raises the same ``ValueError`` on a bad input anywhere."""
-        ok = (embeddings.dim() == 2 and embeddings.is_floating_point() and labels.dim() == 1
-              and not labels.is_floating_point())
-        row = torch.tensor([embeddings.shape[0], embeddings.shape[-1] if embeddings.dim() else -1, int(ok),
-                            labels.shape[0] if labels.dim() else -1], dtype=torch.long, device=self.labels.device)
-        table = all_gather_table(row, self.group).tolist()
-        problems = []
-        for r, (b, d, good, nl) in enumerate(table):
-            if not good:
-                problems.append(f"rank {r}: need embeddings [b, {self.dim}] float and labels [b] int")
-            elif d != self.dim:
-                problems.append(f"rank {r}: embedding dim {d} != memory dim {self.dim}")
-            elif nl != b:
-                problems.append(f"rank {r}: {b} embeddings but {nl} labels")
-        if not problems and sum(t[0] for t in table) == 0:
-            problems.append("the global batch is empty")
-        if problems:
-            raise ValueError("CrossBatchMemory: bad input: " + "; ".join(problems))
-        return [t[0] for t in table]
 
     def extra_repr(self) -> str:
         return (f"size={self.size}, dim={self.dim}, filled={self.filled}, step={self.step}, "

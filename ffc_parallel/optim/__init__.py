@@ -1,5 +1,5 @@
 """Sharded optimizers for the class centers and how they follow DeepSpeed's step."""
 from .centers import CenterTrainer, center_grad_stats
-from .sharded import ShardedCenterOptimizer
+from .center_optimizer import ShardedCenterOptimizer
 
 __all__ = ["CenterTrainer", "ShardedCenterOptimizer", "center_grad_stats"]

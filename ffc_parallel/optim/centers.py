@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .. import deepspeed_bridge as bridge
-from .sharded import ShardedCenterOptimizer
+from .center_optimizer import ShardedCenterOptimizer
 
 
 def center_grad_stats(grad: torch.Tensor | None, rows: torch.Tensor | None, group=None) -> tuple[bool, float]:

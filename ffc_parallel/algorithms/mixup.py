@@ -23,11 +23,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..distributed.init import get_rank
-from ..heads.sampling import step_generator
+from ..distributed import streams
 
 INPUT = "input"
 
@@ -63,10 +62,10 @@ class Mixup:
 
     def plan(self, step: int, batch_size: int, device=None) -> MixPlan:
         """λ and layer from ``(seed, step)`` (same on every rank), partners from ``(seed, rank, step)``."""
-        rng = np.random.default_rng([self.seed, int(step)])
+        rng = streams.numpy_generator(self.seed, "mixup", step)
         lam = float(rng.beta(self.alpha, self.alpha))
         layer = self.layers[int(rng.integers(len(self.layers)))]
-        perm = torch.randperm(batch_size, generator=step_generator(self.seed, get_rank() + 1, int(step)))
+        perm = torch.randperm(batch_size, generator=streams.generator(self.seed, "mixup_partners", get_rank(), step))
         return MixPlan(lam, perm.to(device) if device is not None else perm, layer)
 
     @staticmethod
@@ -99,10 +98,11 @@ class Mixup:
         return embeddings, plan
 
     @staticmethod
-    def two_target_loss(head, embeddings: torch.Tensor, labels: torch.Tensor, plan: MixPlan) -> torch.Tensor:
-        """``λ · head(emb, y) + (1 - λ) · head(emb, y[perm])``: the margin on each target separately."""
+    def two_target_loss(loss_of, embeddings: torch.Tensor, labels: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+        """``λ · loss_of(emb, y) + (1 - λ) · loss_of(emb, y[perm])``: the margin on each target separately.
+        ``loss_of(embeddings, labels) -> loss``: the head itself, or any loss built on it."""
         partner = labels[plan.perm.to(labels.device)]
-        return plan.lam * head(embeddings, labels) + (1.0 - plan.lam) * head(embeddings, partner)
+        return plan.lam * loss_of(embeddings, labels) + (1.0 - plan.lam) * loss_of(embeddings, partner)
 
     def forward_loss(self, backbone, head, inputs: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
         """One mixed step's loss: :meth:`forward_embeddings` then :meth:`two_target_loss`."""

@@ -7,20 +7,22 @@ class of a :class:`~ffc_parallel.ShardedClassifier`. See ``docs/instance.md``.
 * :func:`hardest_class_neighbours` / :class:`HardestClassSmoothing`: each class's top-K most
   similar classes by center cosine, computed shard against shard in chunks (never ``C x C``), and
   the soft targets ``1 - α`` on the image's class and ``α / K`` on each neighbour.
-* :func:`knn_accuracy`, :func:`linear_probe_accuracy`: evaluation of learned features on labelled data.
+
+Evaluation of the learned features (kNN, linear probe) is in ``ffc_parallel/evaluation/probes.py``.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed.collectives import all_gather_table, all_reduce_, gather_rows
+from ..distributed.checks import BatchSpec, batch_sizes, check_batch
+from ..distributed.collectives import all_reduce_, gather_rows
 from ..distributed.init import get_rank, get_world_size
-from .sharded import ShardedClassifier, shard_range
+from ..distributed.lockstep import lockstep
+from ..heads.sharded import ShardedClassifier, shard_range
 
 DEFAULT_TEMPERATURE = 0.15
 
@@ -33,36 +35,6 @@ def instance_classifier(num_images: int, embedding_dim: int, temperature: float 
         raise ValueError(f"temperature must be > 0, got {temperature}")
     kwargs.setdefault("margin", None)
     return ShardedClassifier(embedding_dim, num_images, scale=1.0 / temperature, **kwargs)
-
-
-def lockstep(batches, group=None, progress: bool = False, desc: str = ""):
-    """Iterate ``batches`` on every rank in lockstep: yields this rank's next batch, or ``None`` once
-    this rank has run out while another has not, so collectives inside the loop never hang when
-    ranks hold different numbers of batches. Costs one tiny all-reduce per step."""
-    iterator = iter(batches)
-    bar = None
-    if progress and get_rank(group) == 0:
-        from tqdm import tqdm
-        bar = tqdm(desc=desc, unit="batch", total=_length(batches))
-    while True:
-        batch = next(iterator, None)
-        alive = torch.tensor([int(batch is not None)])
-        if dist.is_initialized() and dist.get_backend(group) == "nccl":
-            alive = alive.cuda()
-        if not int(all_reduce_(alive, group=group)):
-            break
-        if bar is not None:
-            bar.update(1)
-        yield batch
-    if bar is not None:
-        bar.close()
-
-
-def _length(batches):
-    try:
-        return len(batches)
-    except TypeError:
-        return None
 
 
 @torch.no_grad()
@@ -91,7 +63,9 @@ def contrastive_prior(backbone: nn.Module, batches, head: ShardedClassifier, pro
                 inputs, ids = batch
                 feats = F.normalize(backbone(inputs).to(device=device, dtype=head.weight.dtype), dim=1)
                 ids = ids.to(device=device, dtype=torch.long)
-            sizes = _checked_sizes(feats, ids, dim, head.num_classes, group)
+            spec = BatchSpec("ffc_parallel.contrastive_prior", dim, "the head's embedding_dim",
+                             labels_name="image ids", label_range=(0, head.num_classes), allow_empty=True)
+            sizes = [f["rows"] for f in check_batch(spec, feats, ids, group=group)]
             all_feats, all_ids = gather_rows(feats, sizes, group), gather_rows(ids, sizes, group)
             own = (all_ids >= start) & (all_ids < stop)
             rows = all_ids[own] - start
@@ -101,18 +75,6 @@ def contrastive_prior(backbone: nn.Module, batches, head: ShardedClassifier, pro
         backbone.load_state_dict(saved)
         backbone.train(was_training)
     return int(all_reduce_(written.sum().reshape(1), group=group))
-
-
-def _checked_sizes(feats, ids, dim, num_classes, group) -> list[int]:
-    ok = feats.dim() == 2 and feats.shape[1] == dim and ids.shape == feats.shape[:1]
-    lo, hi = (int(ids.min()), int(ids.max())) if ok and ids.numel() else (0, 0)
-    table = all_gather_table(torch.tensor([feats.shape[0], int(ok), lo, hi], device=feats.device), group).tolist()
-    problems = [f"rank {r}: backbone output must be [b, {dim}] with image ids [b]" for r, t in enumerate(table) if not t[1]]
-    problems += [f"rank {r}: image ids must be in [0, {num_classes}), got [{t[2]}, {t[3]}]"
-                 for r, t in enumerate(table) if t[1] and (t[2] < 0 or t[3] >= num_classes)]
-    if problems:
-        raise ValueError("ffc_parallel.contrastive_prior: " + "; ".join(problems))
-    return [t[0] for t in table]
 
 
 @torch.no_grad()
@@ -188,8 +150,10 @@ class HardestClassSmoothing:
                                                       self.head.group, self.row_chunk, self.col_chunk, progress)
 
     def maybe_refresh(self, epoch: int, progress: bool = False) -> bool:
-        """Refresh at epochs 0, refresh_every, 2*refresh_every, ... (once per such epoch)."""
-        if epoch % self.refresh_every or self.refreshed_at == epoch:
+        """Refresh at epochs 0, refresh_every, 2*refresh_every, ... (once per such epoch), and at any
+        epoch while no neighbours are held (after a resume: they are not checkpointed)."""
+        due = epoch % self.refresh_every == 0 or self.neighbours is None
+        if not due or self.refreshed_at == epoch:
             return False
         self.refresh(progress)
         self.refreshed_at = epoch
@@ -201,7 +165,7 @@ class HardestClassSmoothing:
             raise RuntimeError("HardestClassSmoothing: call refresh() (or maybe_refresh(epoch)) before soft_targets()")
         head, device = self.head, self.head.weight.device
         labels = local_labels.to(device=device, dtype=torch.long)
-        sizes = all_gather_table(torch.tensor([labels.shape[0]], device=device), head.group)[:, 0].tolist()
+        sizes = batch_sizes(labels.shape[0], head.group, device)
         everyone = gather_rows(labels, sizes, head.group)
         start, stop = head.class_range
         own = (everyone >= start) & (everyone < stop)
@@ -213,41 +177,3 @@ class HardestClassSmoothing:
         dtype = torch.float64 if head.weight.dtype == torch.float64 else torch.float32
         probs = torch.full(classes.shape, self.alpha / self.k, dtype=dtype, device=device)
         return classes, probs
-
-
-# ---------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
-    """Weighted kNN top-1 accuracy: each test feature votes over its ``k`` most cosine-similar
-    training features with weights ``exp(cos / temperature)`` (the instance-discrimination
-    protocol). ``train_x[N, D]``, ``train_y[N]``, ``test_x[M, D]``, ``test_y[M]``."""
-    train, num_classes = F.normalize(train_x.float(), dim=1), int(train_y.max()) + 1
-    k = min(k, train.shape[0])
-    correct = 0
-    for lo in range(0, test_x.shape[0], chunk):
-        sims, idx = (F.normalize(test_x[lo: lo + chunk].float(), dim=1) @ train.t()).topk(k, dim=1)
-        votes = torch.zeros(sims.shape[0], num_classes).scatter_add_(1, train_y[idx], (sims / temperature).exp())
-        correct += int((votes.argmax(1) == test_y[lo: lo + chunk]).sum())
-    return correct / max(test_x.shape[0], 1)
-
-
-def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                          weight_decay: float = 1e-4, max_iter: int = 100) -> float:
-    """Top-1 accuracy of a multinomial logistic regression (full-batch L-BFGS, L2 ``weight_decay``)
-    trained on frozen, standardised ``train_x`` and evaluated on ``test_x``."""
-    mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-6)
-    xtr, xte = (train_x.float() - mean) / std, (test_x.float() - mean) / std
-    num_classes = int(train_y.max()) + 1
-    linear = nn.Linear(xtr.shape[1], num_classes)
-    opt = torch.optim.LBFGS(linear.parameters(), max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(linear(xtr), train_y) + weight_decay * linear.weight.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return float((linear(xte).argmax(1) == test_y).float().mean())

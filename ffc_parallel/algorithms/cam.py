@@ -23,9 +23,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..deepspeed_bridge import partitioned
-from ..distributed.collectives import all_gather_table, all_reduce_, gather_rows
-from ..heads.sampling import step_generator
-from .samplers import ClassIndex
+from ..distributed.checks import batch_sizes
+from ..distributed.collectives import all_reduce_, gather_rows
+from ..distributed import streams
+from ..data.samplers import ClassIndex
 
 TRANSFORMS = ("flip", "translate", "rotate", "scale")
 
@@ -127,14 +128,14 @@ class CamBalancer:
         counts = index.counts
         extra = (counts.max() - counts) * (counts > 0)
         classes = torch.repeat_interleave(torch.arange(index.num_classes), extra)
-        generator = generator or torch.Generator().manual_seed(self.seed)
+        generator = generator or streams.generator(self.seed, "cam_set")
         return index.draw(classes, generator)
 
     @torch.no_grad()
     def augment(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """CAM-transformed copies ``[N, C, H, W]`` of ``images`` (labels unchanged): ``(images, masks, kinds)``."""
-        generator = generator or torch.Generator().manual_seed(self.seed)
+        generator = generator or streams.generator(self.seed, "cam_set")
         cams = class_activation_maps(self.feature_maps(images), self.centers(labels), images.shape[-2:],
                                      self.projection)
         masks = foreground_masks(cams)
@@ -147,7 +148,7 @@ class CamBalancer:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The balancing set ``(new_images, new_labels)`` for a data set held as tensors
         ``images[N, C, H, W]``, ``labels[N]``: :meth:`plan` then :meth:`augment` in batches."""
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = streams.generator(self.seed, "cam_set")
         sources = self.plan(labels, generator)
         batches = range(0, sources.numel(), batch_size)
         if progress:
@@ -164,7 +165,7 @@ def batch_class_centers(head, local_labels: torch.Tensor) -> torch.Tensor:
     ranks may hold different labels and batch sizes): one all-gather of the labels, then
     :func:`fetch_class_centers` on the global batch."""
     labels = torch.as_tensor(local_labels, dtype=torch.long, device=head.weight.device)
-    sizes = all_gather_table(torch.tensor([labels.numel()], device=labels.device), head.group)[:, 0].tolist()
+    sizes = batch_sizes(labels.numel(), head.group, labels.device)
     offset = sum(sizes[: head.rank])
     return fetch_class_centers(head, gather_rows(labels, sizes, head.group))[offset: offset + labels.numel()]
 
@@ -193,14 +194,14 @@ class OnlineCamBalancer:
     @torch.no_grad()
     def augment(self, backbone, head, images: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
         """``images[b, C, H, W]`` with the picked ones replaced (collective over ``head.group``)."""
-        generator = step_generator(self.seed, head.rank + 1, int(step))
+        if any(partitioned(p) for p in backbone.parameters()):   # the same on every rank: all raise
+            raise RuntimeError("CAM balancing under ZeRO-3: the backbone's parameters are partitioned, so its "
+                               "CAM projection cannot be read; use ZeRO stage 0, 1 or 2")
+        generator = streams.generator(self.seed, "cam", head.rank, step)
         pick = torch.rand(labels.numel(), generator=generator, dtype=torch.float64) < self.p_generated[labels.cpu()]
         centers = batch_class_centers(head, labels)            # every rank calls, picks or not
         if not pick.any():
             return images
-        if any(partitioned(p) for p in backbone.parameters()):
-            raise RuntimeError("CAM balancing under ZeRO-3: the backbone's parameters are partitioned, so its "
-                               "CAM projection cannot be read; use ZeRO stage 0, 1 or 2")
         pick = pick.to(images.device)
         chosen = images[pick]
         was_training = backbone.training

@@ -11,7 +11,8 @@ import torch
 
 from ..distributed.collectives import gather_rows
 from ..distributed.init import get_rank, get_world_size
-from .metrics import BUCKET_NAMES, bucket_accuracy, pair_scores, recall_at_k, roc_auc, roc_curve, tar_at_far
+from .metrics import (BUCKET_NAMES, bucket_accuracy, pair_scores, recall_at_k, roc_auc, roc_curve, tar_at_far,
+                      topk_accuracy)
 
 
 def _my_slice(n: int, rank: int, world: int) -> tuple[slice, list[int]]:
@@ -86,10 +87,9 @@ def _classify_seen(backbone, head, seen, class_buckets, batch_size, device, grou
         _, ids = head.predict(emb[i: i + batch_size].to(device), k=k)
         predicted.append(ids.cpu())
     predicted = gather_rows(torch.cat(predicted), sizes, group).cpu()
-    correct = predicted == labels[:, None]
-    metrics = {"top1_seen": float(correct[:, :1].any(1).float().mean()),
-               "top5_seen": float(correct.any(1).float().mean())}
-    for name, acc in bucket_accuracy(correct[:, 0].numpy(), labels.numpy(), class_buckets).items():
+    top = topk_accuracy(predicted, labels, ks=(1, 5))
+    metrics = {"top1_seen": top[1], "top5_seen": top[5]}
+    for name, acc in bucket_accuracy((predicted[:, 0] == labels).numpy(), labels.numpy(), class_buckets).items():
         metrics[f"acc_{name}"] = acc
     metrics["seen_images"] = len(x)
     return metrics

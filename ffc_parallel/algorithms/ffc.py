@@ -22,36 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..deepspeed_bridge import GradientSum, partitioned
-from ..distributed.collectives import all_gather_table, all_reduce_, gather_rows
+from ..distributed.checks import BatchSpec, check_batch
+from ..distributed.collectives import all_gather_table, all_reduce_, gather_rows, sum_over_ranks
 from ..distributed.init import get_rank, get_world_size
-from .margins import resolve_margin
-from .sharded import shard_range
+from ..distributed.lockstep import lockstep
+from ..heads.margins import resolve_margin
+from ..heads.sharded import shard_range
 
 _NEVER = -1  # stamp of a slot that was never written: evicted first
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """Forward: all-reduce SUM. Backward: identity.
-
-    Used for partial sums of a loss that every rank then holds in full: each rank back-propagates
-    the same loss through its own part only, and the embedding gather's reduce-scatter sums the
-    parts, so the gradient must not be summed here a second time.
-    """
-
-    @staticmethod
-    def forward(ctx, tensor, group):
-        return all_reduce_(tensor.clone(), group=group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def sum_over_ranks(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """All-reduce SUM whose backward passes the gradient through unchanged (see :class:`_SumOverRanks`)."""
-    if get_world_size(group) == 1:
-        return tensor
-    return _SumOverRanks.apply(tensor, group)
 
 
 class ClassPool(nn.Module):
@@ -375,17 +353,9 @@ class FFC(nn.Module):
 
     def _global_batch(self, local: torch.Tensor, labels: torch.Tensor):
         """Validate every rank's batch (one all-gather, same error everywhere) and return the sizes."""
-        ok = local.dim() == 2 and local.shape[1] == self.embedding_dim and labels.dim() == 1 \
-            and labels.shape[0] == local.shape[0] and not labels.is_floating_point()
-        low = int(labels.min()) if ok and labels.numel() else 0
-        table = all_gather_table(torch.tensor([local.shape[0], int(ok), low], device=local.device), self.group)
-        problems = [f"rank {r}: embeddings must be [b, {self.embedding_dim}] with integer labels [b]"
-                    for r, (_, good, _) in enumerate(table.tolist()) if not good]
-        problems += [f"rank {r}: identity labels must be >= 0, got {lo}"
-                     for r, (_, good, lo) in enumerate(table.tolist()) if good and lo < 0]
-        if problems:
-            raise ValueError("ffc_parallel.FFC: bad input: " + "; ".join(problems))
-        return table[:, 0].tolist()
+        spec = BatchSpec("ffc_parallel.FFC", self.embedding_dim, "the pool's embedding_dim",
+                         labels_name="identity labels", allow_empty=True)
+        return [f["rows"] for f in check_batch(spec, local, labels, group=self.group)]
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -413,8 +383,6 @@ class FFC(nn.Module):
         """Put gallery features of ``(inputs, labels)`` batches into the pool before training (the
         paper fills ~10% of the identities with the randomly initialised gallery). Ranks may yield
         different numbers of batches. Returns the number of filled slots."""
-        from .instance import lockstep
-
         was_training = self.gallery.training
         self.gallery.train(False)
         for batch in lockstep(batches, self.group, progress=progress, desc="FFC pool prefill"):
