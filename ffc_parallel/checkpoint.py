@@ -21,7 +21,7 @@ A save writes everything into ``save_dir/.staging-<tag>/<tag>``, fsyncs it, rena
 checkpoint complete and ``latest`` pointing at it. A load at another world size reads, for the
 classes (slots) a rank now owns, the overlapping rows of the saved shards, so ``4 -> 2``, ``2 -> 3``
 or ``1 -> 4`` give bit-identical reassembled centers and optimizer state; DeepSpeed's ZeRO state
-goes through its universal checkpoint (``deepspeed_bridge.load_engine``).
+goes through its universal checkpoint (``deepspeed_bridge.checkpoints.load_engine``).
 
 Why not ``torch.distributed.checkpoint``: it reshards DTensors, whose ``Shard(0)`` layout puts
 ``ceil(C / W)`` rows on the first ranks (``torch.chunk``), not DESIGN.md's contiguous
@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from . import deepspeed_bridge as bridge
+from .deepspeed_bridge import checkpoints as ds_files
 
 SHARDS_DIR, MANIFEST = "ffc_shards", "manifest.json"
 FORMAT = 2
@@ -217,7 +218,7 @@ def save_checkpoint(engine, save_dir, tag=None, client_state=None, save_latest=T
             (staged / SHARDS_DIR / name).mkdir(parents=True)
         (staged / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
     _barrier()
-    bridge.save_engine(ds, staging_root, tag, client_state or {}, exclude_frozen_parameters)
+    ds_files.save_engine(ds, staging_root, tag, client_state or {}, exclude_frozen_parameters)
     ok = True
     try:
         for name, part in parts.items():
@@ -308,7 +309,7 @@ def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_op
         if custom_load_fn is not None:
             raise ValueError("custom_load_fn is not supported for a model with an FFC class pool")
         custom_load_fn = _load_all_but(tuple(f"{name}." for name in pools), tag_dir)
-    path, client_state = bridge.load_engine(
+    path, client_state = ds_files.load_engine(
         ds, tag_dir, load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
         load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
         custom_load_fn=custom_load_fn)

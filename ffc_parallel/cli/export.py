@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..checkpoint import atomic_torch_save, read_manifest, resolve_tag
-from ..deepspeed_bridge import consolidated_fp32_state_dict
+from ..deepspeed_bridge.checkpoints import consolidated_fp32_state_dict
 
 PREFIX = "backbone."
 
