@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import deepspeed_bridge as bridge
+from .distributed.checks import guard_norm_statistics
 from .distributed.init import init_distributed
 
 
@@ -43,6 +44,7 @@ class HybridModel(nn.Module):
         self.backbone = backbone
         self.head = head
         self.loss_fn = loss_fn
+        guard_norm_statistics(self)   # a batch the head refuses leaves the backbone's BatchNorm statistics as they were
 
     def forward(self, inputs, labels=None):
         if labels is None:

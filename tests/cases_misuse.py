@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 
 import ffc_parallel as fp
-from tests.cases_engine import DIM, Net, ds_config, global_batch, micro_slice
+from tests.cases_engine import DIM, IN_DIM, Net, ds_config, global_batch, micro_slice
 
 NUM_CLASSES, MICRO = 9, 2
 
@@ -143,3 +143,39 @@ def state_dict_never_holds_rows():
     mismatch = _error_of(lambda: Net(NUM_CLASSES + 1).load_state_dict(state))
     return {"keys": keys, "error": error, "mismatch": mismatch,
             "weight_in_parameters": any(p is net.classifier.weight for p in net.parameters())}
+
+
+def refused_batch_leaves_the_model(route):
+    """A NaN image on the last rank: every rank's error, and whether every parameter and buffer (the
+    backbone's BatchNorm statistics included) is as before; then a good step must still run."""
+    import deepspeed
+
+    class WithNorm(Net):
+        def __init__(self):
+            super().__init__(NUM_CLASSES)
+            self.features = torch.nn.Sequential(torch.nn.Linear(IN_DIM, 12), torch.nn.BatchNorm1d(12), torch.nn.Tanh(),
+                                                torch.nn.Linear(12, DIM))
+
+    net = WithNorm()
+    config = ds_config(1, "sgd", 1, MICRO, fp.get_world_size())
+    if route == "drop_in":
+        engine = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=config)[0]
+    else:
+        model = fp.HybridModel(net.features, net.classifier)
+        engine = fp.initialize(model=model, config=config)[0]
+    _one_step(engine)                      # a first good step: the head is attached, the statistics moved
+    before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    weight = engine.module.classifier.weight.detach().clone() if route == "drop_in" else \
+        engine.module.head.weight.detach().clone()
+    rank, world = fp.get_rank(), fp.get_world_size()
+    x, y = global_batch(1, MICRO * world, NUM_CLASSES)
+    x = micro_slice(x, 0, rank, world, MICRO).clone()
+    if rank == world - 1:
+        x[0, 0] = float("nan")
+    message = _error_of(lambda: engine(x, micro_slice(y, 0, rank, world, MICRO)))
+    after = engine.module.state_dict()
+    unchanged = all(torch.equal(before[k], after[k]) for k in before if not k.endswith("_extra_state"))
+    head = engine.module.classifier if route == "drop_in" else engine.module.head
+    unchanged = unchanged and torch.equal(weight, head.weight.detach())
+    _one_step(engine)
+    return {"message": message, "unchanged": unchanged}

@@ -53,3 +53,39 @@ def test_protocols_agree_on_every_rank(world):
     for rank, r in enumerate(results):
         assert r["seen"] == list(range(rank + 1)) + [None] * (world - 1 - rank)
         assert r["total"] == 2.0 * sum(range(1, world + 1)) and r["grad"] == 2.0   # backward: identity
+
+
+def disagreeing_configurations():
+    """Per rank: the error each collective object raises when the last rank was built differently."""
+    import torch.distributed as dist
+
+    import ffc_parallel as fp
+
+    last = dist.get_rank() == dist.get_world_size() - 1
+    builders = {
+        "head": lambda: fp.ShardedClassifier(4, 12 if last else 10, margin="arcface"),
+        "head_margin": lambda: fp.ShardedClassifier(4, 10, margin="cosface" if last else "arcface"),
+        "pool": lambda: fp.ClassPool(8, 4, refresh_momentum=0.3 if last else 0.5),
+        "xbm": lambda: fp.losses.CrossBatchMemory(16, 4, warmup_steps=1 if last else 0),
+        "sampler": lambda: fp.data.ClassProbabilitySampler(torch.arange(20) % (5 if last else 4), seed=1),
+    }
+    out = {}
+    for name, build in builders.items():
+        try:
+            build()
+            out[name] = None
+        except ValueError as exc:
+            out[name] = str(exc)
+    out["agreeing"] = fp.ShardedClassifier(4, 10).num_local   # and the next collective object still works
+    return out
+
+
+def test_ranks_built_with_different_configurations_are_refused_everywhere():
+    results = run_ranks("tests.test_distributed_protocols:disagreeing_configurations", 2, timeout=60)
+    expected = {"head": "num_classes is 10 on rank 0 but 12 on rank 1", "head_margin": "margin m2 is 0.5 on rank 0",
+                "pool": "refresh_momentum is 0.5 on rank 0 but 0.3 on rank 1",
+                "xbm": "warmup_steps is 0 on rank 0 but 1 on rank 1", "sampler": "label_sum"}
+    for name, text in expected.items():
+        messages = {r[name] for r in results}
+        assert len(messages) == 1 and text in messages.pop(), (name, [r[name] for r in results])
+    assert [r["agreeing"] for r in results] == [5, 5]

@@ -100,6 +100,16 @@ def _all_raise(target, match, world=2, kwargs=None, within=60):
     return messages
 
 
+@pytest.mark.parametrize("route", ["drop_in", "fp"])
+def test_a_refused_batch_leaves_every_parameter_and_buffer(route):
+    # A NaN image on one rank: before, the backbone's BatchNorm statistics were already NaN when the head refused.
+    started = time.monotonic()
+    results = run_ranks("tests.cases_misuse:refused_batch_leaves_the_model", 2, timeout=90, kwargs=dict(route=route))
+    assert time.monotonic() - started < 60
+    assert len({r["message"] for r in results}) == 1 and "rank 1: 10 non-finite" in results[0]["message"], results
+    assert all(r["unchanged"] for r in results), results
+
+
 @pytest.mark.parametrize("route,stage", [("fp", 1), ("fp", 3), ("drop_in", 0)])
 def test_head_weight_handed_to_deepspeeds_optimizer(route, stage):
     _all_raise("head_weight_given_to_deepspeed", "was handed to DeepSpeed's optimizer", kwargs=dict(route=route, stage=stage))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..deepspeed_bridge import GradientSum, partitioned
-from ..distributed.checks import BatchSpec, check_batch
+from ..distributed.checks import BatchSpec, agree_on_config, check_batch, guard_norm_statistics
 from ..distributed.collectives import all_gather_table, all_reduce_, gather_rows, sum_over_ranks
 from ..distributed.init import get_rank, get_world_size
 from ..distributed.lockstep import lockstep
@@ -51,6 +51,8 @@ class ClassPool(nn.Module):
         self.pool_size, self.embedding_dim = int(pool_size), int(embedding_dim)
         self.refresh_momentum, self.group = float(refresh_momentum), group
         self.rank, self.world_size = get_rank(group), get_world_size(group)
+        agree_on_config("ffc_parallel.ClassPool", {"pool_size": self.pool_size, "embedding_dim": self.embedding_dim,
+                                                    "refresh_momentum": self.refresh_momentum}, group, device)
         self.slot_range = shard_range(self.pool_size, self.world_size, self.rank)
         n = self.slot_range[1] - self.slot_range[0]
         self.register_buffer("features", torch.zeros(n, self.embedding_dim, device=device, dtype=dtype))
@@ -292,9 +294,10 @@ class FFC(nn.Module):
 
     ``probe`` is the backbone being trained; ``gallery`` an EMA copy of it (``gallery_momentum``,
     default 0.99; its parameters have ``requires_grad=False`` and are in ``state_dict``). Each
-    training forward (1) moves the gallery towards the probe, (2) embeds the local batch with both
-    nets, (3) gathers the global batch, (4) computes :func:`pool_loss` against the pool as it was
-    before this step, (5) applies :meth:`ClassPool.update` with the gallery features. Evaluation
+    training forward (1) embeds the local batch with the probe and checks every rank's batch, (2) moves
+    the gallery towards the probe and embeds the batch with it, (3) gathers the global batch, (4)
+    computes :func:`pool_loss` against the pool as it was before this step, (5) applies
+    :meth:`ClassPool.update` with the gallery features. Evaluation
     mode computes the loss without touching the gallery or the pool.
 
     Gradient semantics are those of :class:`~ffc_parallel.ShardedClassifier`: the local embeddings
@@ -334,8 +337,13 @@ class FFC(nn.Module):
         self.gradient_sum = GradientSum(self, group, grad_multiplier)
         if device is None:
             device = next(iter(backbone.parameters()), torch.empty(0)).device
+        m = self.margin
+        agree_on_config("ffc_parallel.FFC", {"embedding_dim": self.embedding_dim, "margin": (m.s, m.m1, m.m2, m.m3),
+                                             "topk": self.topk, "fresh_weight": self.fresh_weight,
+                                             "gallery_momentum": self.gallery_momentum}, group, device)
         self.pool = ClassPool(pool_size, embedding_dim, refresh_momentum=refresh_momentum, group=group, device=device)
         self.last_stats: dict = {}
+        guard_norm_statistics(self)   # a refused batch leaves the probe's BatchNorm statistics as they were
 
     def trainable_parameters(self):
         """The probe's parameters (what the optimizer should get)."""
@@ -358,16 +366,15 @@ class FFC(nn.Module):
         return [f["rows"] for f in check_batch(spec, local, labels, group=self.group)]
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        probe = self.probe(inputs)
+        labels = labels.to(device=probe.device, dtype=torch.long)
+        sizes = self._global_batch(probe, labels)     # before the gallery moves: a refused batch changes nothing
         if self.training:
             self.update_gallery()
-        probe = self.probe(inputs)
-        if self.training:
             probe = self.gradient_sum(probe)
         with torch.no_grad():
             self.gallery.train(self.training)
             gallery = self.gallery(inputs)
-        labels = labels.to(device=probe.device, dtype=torch.long)
-        sizes = self._global_batch(probe, labels)
         probe_all = F.normalize(gather_rows(probe, sizes, self.group), dim=1)
         labels_all = gather_rows(labels, sizes, self.group)
         slots = self.pool.lookup(labels_all)

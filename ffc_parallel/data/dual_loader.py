@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..distributed import streams
+from ..distributed.checks import agree_on_sampler
 from ..distributed.init import get_rank, get_world_size
 
 
@@ -76,6 +77,11 @@ class DualBatchSampler(Sampler):
             raise ValueError(f"{self.identities.numel()} identities cannot fill {self.world_size} ranks x "
                              f"{self.id_batch_size} distinct identities per step; lower id_batch_size")
         self.steps = steps
+        agree_on_sampler("DualBatchSampler", {"images": self.num_images, "label_sum": int(labels.sum()),
+                                              "id_batch_size": self.id_batch_size,
+                                              "instance_batch_size": self.instance_batch_size,
+                                              "images_per_id": self.images_per_id, "seed": self.seed},
+                         self.rank, self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

@@ -35,6 +35,7 @@ from torch.utils.data import Sampler
 
 from ..distributed.init import get_rank, get_world_size
 from ..distributed import streams
+from ..distributed.checks import agree_on_sampler
 
 SCHEMES = ("instance", "class_balanced", "sqrt", "progressive")
 
@@ -123,6 +124,16 @@ class _DistributedEpochSampler(Sampler):
         if per_rank == 0:
             raise ValueError(f"drop_last with {epoch_size} samples and {self.world_size} ranks leaves nothing")
         self.num_samples = per_rank
+        agree_on_sampler(type(self).__name__, {"epoch_size": self.epoch_size, "seed": self.seed,
+                                               "drop_last": bool(drop_last), **self._agreed()},
+                         self.rank, self.world_size)
+
+    def _agreed(self) -> dict:
+        """What else every rank's sampler must agree on (the labels it draws from)."""
+        index = getattr(self, "index", None)
+        if index is None:
+            return {}
+        return {"samples": len(index), "label_sum": int(index.labels.sum()), "num_classes": index.num_classes}
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed for ``epoch`` (the same on every rank); progressive schemes also read ``t`` from it."""

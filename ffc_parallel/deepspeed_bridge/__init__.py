@@ -37,6 +37,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
+from ..distributed.checks import guard_norm_statistics
 from ..distributed.collectives import scale_grad
 
 SUPPORTED = ">=0.16.0,<0.20,!=0.18.7,!=0.18.8,!=0.18.9"   # setup.cfg's range; CI runs the oldest and the newest
@@ -130,6 +131,7 @@ def attach(engine) -> "EngineView":
         if child in _watched and hasattr(child, "_attach_engine"):
             child._attach_engine(view)
             unwatch(child)
+            guard_norm_statistics(engine.module)   # a batch our checks refuse leaves BatchNorm's statistics
     return view
 
 

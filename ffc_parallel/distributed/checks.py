@@ -13,6 +13,9 @@ collective.
 """
 from __future__ import annotations
 
+import hashlib
+import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -58,11 +61,16 @@ def batch_sizes(rows: int, group=None, device=None) -> list[int]:
     return [t["rows"] for t in gather_fields({"rows": rows}, group, device)]
 
 
+class InputRefused(ValueError):
+    """A batch refused by a rank protocol's check (the same error on every rank). A model guarded by
+    :func:`guard_norm_statistics` is left as it was before the refused forward."""
+
+
 def refuse(who: str, problems: list[str]) -> None:
-    """Raise ``ValueError("<who>: bad input: <problem>; <problem>")`` when there are problems. Called
-    with problems derived from a gathered table, it raises the same error on every rank."""
+    """Raise :class:`InputRefused` ``("<who>: bad input: <problem>; <problem>")`` when there are problems.
+    Called with problems derived from a gathered table, it raises the same error on every rank."""
     if problems:
-        raise ValueError(f"{who}: bad input: " + "; ".join(problems))
+        raise InputRefused(f"{who}: bad input: " + "; ".join(problems))
 
 
 def batch_fields(embeddings: torch.Tensor, labels: torch.Tensor | None = None,
@@ -122,3 +130,92 @@ def check_batch(spec: BatchSpec, embeddings: torch.Tensor, labels: torch.Tensor 
         problems.append("the global batch is empty on every rank")
     refuse(spec.who, problems)
     return table
+
+
+def _as_int64(value) -> int:
+    """A value of a configuration as one int64: ints as they are, floats by their bits, anything else
+    (strings, margins, None) by a stable hash of its ``repr``."""
+    if isinstance(value, bool) or isinstance(value, int):
+        return int(value) if -2**63 <= int(value) < 2**63 else _digest(repr(value))
+    if isinstance(value, float):
+        return int(torch.tensor(value, dtype=torch.float64).view(torch.long))
+    return _digest(repr(value))
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def agree_on_config(who: str, config: dict, group=None, device=None) -> None:
+    """Raise the same ``ValueError`` on every rank of ``group`` unless every rank built ``who`` with the
+    same ``config`` (names -> values: class counts, dims, margins, rates, seeds...), naming each value
+    that differs, its value on rank 0 and the ranks that differ. One all-gather of ``len(config) + 1``
+    integers (the last: a digest of the group's global ranks). A no-op on one rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    fields = {name: _as_int64(value) for name, value in config.items()}
+    fields["__group__"] = _digest(repr(tuple(ranks)))
+    table = gather_fields(fields, group, device)
+    problems = []
+    for name in fields:
+        differ = [r for r, f in enumerate(table) if f[name] != table[0][name]]
+        if not differ:
+            continue
+        if name == "__group__":
+            problems.append(f"the process group differs from rank 0's on rank(s) {differ}")
+            continue
+        value = config[name]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            decode = int if isinstance(value, int) else (
+                lambda bits: float(torch.tensor(bits, dtype=torch.long).view(torch.float64)))
+            others = ", ".join(f"{decode(table[r][name])!r} on rank {r}" for r in differ)
+            problems.append(f"{name} is {decode(table[0][name])!r} on rank 0 but {others}")
+        else:
+            problems.append(f"{name} on rank(s) {differ} differs from rank 0's")
+    if problems:
+        raise ValueError(f"{who}: the ranks were built with different configurations (every rank must pass the "
+                         "same values): " + "; ".join(problems))
+
+
+def agree_on_sampler(who: str, config: dict, rank: int, world_size: int) -> None:
+    """:func:`agree_on_config` over the world for a sampler built for ``rank`` of ``world_size`` when that
+    is this process's place in a running job (a sampler built for another rank, e.g. in a one-process
+    test of the partition, checks nothing)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() == world_size and dist.get_rank() == rank:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        agree_on_config(who, config, None, device)
+
+
+_guarded: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def guard_norm_statistics(model: torch.nn.Module) -> None:
+    """Make a forward of ``model`` that ends in :class:`InputRefused` leave its normalisation layers'
+    running statistics (BatchNorm's mean, variance and batch count) as they were before it: a refused
+    batch (a NaN image, a bad label) otherwise moves them in the backbone before the head's check
+    sees it. Costs a copy of those buffers per training forward (kilobytes for a ResNet). Idempotent."""
+    if model in _guarded:
+        return
+    _guarded.add(model)
+    saved: list = []
+
+    def snapshot(module, _args):
+        saved.clear()
+        if module.training:
+            saved.extend((b, b.clone()) for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                         for b in m.buffers(recurse=False))
+
+    def restore(_module, _args, _output):
+        if isinstance(sys.exc_info()[1], InputRefused):
+            with torch.no_grad():
+                for buffer, value in saved:
+                    buffer.copy_(value)
+        saved.clear()
+
+    model.register_forward_pre_hook(snapshot)
+    model.register_forward_hook(restore, always_call=True)

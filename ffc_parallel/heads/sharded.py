@@ -12,7 +12,7 @@ from ..optim.centers import CenterTrainer
 from .margins import resolve_margin
 from .row_loss import CrossEntropy
 from ..distributed import streams
-from ..distributed.checks import BATCH_FIELDS, BatchSpec, check_batch
+from ..distributed.checks import BATCH_FIELDS, BatchSpec, agree_on_config, check_batch
 from .sampling import sample_rows
 from .softmax_ce import (DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, ShardedMarginSoftmaxCE, Targets,
                          chunk_cosines, chunk_rows, stats_dtype)
@@ -164,6 +164,13 @@ class ShardedClassifier(nn.Module):
         if device is None:
             backend = dist.get_backend(group) if dist.is_initialized() else "gloo"
             device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+        m = self.margin
+        agree_on_config("ffc_parallel.ShardedClassifier", {
+            "num_classes": self.num_classes, "embedding_dim": self.embedding_dim, "margin s": float(m.s),
+            "margin m1": float(m.m1), "margin m2": float(m.m2), "margin m3": float(m.m3),
+            "straight_through": m.straight_through, "sample_rate": self.sample_rate,
+            "filter_threshold": filter_threshold, "seed": self.seed, "init_std": float(init_std),
+            "dtype": str(dtype or torch.get_default_dtype()), "gather_pieces": self.gather_pieces}, group, device)
         rows = init_class_rows(*self.class_range, self.embedding_dim, init_std, self.seed)
         weight = nn.Parameter(rows.to(device=device, dtype=dtype or torch.get_default_dtype()))
         self.centers = CenterTrainer(self, weight, group, master_weights=center_master_weights,

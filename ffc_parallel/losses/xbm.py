@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..deepspeed_bridge import GradientSum
-from ..distributed.checks import BatchSpec, check_batch
+from ..distributed.checks import BatchSpec, agree_on_config, check_batch
 from ..distributed.collectives import all_gather_table, gather_rows, sum_over_ranks
 from ..distributed.init import get_rank, get_world_size
 from .pairs import ContrastiveLoss
@@ -70,6 +70,9 @@ class CrossBatchMemory(nn.Module):
         self.pair_loss = pair_loss if pair_loss is not None else ContrastiveLoss(0.5)
         self.weight, self.warmup_steps = float(weight), int(warmup_steps)
         self.normalize, self.verify, self.group = normalize, verify, group
+        agree_on_config("CrossBatchMemory", {"size": self.size, "dim": self.dim, "weight": self.weight,
+                                             "warmup_steps": self.warmup_steps, "normalize": bool(normalize),
+                                             "pair_loss": repr(self.pair_loss), "dtype": str(dtype)}, group, device)
         self.register_buffer("embeddings", torch.zeros(self.size, self.dim, dtype=dtype, device=device))
         self.register_buffer("labels", torch.full((self.size,), -1, dtype=torch.long, device=device))
         # [next slot to write, number of filled slots, steps taken]
