@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ffc_parallel.cli.train import (TrainOptions, check_resumable, deepspeed_config, load_config_file,
+from ffc_parallel.cli.train import (RunLog, TrainOptions, check_resumable, deepspeed_config, load_config_file,
                                     parse_options)
 from ffc_parallel.evaluation.report import read_log, summary_text, write_metrics_json, write_plots
 from ffc_parallel.testing import run_ranks
@@ -123,6 +123,39 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     assert log["step"] == [2.0, 4.0, 6.0, 7.0]  # appended, continuing from step 4
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         check_resumable(TrainOptions(output_dir=str(tmp_path / "empty"), resume=True))
+
+
+def test_a_resumed_log_drops_the_rows_logged_after_the_checkpoint(tmp_path):
+    first = RunLog(tmp_path, enabled=True, resume_step=None)
+    for step in (2, 4, 6, 8):   # the run crashed after logging step 8; its last checkpoint was step 4
+        first.row(step=step, epoch=0, loss=1.0, lr=0.1, loss_scale=1.0, samples_per_s=1.0, elapsed_s=1.0)
+    first.close()
+    resumed = RunLog(tmp_path, enabled=True, resume_step=4)
+    resumed.row(step=6, epoch=0, loss=0.5, lr=0.1, loss_scale=1.0, samples_per_s=1.0, elapsed_s=1.0)
+    resumed.close()
+    log = read_log(tmp_path / "metrics.csv")
+    assert log["step"] == [2.0, 4.0, 6.0] and log["loss"] == [1.0, 1.0, 0.5]
+
+
+def test_runs_that_cannot_train_or_evaluate_are_refused_before_training():
+    import torch
+
+    from ffc_parallel.cli.recipe import check_trainable_and_evaluable
+    from ffc_parallel.data import build_data
+    from ffc_parallel.models import build_backbone
+
+    bundle = build_data("synthetic", num_identities=300, unseen_identities=20, eval_ids_per_bucket=10, seed=0)
+    mlp = build_backbone("mlp", bundle.input_shape, 8)
+    check_trainable_and_evaluable(TrainOptions(batch_size=2), bundle, mlp)
+    with pytest.raises(ValueError, match="BatchNorm needs at least 2 samples per rank"):
+        check_trainable_and_evaluable(TrainOptions(batch_size=1), bundle, torch.nn.BatchNorm1d(4))
+    x, ids = bundle.unseen
+    one = bundle.__class__(**{**bundle.__dict__, "unseen": (x[ids == ids[0]], ids[ids == ids[0]])})
+    with pytest.raises(ValueError, match="holds 1 unseen identities"):
+        check_trainable_and_evaluable(TrainOptions(), one, mlp)
+    none_seen = bundle.__class__(**{**bundle.__dict__, "seen": (x[:0], ids[:0])})
+    with pytest.raises(ValueError, match="no held-out images of training classes"):
+        check_trainable_and_evaluable(TrainOptions(), none_seen, mlp)
 
 
 def _tiny(out: str, max_steps: int) -> list:

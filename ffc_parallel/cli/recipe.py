@@ -65,6 +65,24 @@ def check_options(opts) -> None:
                          f"({', '.join(fp.data.SAMPLERS[1:])})")
 
 
+def check_trainable_and_evaluable(opts, bundle, backbone) -> None:
+    """Raise ``ValueError`` (the same on every rank: options and data are) for a run that would fail
+    later: a batch of one under BatchNorm, evaluation sets that cannot give every metric."""
+    if opts.batch_size < 2 and any(isinstance(m, torch.nn.modules.batchnorm._NormBase) for m in backbone.modules()):
+        raise ValueError(f"--batch-size {opts.batch_size} with --backbone {opts.backbone}: its BatchNorm needs at least "
+                         "2 samples per rank in training; use --batch-size 2 or more")
+    identities = torch.as_tensor(bundle.unseen[1])
+    unique, counts = identities.unique(return_counts=True)
+    if unique.numel() < 2 or not bool((counts >= 2).any()):
+        raise ValueError(f"the evaluation split holds {unique.numel()} unseen identities, {int((counts >= 2).sum())} of "
+                         "them with two or more images: verification needs two identities and one same-identity pair. "
+                         "Raise --unseen-identities (synthetic data) or --unseen-fraction (image data), or "
+                         "--max-eval-images")
+    if opts.task == "classify" and opts.head != "ffc" and len(bundle.seen[1]) == 0:
+        raise ValueError("the evaluation split holds no held-out images of training classes (top-1 needs them): "
+                         "raise --eval-ids-per-bucket or --max-eval-images")
+
+
 class InstanceViews:
     """``source``'s training items as instance-classification data: label = item index, input = a
     random view (Gaussian pixel noise ``noise``; for images also a random translation of up to
@@ -102,6 +120,7 @@ class Recipe:
         self.sampler = self.drs = self.drw = self.smoothing = self.xbm = None
         self.head = self.dual = self.loss = None   # loss: the HybridModel's StepLoss (None under FFC)
         self.backbone = build_backbone(opts.backbone, bundle.input_shape, opts.embedding_dim).to(device)
+        check_trainable_and_evaluable(opts, bundle, self.backbone)
         self._labels = None
         if opts.head == "ffc":
             self._build_ffc(device)

@@ -245,20 +245,27 @@ def deepspeed_config(opts: TrainOptions, total_steps: int) -> dict:
 
 # ---------------------------------------------------------------------- logging
 class RunLog:
-    """Rank 0's log rows: ``metrics.csv`` and TensorBoard scalars (other ranks log nothing)."""
+    """Rank 0's log rows: ``metrics.csv`` and TensorBoard scalars (other ranks log nothing).
+
+    ``resume_step``: a resumed run keeps the rows up to the checkpoint's step and drops the later ones
+    (logged before a crash, then logged again by the resumed run)."""
 
     COLUMNS = ("step", "epoch", "loss", "lr", "loss_scale", "samples_per_s", "elapsed_s")
 
-    def __init__(self, out_dir: Path, enabled: bool, resume: bool):
+    def __init__(self, out_dir: Path, enabled: bool, resume_step: int | None):
         self.enabled, self.tb = enabled, None
         if not enabled:
             return
         path = out_dir / "metrics.csv"
-        keep = resume and path.exists()
-        self.file = open(path, "a" if keep else "w", newline="")
+        kept = []
+        if resume_step is not None and path.exists():
+            with open(path, newline="") as f:
+                kept = [row for row in list(csv.reader(f))[1:] if row and int(row[0]) <= resume_step]
+        self.file = open(path, "w", newline="")
         self.writer = csv.writer(self.file)
-        if not keep:
-            self.writer.writerow(self.COLUMNS)
+        self.writer.writerow(self.COLUMNS)
+        self.writer.writerows(kept)
+        self.file.flush()
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))
@@ -375,7 +382,7 @@ def train(opts: TrainOptions) -> dict | None:
         if rank == 0:
             print(f"ffc-train: resumed from {ckpt_dir} at step {step}", file=sys.stderr, flush=True)
 
-    log = RunLog(out_dir, enabled=rank == 0, resume=opts.resume)
+    log = RunLog(out_dir, enabled=rank == 0, resume_step=step if opts.resume else None)
     bar = None
     if rank == 0:
         from tqdm import tqdm
@@ -437,18 +444,29 @@ def train(opts: TrainOptions) -> dict | None:
         bar.close()
 
     average_batchnorm_stats_(recipe.model)
-    metrics, curves = recipe.evaluate(device)
+    training = None
+    if rank == 0:
+        rows = read_log(out_dir / "metrics.csv")
+        training = dict(
+            description=bundle.description, world_size=world, steps=step, epochs=round(plan.epochs_done(step), 3),
+            train_seconds=train_seconds,
+            samples_per_s=float(np.mean(rows["samples_per_s"][1:] or rows["samples_per_s"])) if rows else math.nan,
+            loss_first=rows["loss"][0] if rows else math.nan, loss_last=rows["loss"][-1] if rows else math.nan,
+            num_classes=bundle.num_classes, task=opts.task, head=opts.head, **recipe.sizes())
+    try:
+        metrics, curves = recipe.evaluate(device)
+    except Exception as exc:   # the checkpoint is saved; keep what training measured
+        log.close()
+        if rank == 0:
+            write_metrics_json(out_dir / "metrics.json", dict(training, evaluation_error=f"{type(exc).__name__}: {exc}"))
+            print(f"ffc-train: evaluation failed ({exc}); the trained model is in {ckpt_dir} and the training "
+                  f"metrics in {out_dir / 'metrics.json'}", file=sys.stderr, flush=True)
+        raise
     log.scalars("eval", metrics, step)
     log.close()
     if rank != 0:
         return None
-    rows = read_log(out_dir / "metrics.csv")
-    metrics.update(
-        description=bundle.description, world_size=world, steps=step, epochs=round(plan.epochs_done(step), 3),
-        train_seconds=train_seconds,
-        samples_per_s=float(np.mean(rows["samples_per_s"][1:] or rows["samples_per_s"])) if rows else math.nan,
-        loss_first=rows["loss"][0] if rows else math.nan, loss_last=rows["loss"][-1] if rows else math.nan,
-        num_classes=bundle.num_classes, task=opts.task, head=opts.head, **recipe.sizes())
+    metrics.update(training)
     if before is not None:
         metrics["before_training"] = before
     write_metrics_json(out_dir / "metrics.json", metrics)
