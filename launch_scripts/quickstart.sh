@@ -8,8 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch_scripts/_bootstrap.sh
+source launch_scripts/_job.sh
 ffc_bootstrap
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # one thread per rank: the ranks share the cores
 port="$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')"
-exec deepspeed --num_gpus "${FFC_RANKS:-2}" --master_port "$port" --module ffc_parallel.cli.train \
+ffc_run_job deepspeed --num_gpus "${FFC_RANKS:-2}" --master_port "$port" --module ffc_parallel.cli.train \
   --epochs 2 --eval-before --output-dir runs/quickstart "$@"

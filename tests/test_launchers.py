@@ -1,8 +1,10 @@
 """Each launch script starts a real 2-rank (and 4-rank mpirun) run of a tiny entry point (FFC_ENTRY)."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,34 @@ def test_run_ranks_through_the_deepspeed_launcher():
     touched = run_ranks("tests.cases_engine:partial_fc_touches_only_sampled_rows", 2, launcher="deepspeed",
                         timeout=300)
     assert len(touched) == 2 and all(t > 0 for t in touched)
+
+
+@pytest.mark.parametrize("script", ["deepspeed_single_node.sh"])
+def test_sigterm_to_the_launch_script_stops_every_rank(tmp_path, script):
+    # DeepSpeed's runner does not forward SIGTERM: its per-node launcher and the ranks went on as orphans.
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, FFC_ENTRY="tests.launch_entry", PYTHON=sys.executable, MASTER_PORT=str(_free_port()),
+               NUM_GPUS="2", PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path))
+    cmd = ["bash", str(SCRIPTS / script), "--deepspeed_config", str(_config(tmp_path)), "--out", str(out),
+           "--steps", "100000", "--step-seconds", "0.2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((out / f"rank{r}.step").exists() for r in range(2)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.5)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        seconds = time.monotonic() - sent
+        left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+        assert not left, f"processes of the job still running: {left}"
+        assert seconds < 30, f"the job took {seconds:.0f} s to stop"
+        results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        assert all(r["stopped"] and r["losses"] for r in results), results   # each rank unwound and wrote
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["pkill", "-9", "-f", str(out)])

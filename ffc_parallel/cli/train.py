@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -485,6 +486,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"ffc-train: {exc}", file=sys.stderr)
         return 2
+    # SIGTERM (the launch scripts forward it to every rank) unwinds like an exception: the log and
+    # TensorBoard files are flushed and closed; a checkpoint being written stays in its staging directory.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     train(opts)
     from ffc_parallel.distributed import exit_distributed
     exit_distributed(0)
