@@ -106,21 +106,22 @@ def _load_universal(engine, tag_dir: Path, saved: int, kwargs: dict):
     converted = work / tag_dir.name
     error = None
     if rank == 0:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                               str(tag_dir), "--output_folder", str(converted)], capture_output=True, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
-        if proc.returncode != 0:
-            error = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-    failed = torch.tensor([int(error is not None)])
-    if dist.is_initialized():
-        dist.broadcast(failed, src=0)
-    if failed.item():
+        try:   # any failure here must reach the broadcast below, or the other ranks wait there forever
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                                   str(tag_dir), "--output_folder", str(converted)], capture_output=True, text=True,
+                                  env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+            if proc.returncode != 0:
+                error = (proc.stderr.strip().splitlines()[-1:] or ["(no output)"])[0]
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    error = _from_rank0(error)
+    if error is not None:
         if rank == 0:
             shutil.rmtree(work, ignore_errors=True)
-        raise RuntimeError(f"DeepSpeed's universal-checkpoint conversion of {tag_dir} failed on rank 0"
-                           + (f": {error[0]}" if error else " (see rank 0's log)"))
+        raise RuntimeError(f"DeepSpeed's universal-checkpoint conversion of {tag_dir} into {work} failed on rank 0: "
+                           f"{error}")
     config = engine._config
     previous = config.load_universal_checkpoint
     config.load_universal_checkpoint = True
@@ -135,6 +136,14 @@ def _load_universal(engine, tag_dir: Path, saved: int, kwargs: dict):
     return str(tag_dir), result[1]
 
 
+def _from_rank0(message):
+    """Rank 0's ``message`` (None or a string) on every rank."""
+    box = [message]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _load_zero3_module(engine, tag_dir: Path) -> dict:
     """ZeRO-3, module only, another world size: consolidate the fp32 module from the saved partitions
     on rank 0, scatter it into this run's partitions, refresh the fp32 master copies."""
@@ -142,7 +151,15 @@ def _load_zero3_module(engine, tag_dir: Path) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name) if rank == 0 else {}
+    full, error = {}, None
+    if rank == 0:
+        try:
+            full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        except Exception as exc:   # reported to every rank before the gathers below
+            error = f"{type(exc).__name__}: {exc}"
+    error = _from_rank0(error)
+    if error is not None:
+        raise RuntimeError(f"consolidating the ZeRO-3 module of {tag_dir} failed on rank 0: {error}")
     for name, param in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if rank == 0:
