@@ -3,6 +3,7 @@ DeepSpeed's universal-checkpoint conversion), and reading its module states. Par
 only place besides ``deepspeed_bridge/__init__.py`` that knows DeepSpeed's internals."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -28,12 +29,38 @@ def _universal_info() -> dict:
     return {c.UNIVERSAL_CHECKPOINT_INFO: {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
 
-def save_engine(engine, save_dir, tag: str, client_state: dict, exclude_frozen_parameters: bool = False) -> None:
-    """DeepSpeed's files of ``engine`` into ``save_dir/tag`` (collective; no ``latest`` file)."""
+def save_engine(engine, save_dir, tag: str, client_state: dict, exclude_frozen_parameters: bool = False,
+                writes=None) -> None:
+    """DeepSpeed's files of ``engine`` into ``save_dir/tag`` (collective; no ``latest`` file, no recovery
+    scripts: DeepSpeed puts those into ``save_dir``, outside the checkpoint). ``writes(path, state, write)``,
+    if given, performs each of DeepSpeed's file writes (``write()`` is DeepSpeed's own) and must not
+    raise: a write failing on one rank then leaves DeepSpeed's collectives in step on every rank."""
     state = dict(client_state or {})
     state.update(_universal_info())
-    engine.save_checkpoint(str(save_dir), tag=tag, client_state=state, save_latest=False,
-                           exclude_frozen_parameters=exclude_frozen_parameters)
+    files = engine.checkpoint_engine
+    save = files.save
+    with contextlib.ExitStack() as patches:
+        patches.enter_context(_patched(engine, "_copy_recovery_script", lambda save_path: None))
+        if writes is not None:
+            patches.enter_context(_patched(files, "save", lambda state_dict, path: writes(
+                Path(path), state_dict, lambda: save(state_dict, path))))
+        engine.save_checkpoint(str(save_dir), tag=tag, client_state=state, save_latest=False,
+                               exclude_frozen_parameters=exclude_frozen_parameters)
+
+
+@contextlib.contextmanager
+def _patched(obj, name: str, value):
+    """``obj.name = value`` on the instance for the duration of the block, then as it was."""
+    had = name in vars(obj)
+    previous = vars(obj).get(name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(obj, name, previous)
+        else:
+            delattr(obj, name)
 
 
 def module_states(tag_dir: Path) -> dict:
