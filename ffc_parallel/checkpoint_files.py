@@ -38,6 +38,7 @@ class CheckpointError(RuntimeError):
 
 
 def rank_world() -> tuple[int, int]:
+    """``(rank, world size)``, ``(0, 1)`` without a process group."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -76,6 +77,7 @@ def by_rank(messages: list) -> str:
 
 # ---------------------------------------------------------------------- writing
 def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -84,6 +86,7 @@ def fsync_path(path: Path) -> None:
 
 
 def remove_quietly(path: Path) -> None:
+    """Remove the file ``path`` if it can be removed."""
     with contextlib.suppress(OSError):
         Path(path).unlink()
 
@@ -105,6 +108,7 @@ def atomic_write_bytes(path: Path, write) -> None:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write_bytes`."""
     atomic_write_bytes(Path(path), lambda f: torch.save(obj, f))
 
 
@@ -176,10 +180,12 @@ class Writes:
             remove_quietly(path)
 
     def fail(self, message: str, no_space_left: bool = False) -> None:
+        """Record this rank's first failure (later ones add nothing)."""
         if self.error is None:
             self.error, self.no_space = message, no_space_left
 
     def report(self) -> dict:
+        """What :func:`gather` sends: the failure, whether it was a full disk, the bytes, the table entries."""
         return {"error": self.error, "no_space": self.no_space, "bytes": self.bytes, "files": self.files}
 
 

@@ -30,10 +30,12 @@ OLD_INTACT = "old_intact"
 
 
 def _engine():
+    """A fresh engine of this module's model (the same initial weights every time)."""
     return build("drop_in", 1, "adamw", 1, GLOBAL // fp.get_world_size(), CLASSES)[0]
 
 
 def _train(engine, first_step, steps):
+    """``steps`` optimizer steps on the global batches from ``first_step`` on; their losses."""
     rank, world = fp.get_rank(), fp.get_world_size()
     losses = []
     for step in range(first_step, first_step + steps):
@@ -72,10 +74,12 @@ def _assert_same_from_here(loaded, reference, step):
 
 
 def _truncate(path: Path):
+    """Cut ``path`` to half its size."""
     os.truncate(path, path.stat().st_size // 2)
 
 
 def _drop_table(tag_dir: Path):
+    """Make ``tag_dir`` look saved by an older ffc_parallel: a manifest without the file table."""
     manifest_path = tag_dir / "ffc_shards" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     del manifest["files"]
@@ -94,6 +98,7 @@ def _spoil_pickle(path: Path):
 
 
 def _damage(src: Path, dst: Path, how: str):
+    """Copy checkpoint directory ``src`` to ``dst`` and damage it as :data:`DAMAGES` key ``how`` says."""
     shutil.copytree(src, dst)
     tag_dir = dst / TAG
     if how.startswith("old_"):
@@ -153,6 +158,7 @@ def _fill(mount: Path, leave: int):
 
 
 def _failed_save(engine, ckpt: Path, what: str) -> str:
+    """The message of a save that must fail, after checking it left ``ckpt`` as it was."""
     try:
         fp.save_checkpoint(engine, ckpt)
     except fp.CheckpointError as exc:
