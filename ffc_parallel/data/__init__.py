@@ -4,7 +4,7 @@ from ..compat import moved_names
 from .digits import TensorData, load_digits_tensors
 from .imagefolder import ImageFolder, decode_image
 from .loader import EpochBatches, FeistelPermutation, RankLoader
-from .recordio import RecordIOFaces, RecordIOReader, RecordIOWriter, write_face_recordio
+from .recordio import AmbiguousLabel, RecordIOFaces, RecordIOReader, RecordIOWriter, write_face_recordio
 from .sources import DEFAULT_BUCKET_EDGES, SOURCES, DataBundle, build_data, frequency_buckets
 from .splits import IdentitySplit, Subset, split_identities
 from .synthetic import SyntheticLongTail, zipf_image_counts
@@ -13,7 +13,8 @@ from .samplers import (SAMPLERS, ClassIndex, ClassProbabilitySampler, DeferredRe
                        class_probabilities)
 from .dual_loader import DualBatchSampler, dual_loader, labels_of  # noqa: F401
 
-__all__ = ["build_data", "build_sampler", "class_probabilities", "ClassIndex", "ClassProbabilitySampler",
+__all__ = ["AmbiguousLabel", "build_data", "build_sampler", "class_probabilities", "ClassIndex",
+           "ClassProbabilitySampler",
            "DataBundle", "decode_image", "DEFAULT_BUCKET_EDGES", "DeferredResampling", "dual_loader",
            "DualBatchSampler", "EpochBatches", "FeistelPermutation",
            "frequency_buckets", "IdentitySplit", "ImageFolder", "InstanceBalancedSampler", "labels_of",

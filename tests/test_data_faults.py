@@ -1,0 +1,139 @@
+"""Faults in the data readers: RecordIO labels float32 cannot hold, indexes past the end of the .rec."""
+import io
+import struct
+
+import numpy as np
+import pytest
+
+from ffc_parallel.data import AmbiguousLabel, RecordIOFaces, RecordIOReader, RecordIOWriter, write_face_recordio
+from ffc_parallel.data import recordio
+
+AROUND_2_24 = [2 ** 24 - 3 + i for i in range(8)]   # float32 merges 16,777,216 and 16,777,217
+
+
+def _png(value: int, size: int = 4, noise: bool = False) -> bytes:
+    """A PNG of one grey ``value`` (``noise``: random pixels seeded by it, so truncation cuts pixel data)."""
+    from PIL import Image
+    pixels = (np.random.default_rng(value).integers(0, 256, (size, size, 3)) if noise
+              else np.full((size, size, 3), value)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _old_float32_record(label: float, payload: bytes, key: int) -> bytes:
+    """A record as MXNet (and this package before exact labels) packs it: the label as float32 only."""
+    return struct.pack("<IfQQ", 0, label, key, 0) + payload
+
+
+# ---------------------------------------------------------------------------- labels of 2^24 and more
+def test_identities_around_and_far_above_2_24_read_back_exactly(tmp_path):
+    ids = AROUND_2_24 + [1_000_000_007, 2 ** 40 + 1]  # and a billion-class data set's identities
+    images = [_png(10 * i) for i in range(len(ids))]
+    with RecordIOWriter(tmp_path / "flat.rec") as w:        # a flat file: every image's own label
+        for key, (identity, image) in enumerate(zip(ids, images), start=1):
+            w.write(key, recordio.pack(identity, image, key))
+    flat = RecordIOFaces(tmp_path / "flat.rec", image_size=4)
+    assert flat.labels.tolist() == ids and flat.image_keys.tolist() == list(range(1, len(ids) + 1))
+
+    write_face_recordio(tmp_path / "train.rec", images[::-1], ids[::-1])   # insightface's layout
+    faces = RecordIOFaces(tmp_path, image_size=4)
+    assert len(np.unique(faces.labels)) == len(ids)                # every identity its own class
+    raw = [faces.reader.labels(int(k))[0][0] for k in faces.image_keys]  # each image record's own identity
+    assert raw == sorted(ids) and faces.labels.tolist() == list(range(len(ids)))
+    # What a float32-only reader (insightface: int(header.label[0]) of record 0) sees: NaN, so it refuses.
+    head, _ = recordio.unpack(faces.reader.read(0))
+    with pytest.raises(ValueError, match="NaN"):
+        int(head[0])
+    assert recordio.unpack_ints(faces.reader.read(0))[0] == [len(ids) + 1, 2 * len(ids) + 1]
+
+
+def test_small_files_stay_plain_insightface_files(tmp_path):
+    """Below 2^24 every label is the exact float32 a float32-only reader expects."""
+    labels = [5, 3, 5, 9]
+    write_face_recordio(tmp_path / "train.rec", [_png(i) for i in range(4)], labels)
+    r = RecordIOReader(tmp_path / "train.rec")
+    floats = [recordio.unpack(r.read(k))[0].tolist() for k in r.keys]
+    assert floats == [[5.0, 8.0], [3.0], [5.0], [5.0], [9.0], [1.0, 2.0], [2.0, 4.0], [4.0, 5.0]]
+
+
+def test_old_float32_labels_of_2_24_or_more_are_refused(tmp_path):
+    with RecordIOWriter(tmp_path / "old.rec") as w:
+        for key, identity in enumerate(AROUND_2_24, start=1):
+            w.write(key, _old_float32_record(float(identity), _png(key), key))
+    with pytest.raises(AmbiguousLabel, match=r"old\.rec: record 4: float32 label value 16777216 is ambiguous"):
+        RecordIOFaces(tmp_path / "old.rec", image_size=4)
+    with RecordIOWriter(tmp_path / "frac.rec") as w:
+        w.write(1, _old_float32_record(2.5, _png(1), 1))
+    with pytest.raises(ValueError, match=r"frac\.rec: record 1: label value 2.5 is not an integer"):
+        RecordIOFaces(tmp_path / "frac.rec", image_size=4)
+
+
+def test_old_identity_ranges_float32_cannot_hold_fall_back_to_image_labels(tmp_path, monkeypatch):
+    """An old insightface file whose record 0 / identity records hold keys of 2^24 or more (Glint360K: 17M
+    images) is read from its image records' own labels. Writing 2^24 records takes too long for a test,
+    so the limit is lowered to 4: keys 4 and up count as ambiguous, the identities 0..2 do not."""
+    labels = [0, 0, 1, 2, 2, 2]
+    with RecordIOWriter(tmp_path / "train.rec") as w:
+        w.write(0, recordio.pack([7.0, 10.0], b""))
+        for key, label in enumerate(labels, start=1):
+            w.write(key, _old_float32_record(float(label), _png(key), key))
+        for n, (lo, hi) in enumerate([(1, 3), (3, 4), (4, 7)]):
+            w.write(7 + n, recordio.pack([float(lo), float(hi)], b""))
+    monkeypatch.setattr(recordio, "FLOAT32_EXACT", 4)
+    with pytest.warns(UserWarning, match=r"record 0: float32 label value 7 is ambiguous.*reading every image"):
+        d = RecordIOFaces(tmp_path, image_size=4)
+    assert d.image_keys.tolist() == [1, 2, 3, 4, 5, 6] and d.labels.tolist() == labels
+
+
+def test_pack_refuses_values_it_cannot_store_exactly():
+    with pytest.raises(ValueError, match="record_id"):
+        recordio.pack([1, 2 ** 30], b"", record_id=5)
+    for label in (-(2 ** 25), [0, 1, 2 ** 25]):
+        with pytest.raises(ValueError, match="exact uint64 field"):
+            recordio.pack(label, b"")
+    assert recordio.unpack_ints(recordio.pack([2 ** 33, 7], b"x"))[0] == [2 ** 33, 7]
+
+
+# ---------------------------------------------------------------------------- index and file disagree
+def test_index_past_the_end_and_broken_indexes_are_refused_at_open(tmp_path):
+    write_face_recordio(tmp_path / "train.rec", [_png(i) for i in range(6)], [0, 0, 1, 1, 2, 2])
+    rec, idx = tmp_path / "train.rec", tmp_path / "train.idx"
+    good = rec.read_bytes()
+    rec.write_bytes(good[:-20])                      # the copy was cut off inside the last record
+    with pytest.raises(ValueError, match=r"train\.rec: record 9 ends past the end of the file"):
+        RecordIOFaces(tmp_path, image_size=4)
+    lines = idx.read_text().splitlines()
+    rec.write_bytes(good)
+    idx.write_text("\n".join(lines + [f"99\t{len(good) + 64}"]) + "\n")   # an offset beyond the file
+    with pytest.raises(ValueError, match=r"train\.rec: record 99 starts at byte .* past the end of the file"):
+        RecordIOReader(rec)
+    idx.write_text("\n".join(lines + [lines[3].replace("3\t", "2\t")]) + "\n")
+    with pytest.raises(ValueError, match=r"train\.idx:11: key 2 appears twice"):
+        RecordIOReader(rec)
+    idx.write_text("\n".join(lines[:2] + ["2 480"] + lines[3:]) + "\n")
+    with pytest.raises(ValueError, match=r"train\.idx:3: expected 'key<TAB>offset'"):
+        RecordIOReader(rec)
+    idx.write_text("\n".join(line for line in lines if not line.startswith("4\t")) + "\n")
+    with pytest.raises(ValueError, match=r"train\.rec: record 4 \(of the 1 record 0 promises"):
+        RecordIOFaces(tmp_path, image_size=4)
+
+
+def test_identity_ranges_must_cover_every_image_once(tmp_path):
+    with RecordIOWriter(tmp_path / "train.rec") as w:
+        w.write(0, recordio.pack([4, 6], b""))
+        for key in (1, 2, 3):
+            w.write(key, recordio.pack(0, _png(key), key))
+        w.write(4, recordio.pack([1, 3], b""))
+        w.write(5, recordio.pack([2, 4], b""))      # overlaps image 2
+    with pytest.raises(ValueError, match=r"image record 2 lies in 2 identity ranges \(records 4\.\.5\)"):
+        RecordIOFaces(tmp_path, image_size=4)
+
+
+def test_im2rec_files_keep_their_image_at_key_0(tmp_path):
+    """im2rec numbers images from 0; key 0 is a header only when it holds no image."""
+    with RecordIOWriter(tmp_path / "train.rec") as w:
+        for key, label in enumerate([4, 4, 7]):
+            w.write(key, recordio.pack(float(label), _png(key), key))
+    d = RecordIOFaces(tmp_path, image_size=4)
+    assert d.image_keys.tolist() == [0, 1, 2] and d.labels.tolist() == [4, 4, 7]
