@@ -1,11 +1,15 @@
-"""Faults in the data readers: RecordIO labels float32 cannot hold, indexes past the end of the .rec."""
+"""Faults in the data readers: RecordIO labels float32 cannot hold, indexes past the end of the .rec,
+unreadable images (unit tests here; real 2-rank ``ffc-train`` runs in ``test_data_faults_ranks.py``)."""
 import io
 import struct
+import warnings
 
 import numpy as np
 import pytest
+import torch
 
-from ffc_parallel.data import AmbiguousLabel, RecordIOFaces, RecordIOReader, RecordIOWriter, write_face_recordio
+from ffc_parallel.data import (AmbiguousLabel, ImageFolder, RecordIOFaces, RecordIOReader, RecordIOWriter,
+                               UnreadableImage, write_face_recordio)
 from ffc_parallel.data import recordio
 
 AROUND_2_24 = [2 ** 24 - 3 + i for i in range(8)]   # float32 merges 16,777,216 and 16,777,217
@@ -137,3 +141,51 @@ def test_im2rec_files_keep_their_image_at_key_0(tmp_path):
             w.write(key, recordio.pack(float(label), _png(key), key))
     d = RecordIOFaces(tmp_path, image_size=4)
     assert d.image_keys.tolist() == [0, 1, 2] and d.labels.tolist() == [4, 4, 7]
+
+
+# ---------------------------------------------------------------------------- unreadable images
+def _folder(root, truncate=()):
+    for c in range(2):
+        (root / f"id{c}").mkdir(parents=True)
+        for i in range(3):
+            data = _png(100 * c + 10 * i, size=16, noise=True)
+            (root / f"id{c}" / f"{i}.png").write_bytes(data[: len(data) // 2] if (c, i) in truncate else data)
+
+
+def test_unreadable_image_fails_naming_the_file(tmp_path):
+    _folder(tmp_path, truncate={(1, 1)})
+    d = ImageFolder(tmp_path, image_size=4)
+    with pytest.raises(UnreadableImage, match=r"unreadable image .*id1/1\.png: OSError"):
+        d[4]
+    (tmp_path / "id0" / "2.png").write_bytes(b"not a png")
+    with pytest.raises(UnreadableImage, match=r"id0/2\.png: UnidentifiedImageError"):
+        d[2]
+    with pytest.raises(ValueError, match="on_bad_image must be one of fail, skip"):
+        ImageFolder(tmp_path, on_bad_image="ignore")
+
+
+def test_skip_replaces_by_another_image_of_the_class_and_counts_across_workers(tmp_path, capfd):
+    _folder(tmp_path, truncate={(1, 1), (0, 0)})
+    d = ImageFolder(tmp_path, image_size=4, channels=1, on_bad_image="skip")
+    x, y = d[4]
+    assert y == 1 and torch.equal(x, d[5][0]) and d.bad_images.skipped == 1   # id1/2.png, the next one
+    assert "skipped unreadable image" in capfd.readouterr().err
+    loader = torch.utils.data.DataLoader(d, batch_size=3, num_workers=2)
+    xs, ys = zip(*loader)
+    assert torch.cat(ys).tolist() == [0, 0, 0, 1, 1, 1] and torch.equal(xs[0][0], xs[0][1])
+    assert d.bad_images.skipped == 3          # 1 here + 2 in the workers
+    for i in range(3):
+        (tmp_path / "id0" / f"{i}.png").write_bytes(b"")
+    with pytest.raises(UnreadableImage, match=r"id0/0\.png.*no other image of its class \(label 0\) decodes"):
+        d[0]
+
+
+def test_recordio_unreadable_image_names_the_record(tmp_path):
+    write_face_recordio(tmp_path / "train.rec", [_png(1), b"\x89PNG broken", _png(3)], [0, 0, 1])
+    with pytest.raises(UnreadableImage, match=r"train\.rec record 2: UnidentifiedImageError"):
+        RecordIOFaces(tmp_path, image_size=4)[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = RecordIOFaces(tmp_path, image_size=4, on_bad_image="skip")
+    assert torch.equal(d[1][0], d[0][0]) and d.bad_images.skipped == 1
+

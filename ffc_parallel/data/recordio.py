@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .imagefolder import decode_image
+from .imagefolder import BadImages, decode_image
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -266,15 +266,20 @@ class RecordIOReader:
 
 
 class RecordIOFaces(torch.utils.data.Dataset):
-    """Face images of an insightface ``train.rec``: ``dataset[i] = (image[channels, size, size], label)``."""
+    """Face images of an insightface ``train.rec``: ``dataset[i] = (image[channels, size, size], label)``.
 
-    def __init__(self, rec_path, image_size: int = 112, channels: int = 3):
+    ``on_bad_image``: ``"fail"`` raises naming the record of an image that does not decode, ``"skip"``
+    decodes another image of the same identity instead (see :class:`~ffc_parallel.data.imagefolder.BadImages`).
+    """
+
+    def __init__(self, rec_path, image_size: int = 112, channels: int = 3, on_bad_image: str = "fail"):
         rec_path = Path(rec_path)
         if rec_path.is_dir():
             rec_path = rec_path / "train.rec"
         self.reader = RecordIOReader(rec_path)
         self.image_size, self.channels = image_size, channels
         self.image_keys, self.labels = self._index()
+        self.bad_images = BadImages(on_bad_image, self.labels)
 
     def _index(self) -> tuple[np.ndarray, np.ndarray]:
         r = self.reader
@@ -330,6 +335,11 @@ class RecordIOFaces(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_keys)
 
-    def __getitem__(self, i: int):
+    def _decode(self, i: int) -> torch.Tensor:
         _, payload = unpack(self.reader.read(int(self.image_keys[i])))
-        return decode_image(payload, self.image_size, self.channels), int(self.labels[i])
+        return decode_image(payload, self.image_size, self.channels)
+
+    def __getitem__(self, i: int):
+        image = self.bad_images.load(i, self._decode,
+                                     lambda j: f"{self.reader.rec_path} record {int(self.image_keys[j])}")
+        return image, int(self.labels[i])
