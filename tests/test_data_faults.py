@@ -189,3 +189,12 @@ def test_recordio_unreadable_image_names_the_record(tmp_path):
         d = RecordIOFaces(tmp_path, image_size=4, on_bad_image="skip")
     assert torch.equal(d[1][0], d[0][0]) and d.bad_images.skipped == 1
 
+
+def test_an_unseen_set_without_verification_pairs_is_refused_before_training(tmp_path):
+    from ffc_parallel.cli.recipe import Recipe
+    from ffc_parallel.cli.train import TrainOptions
+    from ffc_parallel.data import build_data
+    _folder(tmp_path)
+    bundle = build_data("imagefolder", path=str(tmp_path), image_size=4, unseen_fraction=0.5)  # 1 unseen class
+    with pytest.raises(ValueError, match=r"unseen-class evaluation set \(3 images, 1 class\(es\)\) has no "):
+        Recipe(TrainOptions(), bundle, 0, 1, torch.device("cpu"))
