@@ -96,6 +96,8 @@ def test_pack_refuses_values_it_cannot_store_exactly():
     for label in (-(2 ** 25), [0, 1, 2 ** 25]):
         with pytest.raises(ValueError, match="exact uint64 field"):
             recordio.pack(label, b"")
+    with pytest.raises(ValueError, match="not finite"):
+        recordio.pack(float("nan"), b"")
     assert recordio.unpack_ints(recordio.pack([2 ** 33, 7], b"x"))[0] == [2 ** 33, 7]
 
 
@@ -132,6 +134,10 @@ def test_identity_ranges_must_cover_every_image_once(tmp_path):
         w.write(5, recordio.pack([2, 4], b""))      # overlaps image 2
     with pytest.raises(ValueError, match=r"image record 2 lies in 2 identity ranges \(records 4\.\.5\)"):
         RecordIOFaces(tmp_path, image_size=4)
+    with RecordIOWriter(tmp_path / "flat.rec") as w:
+        w.write(1, struct.pack("<IfQQ", 99, 0.0, 1, 0) + b"short")    # a header announcing 99 label values
+    with pytest.raises(ValueError, match=r"flat\.rec: record 1: its header announces 99 label values"):
+        RecordIOFaces(tmp_path / "flat.rec", image_size=4)
 
 
 def test_im2rec_files_keep_their_image_at_key_0(tmp_path):

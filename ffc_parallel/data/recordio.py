@@ -57,6 +57,8 @@ def pack(label, payload: bytes, record_id: int = 0, *, nan_labels: bool = False)
     values = [label] if np.ndim(label) == 0 else list(label)
     floats, exact = [], [0, record_id]   # exact = (id2, id)
     for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise ValueError(f"label value {v} (position {i}) is not finite: a NaN label marks an exact value")
         integral = isinstance(v, (int, np.integer)) or float(v).is_integer()
         if integral and (nan_labels or abs(v) >= FLOAT32_EXACT):
             if i > 1 or v < 0 or (i == 1 and record_id):
@@ -252,7 +254,9 @@ class RecordIOReader:
             head, length = self._read_head(key)
             flag = _HEADER.unpack_from(head)[0]
             size = length - _HEADER.size - 4 * flag
-            if images_only and size <= 0:
+            if size < 0:
+                raise ValueError(f"its header announces {flag} label values, more than its {length} bytes hold")
+            if images_only and size == 0:
                 return [], 0
             if _HEADER.size + 4 * flag > len(head):
                 head = self.read(key)
