@@ -186,6 +186,17 @@ def test_skip_replaces_by_another_image_of_the_class_and_counts_across_workers(t
         d[0]
 
 
+def test_an_unreadable_evaluation_image_stops_the_build_on_every_rank(tmp_path):
+    """The evaluation sets are decoded when the data is built (the same images on every rank)."""
+    from ffc_parallel.data import build_data, split_identities
+    seen = int(split_identities(np.repeat([0, 1], 3), unseen_fraction=0.5, seed=0).seen[0])
+    _folder(tmp_path, truncate={(seen // 3, seen % 3)})
+    with pytest.raises(UnreadableImage, match=rf"id{seen // 3}/{seen % 3}\.png"):
+        build_data("imagefolder", path=str(tmp_path), image_size=4, unseen_fraction=0.5)
+    bundle = build_data("imagefolder", path=str(tmp_path), image_size=4, unseen_fraction=0.5, on_bad_image="skip")
+    assert bundle.skipped_images == 1
+
+
 def test_recordio_unreadable_image_names_the_record(tmp_path):
     write_face_recordio(tmp_path / "train.rec", [_png(1), b"\x89PNG broken", _png(3)], [0, 0, 1])
     with pytest.raises(UnreadableImage, match=r"train\.rec record 2: UnidentifiedImageError"):
