@@ -304,8 +304,8 @@ class RecordIOFaces(torch.utils.data.Dataset):
                              f"{first_id}..{end_id - 1}, outside the keys of {r.idx_path.name} (0..{r.keys[-1]})")
         missing = np.setdiff1d(np.arange(1, end_id), np.fromiter(r.offsets, np.int64, len(r.offsets)))
         if len(missing):
-            raise ValueError(f"{r.rec_path}: record {missing[0]} (of the {len(missing)} record 0 promises but "
-                             f"{r.idx_path.name} lacks)")
+            raise ValueError(f"{r.rec_path}: record 0 promises records 1..{end_id - 1}, but {r.idx_path.name} "
+                             f"lacks {len(missing)} of them (the first: record {missing[0]})")
         ranges = [r.labels(k)[0] for k in range(first_id, end_id)]
         short = [n for n, v in enumerate(ranges) if len(v) < 2]
         if short:
