@@ -121,8 +121,8 @@ def test_index_past_the_end_and_broken_indexes_are_refused_at_open(tmp_path):
     with pytest.raises(ValueError, match=r"train\.idx:3: expected 'key<TAB>offset'"):
         RecordIOReader(rec)
     idx.write_text("\n".join(line for line in lines if not line.startswith("4\t")) + "\n")
-    with pytest.raises(ValueError, match=r"train\.rec: record 0 promises records 1\.\.9, but train\.idx lacks 1 of them "
-                                         r"\(the first: record 4\)"):
+    with pytest.raises(ValueError, match=r"train\.rec: record 0 promises records 1\.\.9, but train\.idx lacks "
+                                         r"1 of them \(the first: record 4\)"):
         RecordIOFaces(tmp_path, image_size=4)
 
 

@@ -100,7 +100,8 @@ def unpack_ints(record: bytes) -> tuple[list[int], bytes]:
             raise AmbiguousLabel(f"float32 label value {v:.0f} is ambiguous: float32 holds integers exactly "
                                  f"only below 2^24 = {FLOAT32_EXACT:,}, so neighbouring identities or keys share "
                                  f"it (the file was written without exact labels: write it again from the original "
-                                 f"labels with ffc_parallel.data.write_face_recordio or recordio.pack, which keep them)")
+                                 f"labels with ffc_parallel.data.write_face_recordio or recordio.pack, which keep "
+                                 f"them)")
         else:
             values.append(int(v))
     return values, payload
