@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -59,9 +60,8 @@ class TrainOptions:
     max_eval_images: int = _opt(4000, "real data: cap on each evaluation set", "data")
     bucket_edges: list = _opt((20, 100), "class-frequency buckets: tail < a <= medium <= b < head", "data")
     num_workers: int = _opt(0, "DataLoader workers per rank for decoded images", "data")
-    on_bad_image: str = _opt("fail", "an image file that does not decode: fail (every rank stops, the file named) "
-                                     "or skip (another image of its class instead, counted in the log)", "data",
-                             ("fail", "skip"))
+    on_bad_image: str = _opt("fail", "an image file that does not decode: fail (every rank stops, the file named) or "
+                             "skip (another image of its class instead, counted in the log)", "data", ("fail", "skip"))
     # model
     backbone: str = _opt("mlp", "mlp, resnet, or a torchvision/timm model name", "model")
     embedding_dim: int = _opt(128, "embedding (and class center) dimension", "model")
@@ -464,7 +464,8 @@ def train(opts: TrainOptions) -> dict | None:
 
 def main(argv=None) -> int:
     """The console entry point: returns 2 on bad options; after training, ends the process through
-    :func:`~ffc_parallel.distributed.exit_distributed` (every rank waits for rank 0's report)."""
+    :func:`~ffc_parallel.distributed.exit_distributed` (every rank waits for rank 0's report); an error in
+    training is printed and ends the process at once, exit code 1 (the interpreter's teardown took seconds)."""
     try:
         opts = parse_options(argv)
         from ffc_parallel.cli.recipe import check_options
@@ -472,7 +473,12 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"ffc-train: {exc}", file=sys.stderr)
         return 2
-    train(opts)
+    try:
+        train(opts)
+    except Exception:
+        sys.excepthook(*sys.exc_info())
+        sys.stderr.flush()
+        os._exit(1)
     from ffc_parallel.distributed import exit_distributed
     exit_distributed(0)
 

@@ -269,6 +269,10 @@ class RecordIOReader:
     def __getstate__(self):
         return {**self.__dict__, "_file": None, "_pid": None}
 
+    def __del__(self):
+        if getattr(self, "_file", None) is not None:   # None also when __init__ raised before opening
+            self._file.close()
+
 
 class RecordIOFaces(torch.utils.data.Dataset):
     """Face images of an insightface ``train.rec``: ``dataset[i] = (image[channels, size, size], label)``.
