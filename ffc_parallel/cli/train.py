@@ -477,6 +477,7 @@ def main(argv=None) -> int:
         train(opts)
     except Exception:
         sys.excepthook(*sys.exc_info())
+        sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
     from ffc_parallel.distributed import exit_distributed
