@@ -119,11 +119,6 @@ class Recipe:
         from ffc_parallel.models import build_backbone
 
         self.opts, self.bundle, self.rank, self.world, self.device = opts, bundle, rank, world, device
-        ids = torch.as_tensor(bundle.unseen[1])
-        if len(ids.unique()) < 2 or not (ids.bincount() > 1).any():   # found now, not after training
-            raise ValueError(f"{bundle.description}: the unseen-class evaluation set ({len(ids)} images, "
-                             f"{len(ids.unique())} class(es)) has no verification pairs of both kinds (needs 2+ "
-                             f"classes, one with 2+ images): raise --unseen-fraction or --unseen-identities")
         self.source = bundle.train
         self.sampler = self.drs = self.drw = self.smoothing = self.xbm = None
         self.head = self.dual = self.loss = None   # loss: the HybridModel's StepLoss (None under FFC)
