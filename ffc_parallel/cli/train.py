@@ -16,7 +16,6 @@ from the options. Writes under ``--output-dir``: ``metrics.json``, ``metrics.csv
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import math
@@ -247,58 +246,6 @@ def deepspeed_config(opts: TrainOptions, total_steps: int) -> dict:
     return config
 
 
-# ---------------------------------------------------------------------- logging
-class RunLog:
-    """Rank 0's log rows: ``metrics.csv`` and TensorBoard scalars (other ranks log nothing).
-
-    ``resume_step``: a resumed run keeps the rows up to the checkpoint's step and drops the later ones
-    (logged before a crash, then logged again by the resumed run)."""
-
-    COLUMNS = ("step", "epoch", "loss", "lr", "loss_scale", "samples_per_s", "elapsed_s", "skipped_images")
-
-    def __init__(self, out_dir: Path, enabled: bool, resume_step: int | None):
-        self.enabled, self.tb = enabled, None
-        if not enabled:
-            return
-        path = out_dir / "metrics.csv"
-        kept = []
-        if resume_step is not None and path.exists():
-            with open(path, newline="") as f:
-                kept = [row for row in list(csv.reader(f))[1:] if row and int(row[0]) <= resume_step]
-        self.file = open(path, "w", newline="")
-        self.writer = csv.writer(self.file)
-        self.writer.writerow(self.COLUMNS)
-        self.writer.writerows(kept)
-        self.file.flush()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-        except ImportError:
-            print("ffc-train: tensorboard not installed, TensorBoard logging off (pip install tensorboard)",
-                  file=sys.stderr)
-
-    def row(self, **values) -> None:
-        if not self.enabled:
-            return
-        self.writer.writerow([values[c] for c in self.COLUMNS])
-        self.file.flush()
-        if self.tb is not None:
-            for key in ("loss", "lr", "loss_scale", "samples_per_s", "skipped_images"):
-                self.tb.add_scalar(f"train/{key}", values[key], values["step"])
-
-    def scalars(self, prefix: str, values: dict, step: int) -> None:
-        if self.enabled and self.tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and value is not None:
-                    self.tb.add_scalar(f"{prefix}/{key}", value, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            if self.tb is not None:
-                self.tb.close()
-
-
 # ---------------------------------------------------------------------- the run
 def check_resumable(opts: TrainOptions) -> None:
     """With ``--resume``, raise unless ``output_dir/checkpoints`` holds a complete checkpoint."""
@@ -349,7 +296,7 @@ def train(opts: TrainOptions) -> dict | None:
     from ffc_parallel.cli.recipe import Recipe, check_options
     from ffc_parallel.data import build_data
     from ffc_parallel.distributed.collectives import average_batchnorm_stats_
-    from ffc_parallel.evaluation.report import read_log, summary_text, write_metrics_json, write_plots
+    from ffc_parallel.evaluation.report import RunLog, read_log, summary_text, write_metrics_json, write_plots
 
     check_options(opts)
     info = fp.init_distributed()
