@@ -9,7 +9,7 @@ largest class count that fits, and what to change when it does not.
 
 Every figure is per GPU (rank) for the rank with the most classes (``ceil(C / gpus)``) and is
 computed from the same chunk, tile and cache policy the head uses
-(:class:`ffc_parallel.heads.softmax_ce.ChunkPlan`). The peak is the start of the backward: the cached
+(:class:`ffc_parallel.heads.chunking.ChunkPlan`). The peak is the start of the backward: the cached
 logits are still alive when the new center gradient is allocated, on top of what lives through the
 whole step (weights, master weights, optimizer state, work buffers, embedding buffers). ``device="cpu"``
 models the CPU head (small tiles; the cache borrows the not yet written gradient buffer). Formulas:
@@ -21,8 +21,8 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 
 from .heads.sampling import _DENSE_FRACTION
-from .heads.softmax_ce import (DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, borrowed_columns, borrows_gradient,
-                                work_bytes)
+from .heads.chunking import DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, work_bytes
+from .heads.softmax_ce import borrowed_columns, borrows_gradient
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 OPTIMIZER_BUFFERS = {"none": 0, "sgd": 1, "adam": 2, "adamw": 2}  # [C_local, D] state tensors

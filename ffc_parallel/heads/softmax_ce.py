@@ -40,63 +40,12 @@ import torch
 import torch.distributed as dist
 
 from ..distributed.collectives import CommTimer, ReduceScatterPieces, all_gather_pieces, all_reduce_
+from .chunking import (DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, TileTargets, chunk_cosines, chunk_rows,  # noqa: F401
+                       stats_dtype, tiles)
 from .margins import CombinedMargin
 
-DEFAULT_MEMORY_BUDGET_MB = 256
-_WORK_BUFFERS = 3  # [B, chunk] buffers the budget sets aside for work (see ChunkPlan.cache_bytes)
-CPU_TILE_BYTES = 4 << 20  # largest [B, tile] stats buffer on CPU (4-8 MiB measured faster than 22 MiB)
 LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)
 _GRAD_MODE = contextvars.ContextVar("ffc_grad_mode", default=True)  # grad mode of the caller of apply
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """How the memory budget is split: work buffers of ``chunk`` classes, and ``cached`` chunks' worth
-    of exponentiated logits kept between forward and backward. The loss computes in tiles of at most
-    ``chunk`` classes (:meth:`tile`) and caches by bytes (:meth:`cache_bytes`)."""
-
-    chunk: int
-    cached: int
-
-    @staticmethod
-    def for_budget(batch: int, num_cols: int, elem_bytes: int, budget_bytes: int,
-                   chunk_size: int | None = None) -> "ChunkPlan":
-        """Largest chunk whose work buffers use at most a quarter of ``budget_bytes``; the rest of
-        the budget caches chunks for the backward. ``chunk_size`` overrides the chunk."""
-        row_bytes = max(batch, 1) * elem_bytes
-        if chunk_size is None:
-            chunk_size = max(1, budget_bytes // (4 * _WORK_BUFFERS * row_bytes))
-        chunk = max(1, min(int(chunk_size), max(num_cols, 1)))
-        spare = budget_bytes - _WORK_BUFFERS * row_bytes * chunk
-        cached = max(0, spare // (row_bytes * chunk)) if spare > 0 else 0
-        return ChunkPlan(chunk, int(min(cached, math.ceil(num_cols / chunk))))
-
-    def tile(self, batch: int, stats_bytes: int, device_type: str) -> int:
-        """Classes per compute tile: ``chunk``, capped on CPU so that a ``[batch, tile]`` stats buffer
-        takes at most ``CPU_TILE_BYTES`` and the elementwise passes after its GEMM run in cache."""
-        if device_type != "cpu":
-            return self.chunk
-        return max(1, min(self.chunk, CPU_TILE_BYTES // (max(batch, 1) * stats_bytes)))
-
-    def cache_bytes(self, batch: int, num_cols: int, dim: int, weight_bytes: int, stats_bytes: int,
-                    tile: int, direct: bool) -> int:
-        """Bytes of ``exp2(logit - row max)`` the forward may keep for the backward in tensors of its
-        own: the ``cached`` chunks, less whatever the loss's buffers (:func:`work_bytes`) take beyond
-        the ``_WORK_BUFFERS`` chunks the budget set aside (see also :func:`borrowed_columns`)."""
-        row = max(batch, 1) * stats_bytes
-        spare = _WORK_BUFFERS * row * self.chunk - work_bytes(batch, num_cols, dim, weight_bytes, stats_bytes,
-                                                               tile, direct)
-        return max(0, min(self.cached * row * self.chunk + min(0, spare), row * num_cols))
-
-
-def work_bytes(batch: int, num_cols: int, dim: int, weight_bytes: int, stats_bytes: int, tile: int,
-               direct: bool) -> int:
-    """Buffers of one call besides the cache: a ``[batch, tile]`` stats buffer (and the half-precision
-    GEMM output copied into it), two or three ``[tile, D]`` (scaled rows, a product, the center
-    gradient of a tile unless it is written in place) and ``sigma / |w|`` of every class used."""
-    tile = min(tile, max(num_cols, 1))
-    logits = batch * tile * (stats_bytes + (weight_bytes if weight_bytes < stats_bytes else 0))
-    return logits + (2 + (not direct)) * tile * dim * weight_bytes + num_cols * stats_bytes
 
 
 def borrows_gradient(device_type: str, direct: bool, grad_exists: bool, stats_dtype_grad: bool) -> bool:
@@ -122,29 +71,6 @@ def borrowed_columns(batch: int, num_cols: int, dim: int, tile: int) -> int:
     return num_cols
 
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the log-sum-exp statistics and elementwise softmax work (fp32 at least)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def chunk_rows(weight, rows, start, stop, sdt):
-    """Local classes ``start:stop`` (of ``rows`` if given): ``(w_c[n, D], inv_norm[n] in sdt)``.
-
-    ``w_c`` is a view of ``weight`` when ``rows`` is None and a copy of the ``n`` selected rows
-    otherwise (never a copy of the whole shard).
-    """
-    w_c = weight[start:stop] if rows is None else weight.index_select(0, rows[start:stop])
-    inv = torch.linalg.vector_norm(w_c, dim=1, dtype=sdt).clamp_min_(1e-12).reciprocal_()
-    return w_c, inv
-
-
-def chunk_cosines(xn, w_c, inv):
-    """Cosines ``[B, n]`` (stats dtype, clamped to [-1, 1]) of ``xn[B, D]`` against ``w_c``."""
-    cos = torch.mm(xn, w_c.t())
-    cos = cos.to(inv.dtype) if cos.dtype != inv.dtype else cos
-    return cos.mul_(inv).clamp_(-1.0, 1.0)
-
-
 @dataclass
 class Targets:
     """What each sample of the global batch is scored against (tensors on the weight's device).
@@ -159,23 +85,6 @@ class Targets:
     cols: torch.Tensor
     q: torch.Tensor | None = None
     class_weight_part: torch.Tensor | None = None
-
-
-class _TileTargets:
-    """The entries of a ``[n, T]`` target-column table sorted by column, cut at the tile edges:
-    ``tile(i, start)`` gives ``(rows, cols - start, t)`` of the entries inside tile ``i``, or None
-    (most tiles of a large shard hold no target)."""
-
-    def __init__(self, cols: torch.Tensor, edges: list[int]):
-        rows, t = (cols >= 0).nonzero(as_tuple=True)
-        c = cols[rows, t]
-        order = torch.argsort(c, stable=True)
-        self.rows, self.cols, self.t = rows[order], c[order], t[order]
-        self.bounds = torch.searchsorted(self.cols, torch.tensor(edges, device=cols.device)).tolist()
-
-    def tile(self, i: int, start: int):
-        lo, hi = self.bounds[i], self.bounds[i + 1]
-        return None if lo == hi else (self.rows[lo:hi], self.cols[lo:hi] - start, self.t[lo:hi])
 
 
 class _LogitCache:
@@ -205,10 +114,6 @@ class _LogitCache:
             self.left -= size
             return torch.empty((rows, stop - start), dtype=self.dtype, device=self.device), False
         return None, False
-
-
-def _tiles(n, tile):
-    return [(i, min(i + tile, n)) for i in range(0, n, tile)]
 
 
 def _scaled_rows_(weight, rows, start, stop, scale, out, fresh, sigma):
@@ -323,8 +228,8 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
             grad_buffer = torch.empty_like(weight, memory_format=torch.contiguous_format)
         cache = _LogitCache(capacity, sdt, device, None if grad_buffer is None else grad_buffer.view(-1),
                             weight.shape[1])
-        tiles = _tiles(num_cols, tile)
-        edges = [start for start, _ in tiles] + [num_cols]
+        spans = tiles(num_cols, tile)
+        edges = [start for start, _ in spans] + [num_cols]
         sigma = margin.s * LOG2E
         xn = x_local.new_empty((batch, x_local.shape[1]))
         norms = torch.empty(batch, 1, dtype=x_local.dtype, device=device)
@@ -342,13 +247,13 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
             xn_p = x_p / norms_p
             xn[global_rows], norms[global_rows] = xn_p, norms_p
             cols_p, q_p = _target_slice(targets, q, global_rows)
-            found = _TileTargets(cols_p, edges)
+            found = TileTargets(cols_p, edges)
             n = xn_p.shape[0]
             if work.numel() < n * tile:
                 work = torch.empty(n * tile, dtype=sdt, device=device)
             p_lse = torch.full((n,), -math.inf, dtype=sdt, device=device)
             p_target = torch.zeros(n, dtype=sdt, device=device)
-            for index, (start, stop) in enumerate(tiles):
+            for index, (start, stop) in enumerate(spans):
                 v = _scaled_rows_(weight, rows, start, stop, scale, v_buf, number == 0, sigma)
                 z, overlaps = cache.buffer(n, start, stop)
                 keep = z is not None
@@ -407,8 +312,8 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
             grad_w, ctx.grad_buffer = ctx.grad_buffer, None   # holds the cache entries until they are used
         elif want_w:
             grad_w = torch.empty_like(weight) if direct else torch.zeros_like(weight)
-        tiles = _tiles(num_cols, ctx.tile)
-        edges = [start for start, _ in tiles] + [num_cols]
+        spans = tiles(num_cols, ctx.tile)
+        edges = [start for start, _ in spans] + [num_cols]
         width = min(ctx.tile, num_cols)
         v_buf = weight.new_empty((width, weight.shape[1]))
         tmp = weight.new_empty((width, weight.shape[1]) if want_w else (0, 0))
@@ -421,13 +326,13 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
             global_rows = torch.arange(xn.shape[0], device=device) if layout is None else layout.rows(piece)[1]
             xn_p, coef_p = xn.index_select(0, global_rows), coef.index_select(0, global_rows).unsqueeze(1)
             cols_p, q_p = _target_slice(ctx.targets, ctx.q, global_rows)
-            found = _TileTargets(cols_p, edges)
+            found = TileTargets(cols_p, edges)
             shift_p = shift.index_select(0, global_rows).unsqueeze(1)
             log2_z_p = log2_z.index_select(0, global_rows).unsqueeze(1)
             cos_p = label_cos.index_select(0, global_rows)
             n = xn_p.shape[0]
             grad_xn_p = torch.zeros(xn_p.shape, dtype=sdt, device=device) if want_x else None
-            for index, (start, stop) in enumerate(tiles):
+            for index, (start, stop) in enumerate(spans):
                 v = _scaled_rows_(weight, rows, start, stop, scale, v_buf, False, None)
                 hit = found.tile(index, start)
                 cached = cache.entries.pop((piece, index), None)  # gone after a first backward: recompute
