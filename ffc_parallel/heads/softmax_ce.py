@@ -37,14 +37,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from ..distributed.collectives import CommTimer, ReduceScatterPieces, all_gather_pieces, all_reduce_
+from ..distributed.collectives import CommTimer, ReduceScatterPieces, all_gather_pieces
 from .chunking import (DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, TileTargets, chunk_cosines, chunk_rows,  # noqa: F401
                        stats_dtype, tiles)
-from .margins import CombinedMargin
-
-LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)
+from .stages import (LN2, LOG2E, center_grad_, combine_over_ranks, embedding_grad_, margin_and_filter_, normalized,
+                     online_lse_, scaled_rows_, softmax_from_cache_, softmax_from_logits_, softmax_grad_,
+                     target_logits_, tile_logits_)
 _GRAD_MODE = contextvars.ContextVar("ffc_grad_mode", default=True)  # grad mode of the caller of apply
 
 
@@ -114,60 +113,6 @@ class _LogitCache:
             self.left -= size
             return torch.empty((rows, stop - start), dtype=self.dtype, device=self.device), False
         return None, False
-
-
-def _scaled_rows_(weight, rows, start, stop, scale, out, fresh, sigma):
-    """``v_c[n, D] = scale * w_c`` written into ``out[:n]`` (rows ``start:stop`` of ``weight``, or of
-    ``weight[rows]``). With ``fresh``, first sets ``scale[start:stop] = sigma / |w_c|``."""
-    v = out[: stop - start]
-    src = weight[start:stop] if rows is None else torch.index_select(weight, 0, rows[start:stop], out=v)
-    a = scale[start:stop]
-    if fresh:
-        torch.linalg.vector_norm(src, dim=1, dtype=a.dtype, out=a)
-        a.clamp_min_(1e-12).reciprocal_().mul_(sigma)
-    torch.mul(src, a.unsqueeze(1).to(src.dtype), out=v)
-    return v
-
-
-def _logits_into(out, xn, v):
-    """``out[n, k] = xn[n, D] @ v[k, D].T`` (``out`` in the stats dtype)."""
-    if out.dtype == xn.dtype:
-        torch.mm(xn, v.t(), out=out)
-    else:
-        out.copy_(torch.mm(xn, v.t()))
-
-
-def _finish_logits_(z, hit, margin: CombinedMargin, filter_threshold):
-    """In place on base-2 logits ``z = log2(e) * logit``: the margin on label entries of ``hit =
-    (rows, cols, t)`` (``t == 0``; None: no target here), 0 for non-target entries above
-    ``s * filter_threshold`` (insightface's interclass filtering). Returns ``(label_cos, mask)``: the
-    labels' unmargined cosines (None without targets) and the filtered entries (or None)."""
-    sigma = margin.s * LOG2E
-    mask = None
-    if filter_threshold is not None:
-        mask = z > sigma * filter_threshold
-        if hit is not None:
-            mask[hit[0], hit[1]] = False
-        z.masked_fill_(mask, 0.0)
-    if hit is None:
-        return None, mask
-    rows, cols, t = hit
-    label = t == 0
-    l_rows, l_cols = rows[label], cols[label]
-    label_cos = (z[l_rows, l_cols] / sigma).clamp_(-1.0, 1.0)
-    z[l_rows, l_cols] = sigma * margin.target(label_cos)
-    return label_cos, mask
-
-
-def _center_grad_(h, v, scale, s, tmp):
-    """In place: ``h[n, D] = d loss / d v_c`` (up to the factor ln 2) becomes ``d loss / d w_c``:
-    ``(s / |w|) (h - v (v . h) / sigma^2)`` with ``v = sigma w / |w|``, ``scale = sigma / |w|``."""
-    sigma = s * LOG2E
-    radial = torch.mul(h, v, out=tmp[: h.shape[0]]).sum(dim=1, dtype=scale.dtype)
-    a = scale * LN2                                                 # s / |w|
-    h.mul_(a.unsqueeze(1).to(h.dtype))
-    h.addcmul_(v, radial.mul_(a).div_(sigma * sigma).unsqueeze(1).to(h.dtype), value=-1.0)
-    return h
 
 
 def _target_slice(targets: Targets, q: torch.Tensor, rows: torch.Tensor):
@@ -243,8 +188,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         pieces = ([(0, x_local, torch.arange(batch, device=device))] if layout is None
                   else all_gather_pieces(x_local, layout, group, timer))
         for number, (piece, x_p, global_rows) in enumerate(pieces):
-            norms_p = torch.linalg.vector_norm(x_p, dim=1, keepdim=True).clamp_min_(1e-12)
-            xn_p = x_p / norms_p
+            xn_p, norms_p = normalized(x_p)
             xn[global_rows], norms[global_rows] = xn_p, norms_p
             cols_p, q_p = _target_slice(targets, q, global_rows)
             found = TileTargets(cols_p, edges)
@@ -254,33 +198,24 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
             p_lse = torch.full((n,), -math.inf, dtype=sdt, device=device)
             p_target = torch.zeros(n, dtype=sdt, device=device)
             for index, (start, stop) in enumerate(spans):
-                v = _scaled_rows_(weight, rows, start, stop, scale, v_buf, number == 0, sigma)
+                v = scaled_rows_(weight, rows, start, stop, scale, v_buf, number == 0, sigma)
                 z, overlaps = cache.buffer(n, start, stop)
                 keep = z is not None
                 z = z if keep else work[: n * (stop - start)].view(n, stop - start)
-                _logits_into(z, xn_p, v)
+                tile_logits_(z, xn_p, v)
                 hit = found.tile(index, start)
-                cos_l, mask = _finish_logits_(z, hit, margin, filter_threshold)
+                cos_l, mask = margin_and_filter_(z, hit, margin, filter_threshold)
                 if hit is not None:
-                    t_rows, t_cols, t = hit
+                    t_rows, _, t = hit
                     label_cos[global_rows[t_rows[t == 0]]] = cos_l
-                    p_target.index_add_(0, t_rows, q_p[t_rows, t] * z[t_rows, t_cols])
-                row_max = z.amax(dim=1, keepdim=True)
-                z.sub_(row_max).exp2_()                                  # in place: 2^(z - row max)
-                torch.logaddexp2(p_lse, row_max.squeeze(1) + z.sum(dim=1).log2_(), out=p_lse)
+                    target_logits_(p_target, z, hit, q_p)
+                row_max = online_lse_(p_lse, z)                          # z is now 2^(z - row max)
                 if keep:  # the backward turns these into softmax with one multiply
                     cache.entries[piece, index] = (z, row_max, mask, overlaps)
             run_lse[global_rows], target_logit[global_rows] = p_lse, p_target
         del work, v_buf
-        global_max = all_reduce_(run_lse.clone(), dist.ReduceOp.MAX, group)
-        # A rank without classes has run_lse = -inf: it contributes 2^(-inf) = 0.
-        parts = [torch.exp2(run_lse - global_max), target_logit.mul_(LN2)]
-        if targets.class_weight_part is not None:
-            parts.append(targets.class_weight_part.to(sdt))
-        summed = all_reduce_(torch.stack(parts, dim=1), dist.ReduceOp.SUM, group)
-        log2_z = global_max + torch.log2(summed[:, 0])
-        class_weight = summed[:, 2] if targets.class_weight_part is not None else None
-        loss, dloss_dl = row_loss(summed[:, 1] - log2_z * LN2, class_weight)
+        log2_z, target_ll, class_weight = combine_over_ranks(run_lse, target_logit, targets.class_weight_part, group)
+        loss, dloss_dl = row_loss(target_ll, class_weight)
         ctx.save_for_backward(xn, norms, weight, rows, scale, log2_z, dloss_dl.to(sdt), label_cos)
         ctx.targets, ctx.q, ctx.cache, ctx.layout, ctx.group = targets, q, cache, layout, group
         ctx.margin, ctx.filter_threshold, ctx.tile, ctx.comm_stats = margin, filter_threshold, tile, comm_stats
@@ -333,29 +268,21 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
             n = xn_p.shape[0]
             grad_xn_p = torch.zeros(xn_p.shape, dtype=sdt, device=device) if want_x else None
             for index, (start, stop) in enumerate(spans):
-                v = _scaled_rows_(weight, rows, start, stop, scale, v_buf, False, None)
+                v = scaled_rows_(weight, rows, start, stop, scale, v_buf, False, None)
                 hit = found.tile(index, start)
                 cached = cache.entries.pop((piece, index), None)  # gone after a first backward: recompute
                 overlaps = False
                 if cached is not None:
                     grad, row_max, mask, overlaps = cached                  # 2^(z - row max)
-                    grad.mul_(torch.exp2(row_max - log2_z_p).mul_(coef_p.neg()))   # -coef * p
+                    softmax_from_cache_(grad, row_max, log2_z_p, coef_p.neg())
                 else:
                     if work.numel() < n * (stop - start):
                         work = torch.empty(n * ctx.tile, dtype=sdt, device=device)
                     grad = work[: n * (stop - start)].view(n, stop - start)
-                    _logits_into(grad, xn_p, v)
-                    mask = _finish_logits_(grad, hit, margin, ctx.filter_threshold)[1]
-                    grad.sub_(shift_p).exp2_()                              # -coef * p
-                    if not fold:
-                        grad.mul_(coef_p.neg())
-                if hit is not None:
-                    t_rows, t_cols, t = hit
-                    grad.index_put_((t_rows, t_cols), coef_p[t_rows, 0] * q_p[t_rows, t], accumulate=True)
-                    label = t == 0                                          # the label's logit is s f(cos)
-                    grad[t_rows[label], t_cols[label]] *= margin.target_grad(cos_p[t_rows[label]])
-                if mask is not None:
-                    grad.masked_fill_(mask, 0.0)
+                    tile_logits_(grad, xn_p, v)
+                    mask = margin_and_filter_(grad, hit, margin, ctx.filter_threshold)[1]
+                    softmax_from_logits_(grad, shift_p, None if fold else coef_p.neg())
+                softmax_grad_(grad, hit, coef_p, q_p, cos_p, margin, mask)
                 g = grad if grad.dtype == xn.dtype else grad.to(xn.dtype)  # d loss / d logit
                 if want_x and g.dtype == sdt:                               # logit = ln2 * (xn . v)
                     grad_xn_p.addmm_(g, v, alpha=LN2)
@@ -363,16 +290,15 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
                     grad_xn_p.add_(torch.mm(g, v), alpha=LN2)
                 if want_w:
                     h = grad_w[start:stop] if direct and not overlaps else h_buf[: stop - start]
-                    _center_grad_(torch.mm(g.t(), xn_p, out=h), v, scale[start:stop], margin.s, tmp)
+                    center_grad_(torch.mm(g.t(), xn_p, out=h), v, scale[start:stop], margin.s, tmp)
                     if rows is not None:
                         grad_w.index_add_(0, rows[start:stop], h)
                     elif overlaps:
                         grad_w[start:stop] = h
                     elif not direct:
                         grad_w[start:stop] += h
-            if want_x:  # through the normalisation: (I - xn xn^T) / |x|
-                grad_xn_p.sub_(xn_p * (grad_xn_p * xn_p).sum(dim=1, keepdim=True))
-                grad_x_p = grad_xn_p.div_(norms.index_select(0, global_rows)).to(xn.dtype)
+            if want_x:
+                grad_x_p = embedding_grad_(grad_xn_p, xn_p, norms.index_select(0, global_rows)).to(xn.dtype)
                 if scatter is None:
                     grad_x = grad_x_p
                 else:
