@@ -53,7 +53,8 @@ class ChunkPlan:
                     tile: int, direct: bool) -> int:
         """Bytes of ``exp2(logit - row max)`` the forward may keep for the backward in tensors of its
         own: the ``cached`` chunks, less whatever the loss's buffers (:func:`work_bytes`) take beyond
-        the ``_WORK_BUFFERS`` chunks the budget set aside (see also ``softmax_ce.borrowed_columns``)."""
+        the ``_WORK_BUFFERS`` chunks the budget set aside (the center-gradient buffer the CPU cache
+        may borrow comes on top, see ``borrowed_grad.py``)."""
         row = max(batch, 1) * stats_bytes
         spare = _WORK_BUFFERS * row * self.chunk - work_bytes(batch, num_cols, dim, weight_bytes, stats_bytes,
                                                                tile, direct)

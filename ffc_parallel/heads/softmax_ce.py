@@ -39,35 +39,14 @@ from dataclasses import dataclass
 import torch
 
 from ..distributed.collectives import CommTimer, ReduceScatterPieces, all_gather_pieces
+from .borrowed_grad import BorrowedGradient, borrowed_columns, borrows_gradient  # noqa: F401
 from .chunking import (DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, TileTargets, chunk_cosines, chunk_rows,  # noqa: F401
                        stats_dtype, tiles)
+from .logit_cache import LogitCache
 from .stages import (LN2, LOG2E, center_grad_, combine_over_ranks, embedding_grad_, margin_and_filter_, normalized,
                      online_lse_, scaled_rows_, softmax_from_cache_, softmax_from_logits_, softmax_grad_,
                      target_logits_, tile_logits_)
 _GRAD_MODE = contextvars.ContextVar("ffc_grad_mode", default=True)  # grad mode of the caller of apply
-
-
-def borrows_gradient(device_type: str, direct: bool, grad_exists: bool, stats_dtype_grad: bool) -> bool:
-    """Whether the cache may live in the center gradient's buffer until the backward writes it: on
-    CPU (the buffer's pages are committed as they are first written, so the borrowed part costs no
-    memory beyond the gradient), one piece over all classes (the backward writes the gradient tile
-    by tile, in order, into a buffer it returns), no gradient kept from an earlier step, and the
-    gradient in the stats dtype (``stats_dtype_grad``)."""
-    return device_type == "cpu" and direct and not grad_exists and stats_dtype_grad
-
-
-def borrowed_columns(batch: int, num_cols: int, dim: int, tile: int) -> int:
-    """Classes whose cache entries fit the ``[num_cols, dim]`` gradient buffer: tile j is placed at or
-    after the gradient rows of tiles before it (written by the backward before it reaches tile j)
-    and after the previous entry; placement stops at the first tile that does not fit."""
-    end = 0
-    for start in range(0, num_cols, tile):
-        size = batch * (min(start + tile, num_cols) - start)
-        offset = max(end, start * dim)
-        if offset + size > num_cols * dim:
-            return start
-        end = offset + size
-    return num_cols
 
 
 @dataclass
@@ -84,35 +63,6 @@ class Targets:
     cols: torch.Tensor
     q: torch.Tensor | None = None
     class_weight_part: torch.Tensor | None = None
-
-
-class _LogitCache:
-    """``(piece, tile) -> (exp2(z - row max) [n, k], row max [n, 1], filter mask, overlaps)`` kept from
-    the forward for the backward.
-
-    Tiles first go into ``borrow`` (the flat center-gradient buffer, see :func:`borrows_gradient` and
-    :func:`borrowed_columns` for the placement; ``overlaps``: the tile's own gradient rows overlap its
-    entry, so the backward writes them through a temporary), then into tensors of their own while
-    ``capacity`` elements last.
-    """
-
-    def __init__(self, capacity: int, dtype, device, borrow: torch.Tensor | None = None, dim: int = 0):
-        self.left, self.dtype, self.device, self.borrow, self.dim = capacity, dtype, device, borrow, dim
-        self.entries, self._end = {}, 0
-
-    def buffer(self, rows: int, start: int, stop: int):
-        """``([rows, stop - start] tensor to keep, overlaps)``, or ``(None, False)`` when full."""
-        size = rows * (stop - start)
-        if self.borrow is not None:
-            offset = max(self._end, start * self.dim)
-            if offset + size <= self.borrow.numel():
-                self._end = offset + size
-                return self.borrow[offset: offset + size].view(rows, stop - start), offset < stop * self.dim
-            self.borrow = None  # the later tiles do not fit either
-        if 0 < size <= self.left:
-            self.left -= size
-            return torch.empty((rows, stop - start), dtype=self.dtype, device=self.device), False
-        return None, False
 
 
 def _target_slice(targets: Targets, q: torch.Tensor, rows: torch.Tensor):
@@ -167,12 +117,8 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         direct = rows is None and (layout is None or layout.pieces == 1)   # see the backward
         capacity = plan.cache_bytes(batch, num_cols, weight.shape[1], weight.element_size(), sbytes, tile,
                                     direct) // sbytes if need_grad else 0
-        grad_buffer = None
-        if need_grad and ctx.needs_input_grad[1] and borrows_gradient(device.type, direct, weight.grad is not None,
-                                                        weight.dtype == sdt):
-            grad_buffer = torch.empty_like(weight, memory_format=torch.contiguous_format)
-        cache = _LogitCache(capacity, sdt, device, None if grad_buffer is None else grad_buffer.view(-1),
-                            weight.shape[1])
+        borrow = BorrowedGradient.for_call(weight, direct, sdt) if need_grad and ctx.needs_input_grad[1] else None
+        cache = LogitCache(capacity, sdt, device, borrow)
         spans = tiles(num_cols, tile)
         edges = [start for start, _ in spans] + [num_cols]
         sigma = margin.s * LOG2E
@@ -199,7 +145,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
             p_target = torch.zeros(n, dtype=sdt, device=device)
             for index, (start, stop) in enumerate(spans):
                 v = scaled_rows_(weight, rows, start, stop, scale, v_buf, number == 0, sigma)
-                z, overlaps = cache.buffer(n, start, stop)
+                z = cache.slot(n, start, stop)
                 keep = z is not None
                 z = z if keep else work[: n * (stop - start)].view(n, stop - start)
                 tile_logits_(z, xn_p, v)
@@ -211,7 +157,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
                     target_logits_(p_target, z, hit, q_p)
                 row_max = online_lse_(p_lse, z)                          # z is now 2^(z - row max)
                 if keep:  # the backward turns these into softmax with one multiply
-                    cache.entries[piece, index] = (z, row_max, mask, overlaps)
+                    cache.keep(piece, index, z, row_max, mask)
             run_lse[global_rows], target_logit[global_rows] = p_lse, p_target
         del work, v_buf
         log2_z, target_ll, class_weight = combine_over_ranks(run_lse, target_logit, targets.class_weight_part, group)
@@ -220,7 +166,6 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         ctx.targets, ctx.q, ctx.cache, ctx.layout, ctx.group = targets, q, cache, layout, group
         ctx.margin, ctx.filter_threshold, ctx.tile, ctx.comm_stats = margin, filter_threshold, tile, comm_stats
         ctx.accumulate_into = weight if accumulate else None
-        ctx.grad_buffer = grad_buffer
         if comm_stats is not None:
             comm_stats["forward"] = timer.summary()
         return loss
@@ -239,12 +184,13 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         num_pieces = 1 if layout is None else layout.pieces
         direct = rows is None and num_pieces == 1       # d w of a tile is written in place into grad_w
         grad_w, param = None, ctx.accumulate_into
-        if want_w and param is not None and param.grad is not None and ctx.grad_buffer is None:
+        borrowed = cache.borrow.hand_over() if want_w and cache.borrow is not None else None
+        if want_w and param is not None and param.grad is not None and borrowed is None:
             grad_w, direct = param.grad, False        # accumulate: add into the gradient there is
         elif want_w and param is not None and rows is not None:   # Partial FC: rows into a zero gradient
             param.grad = grad_w = torch.zeros_like(param)
-        elif want_w and ctx.grad_buffer is not None:
-            grad_w, ctx.grad_buffer = ctx.grad_buffer, None   # holds the cache entries until they are used
+        elif borrowed is not None:
+            grad_w = borrowed                         # holds the cache entries until they are used
         elif want_w:
             grad_w = torch.empty_like(weight) if direct else torch.zeros_like(weight)
         spans = tiles(num_cols, ctx.tile)
@@ -270,11 +216,9 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
             for index, (start, stop) in enumerate(spans):
                 v = scaled_rows_(weight, rows, start, stop, scale, v_buf, False, None)
                 hit = found.tile(index, start)
-                cached = cache.entries.pop((piece, index), None)  # gone after a first backward: recompute
-                overlaps = False
+                cached = cache.take(piece, index)   # gone after a first backward: recompute
                 if cached is not None:
-                    grad, row_max, mask, overlaps = cached                  # 2^(z - row max)
-                    softmax_from_cache_(grad, row_max, log2_z_p, coef_p.neg())
+                    grad, mask = softmax_from_cache_(cached.exp, cached.row_max, log2_z_p, coef_p.neg()), cached.mask
                 else:
                     if work.numel() < n * (stop - start):
                         work = torch.empty(n * ctx.tile, dtype=sdt, device=device)
@@ -289,6 +233,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
                 elif want_x:
                     grad_xn_p.add_(torch.mm(g, v), alpha=LN2)
                 if want_w:
+                    overlaps = borrowed is not None and cache.borrow.overlaps(start, stop)  # by its own entry
                     h = grad_w[start:stop] if direct and not overlaps else h_buf[: stop - start]
                     center_grad_(torch.mm(g.t(), xn_p, out=h), v, scale[start:stop], margin.s, tmp)
                     if rows is not None:
@@ -306,8 +251,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         if want_x and scatter is not None:
             grad_x = scatter.finish()
         # No view of grad_w may outlive the call: autograd copies a gradient that others reference.
-        cache.entries.clear()
-        cache.borrow = None
+        cache.clear()
         if ctx.comm_stats is not None:
             ctx.comm_stats["backward"] = timer.summary()
         if param is not None:
