@@ -36,6 +36,19 @@ class LogitCache:
         self.left, self.dtype, self.device, self.borrow = capacity, dtype, device, borrow
         self.entries = {}
 
+    @classmethod
+    def for_call(cls, walk, weight: torch.Tensor, record: bool, wants_weight_grad: bool) -> "LogitCache":
+        """The cache of one forward over ``walk`` (a :class:`~ffc_parallel.heads.walk.TileWalk`):
+        the plan's cache bytes, and the borrowed gradient buffer where that is allowed; nothing
+        without a recorded graph (``record``)."""
+        if not record:
+            return cls(0, walk.sdt, weight.device)
+        sbytes = torch.finfo(walk.sdt).bits // 8
+        capacity = walk.options.plan.cache_bytes(walk.batch, walk.num_cols, weight.shape[1], weight.element_size(),
+                                                 sbytes, walk.width, walk.direct) // sbytes
+        borrow = BorrowedGradient.for_call(weight, walk.direct, walk.sdt) if wants_weight_grad else None
+        return cls(capacity, walk.sdt, weight.device, borrow)
+
     def slot(self, rows: int, start: int, stop: int) -> torch.Tensor | None:
         """A ``[rows, stop - start]`` tensor for the entry of tile ``start:stop``, or None when full."""
         kept = self.borrow.place(rows, start, stop) if self.borrow is not None else None
