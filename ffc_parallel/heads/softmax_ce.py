@@ -31,8 +31,9 @@ buffer so that the elementwise passes after each GEMM run in the last-level cach
 (one ``[B, tile]``, up to three ``[tile, D]``) are allocated once per call and reused.
 
 Where the parts live: ``chunking.py`` (plan, tiles, targets by tile), ``stages.py`` (the math, one
-function per stage), ``walk.py`` (pieces, tiles and gradient writing, for every chunked loss),
-``logit_cache.py`` and, for the CPU cache inside the center-gradient buffer, ``borrowed_grad.py``.
+function per stage), ``walk.py`` (pieces, tiles and gradient writing, shared with
+``sigmoid_focal.py``), ``logit_cache.py`` and, for the CPU cache inside the center-gradient buffer,
+``borrowed_grad.py``.
 """
 from __future__ import annotations
 
