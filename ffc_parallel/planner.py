@@ -9,11 +9,11 @@ largest class count that fits, and what to change when it does not.
 
 Every figure is per GPU (rank) for the rank with the most classes (``ceil(C / gpus)``) and is
 computed from the same chunk, tile and cache policy the head uses
-(:class:`ffc_parallel.heads.softmax_ce.ChunkPlan`). The peak is the start of the backward: the cached
-logits are still alive when the new center gradient is allocated, on top of what lives through the
-whole step (weights, master weights, optimizer state, work buffers, embedding buffers). ``device="cpu"``
-models the CPU head (small tiles; the cache borrows the not yet written gradient buffer). Formulas:
-``docs/planner.md``.
+(:class:`ffc_parallel.heads.chunking.ChunkPlan`, ``heads/borrowed_grad.py``). The peak is the start
+of the backward: the cached logits are still alive when the new center gradient is allocated, on top
+of what lives through the whole step (weights, master weights, optimizer state, work buffers,
+embedding buffers). ``device="cpu"`` models the CPU head (small tiles; the cache borrows the not yet
+written gradient buffer). Formulas: ``docs/planner.md``.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 
 from .heads.sampling import _DENSE_FRACTION
-from .heads.softmax_ce import (DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, borrowed_columns, borrows_gradient,
-                                work_bytes)
+from .heads.borrowed_grad import borrowed_columns, borrows_gradient
+from .heads.chunking import DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, work_bytes
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 OPTIMIZER_BUFFERS = {"none": 0, "sgd": 1, "adam": 2, "adamw": 2}  # [C_local, D] state tensors
@@ -180,7 +180,8 @@ class Layout:
 
 
 def loss_layout(cfg: HeadConfig) -> Layout:
-    """The head's policy (``softmax_ce``) for this configuration, one gather piece."""
+    """The head's policy (``heads/chunking.py``, ``heads/borrowed_grad.py``) for this configuration, one
+    gather piece."""
     e, d, big_b = DTYPE_BYTES[cfg.dtype], cfg.dim, cfg.global_batch
     stats = 8 if cfg.dtype == "fp64" else 4
     cols = sampled_classes(cfg)
