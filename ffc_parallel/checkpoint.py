@@ -75,13 +75,13 @@ def _ds_engine(engine):
 def sharded_parts(module: torch.nn.Module) -> dict:
     """``{module path: module}`` of every ShardedClassifier and FFC ClassPool inside ``module``."""
     from .algorithms.ffc import ClassPool
-    from .heads.sharded import ShardedClassifier
+    from .heads.classifier import ShardedClassifier
 
     return {name or "model": m for name, m in module.named_modules() if isinstance(m, (ShardedClassifier, ClassPool))}
 
 
 def _is_head(part) -> bool:
-    from .heads.sharded import ShardedClassifier
+    from .heads.classifier import ShardedClassifier
     return isinstance(part, ShardedClassifier)
 
 
@@ -390,7 +390,7 @@ def reshard(src, dst, world_size: int, tag=None, progress: bool = True) -> Path:
     unchanged (loading converts its ZeRO state at the new world size). Every source file is verified
     first and the output gets its own table; on any failure the staging directory is removed and a
     :class:`CheckpointError` names the file (or, for a full disk, the space needed)."""
-    from .heads.sharded import shard_range
+    from .heads.classifier import shard_range
 
     tag, tag_dir = resolve_tag(src, tag)
     manifest = read_manifest(tag_dir)

@@ -20,13 +20,13 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, replace
 
+from .heads.classifier import INPUT_CHECK_FIELDS
 from .heads.sampling import _DENSE_FRACTION
 from .heads.borrowed_grad import borrowed_columns, borrows_gradient
 from .heads.chunking import DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, work_bytes
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 OPTIMIZER_BUFFERS = {"none": 0, "sgd": 1, "adam": 2, "adamw": 2}  # [C_local, D] state tensors
-_CHECK_TABLE_INTS = 18   # int64 entries per rank in the head's input-check all-gather
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -241,7 +241,7 @@ def comm_volume(cfg: HeadConfig) -> dict:
                                      "backbone_allreduce")}
     ring = 2 * (w - 1) / w
     return {
-        "input_check": (w - 1) * _CHECK_TABLE_INTS * 8,
+        "input_check": (w - 1) * len(INPUT_CHECK_FIELDS) * 8,   # the head's input-check all-gather
         "allgather_embeddings": (w - 1) * b * cfg.dim * e,
         "allgather_labels": (w - 1) * b * 8,
         "allreduce_max": int(ring * cfg.global_batch * 4),

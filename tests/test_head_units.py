@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import ffc_parallel as fp
 from ffc_parallel.distributed import streams
 from ffc_parallel.heads.sampling import sample_rows
-from ffc_parallel.heads.sharded import init_class_rows
+from ffc_parallel.heads.classifier import init_class_rows
 from ffc_parallel.heads.row_loss import CrossEntropy
 from ffc_parallel.heads.softmax_ce import ChunkPlan, LossOptions, ShardedMarginSoftmaxCE, Targets
 from tests.reference import dense_margin_loss, rel_err

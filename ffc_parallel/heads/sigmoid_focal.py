@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunking import ChunkPlan
-from .stages import LN2, margin_grad_, sum_over_ranks
+from .stages import LN2, margin_grad_, sum_rows_over_ranks
 from .walk import LossOptions, Step, Targets, TileWalk
 
 
@@ -81,7 +81,7 @@ class ShardedSigmoidFocalFn(torch.autograd.Function):
                 walk.logits(z, piece, tile)
                 p_focal += terms.loss(z, tile.hit).sum(dim=1)
             focal[piece.rows] = p_focal
-        summed, class_weight = sum_over_ranks([focal], targets.class_weight_part, options.group)
+        summed, class_weight = sum_rows_over_ranks([focal], targets.class_weight_part, options.group)
         loss, dloss_dl = options.row_loss(-summed[:, 0], class_weight)
         ctx.save_for_backward(walk.xn, walk.norms, weight, rows, walk.scale, dloss_dl.to(walk.sdt))
         ctx.targets, ctx.options, ctx.terms = targets, options, terms

@@ -44,7 +44,7 @@ import torch
 from .borrowed_grad import borrowed_columns, borrows_gradient
 from .chunking import DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, chunk_cosines, chunk_rows, stats_dtype
 from .logit_cache import LogitCache
-from .stages import (LN2, combine_over_ranks, online_lse_, softmax_from_cache_, softmax_from_logits_, softmax_grad_,
+from .stages import (combine_over_ranks, online_lse_, softmax_from_cache_, softmax_from_logits_, softmax_grad_,
                      target_logits_)
 from .walk import LossOptions, Targets, TileWalk
 

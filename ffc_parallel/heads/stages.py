@@ -86,7 +86,7 @@ def online_lse_(lse, z):
     return row_max
 
 
-def sum_over_ranks(parts, weight_part, group):
+def sum_rows_over_ranks(parts, weight_part, group):
     """Rows summed over the ranks of ``group`` in one all-reduce: ``(summed[B, len(parts)], w_y[B])``
     of the ``[B]`` statistics ``parts`` and of the label-weight parts (``w_y`` None without them)."""
     if weight_part is not None:
@@ -103,7 +103,7 @@ def combine_over_ranks(run_lse, target_logit, weight_part, group):
     target logits and the label-weight parts."""
     global_max = all_reduce_(run_lse.clone(), dist.ReduceOp.MAX, group)
     # A rank without classes has run_lse = -inf: it contributes 2^(-inf) = 0.
-    summed, class_weight = sum_over_ranks([torch.exp2(run_lse - global_max), target_logit.mul_(LN2)],
+    summed, class_weight = sum_rows_over_ranks([torch.exp2(run_lse - global_max), target_logit.mul_(LN2)],
                                           weight_part, group)
     log2_z = global_max + torch.log2(summed[:, 0])
     return log2_z, summed[:, 1] - log2_z * LN2, class_weight

@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 
 from ..distributed.collectives import all_reduce_
+from ..heads.row_loss import CrossEntropy, check_reduction, reduce_rows
 from ..heads.sigmoid_focal import FocalTerms, sigmoid_focal
 
-_REDUCTIONS = ("weighted_mean", "mean")
 
 
 # ---------------------------------------------------------------------------- class weights
@@ -90,38 +90,7 @@ def cb_weights(local_counts, beta: float = 0.999, group=None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- row losses
-def _reduce(per_sample: torch.Tensor, weight: torch.Tensor | None, reduction: str):
-    """``(loss, d loss / d per_sample)`` of the weighted sum divided by Σw or by B."""
-    batch = per_sample.numel()
-    w = torch.ones_like(per_sample) if weight is None else weight.to(per_sample.dtype)
-    norm = w.sum() if reduction == "weighted_mean" else torch.tensor(float(batch), dtype=per_sample.dtype)
-    if not norm > 0:
-        raise ValueError("the class weights of every label in the global batch are 0: the weighted mean "
-                         "is undefined (give those classes a positive weight or use reduction='mean')")
-    return (w * per_sample).sum() / norm, w / norm
-
-
-def _check_reduction(reduction: str) -> str:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    return reduction
-
-
-class WeightedCrossEntropy:
-    """Row loss ``Σ_b w_y[b] (-log p_b) / norm`` (CS_CE / CB_CE when the head has class weights).
-
-    ``norm = Σ_b w_y[b]`` (``"weighted_mean"``, PyTorch's weighted cross-entropy) or ``B`` (``"mean"``).
-    """
-
-    def __init__(self, reduction: str = "weighted_mean"):
-        self.reduction = _check_reduction(reduction)
-
-    def __call__(self, log_p, class_weight):
-        loss, coef = _reduce(-log_p, class_weight, self.reduction)
-        return loss, -coef
-
-    def __repr__(self):
-        return f"WeightedCrossEntropy(reduction={self.reduction!r})"
+WeightedCrossEntropy = CrossEntropy   # CS_CE / CB_CE: the head's cross-entropy with class weights
 
 
 class SoftmaxFocal:
@@ -136,7 +105,7 @@ class SoftmaxFocal:
     def __init__(self, gamma: float = 2.0, reduction: str = "weighted_mean"):
         if not gamma >= 0:
             raise ValueError(f"SoftmaxFocal: gamma must be >= 0, got {gamma}")
-        self.gamma, self.reduction = float(gamma), _check_reduction(reduction)
+        self.gamma, self.reduction = float(gamma), check_reduction(reduction)
 
     def __call__(self, log_p, class_weight):
         g = self.gamma
@@ -147,7 +116,7 @@ class SoftmaxFocal:
         if g > 0:
             tiny = torch.finfo(log_p.dtype).tiny
             d_per_sample = d_per_sample + g * one_minus_p.clamp_min(tiny) ** (g - 1.0) * p * log_p
-        loss, coef = _reduce(per_sample, class_weight, self.reduction)
+        loss, coef = reduce_rows(per_sample, class_weight, self.reduction)
         return loss, coef * d_per_sample
 
     def __repr__(self):
@@ -264,7 +233,7 @@ class ShardedSigmoidFocal:
         self.offset = math.log(prior / (1.0 - prior)) if prior is not None else 0.0
         if alpha is not None and not 0.0 <= alpha <= 1.0:
             raise ValueError(f"ShardedSigmoidFocal: alpha must be in [0, 1] or None, got {alpha}")
-        self.gamma, self.alpha, self.reduction = float(gamma), alpha, _check_reduction(reduction)
+        self.gamma, self.alpha, self.reduction = float(gamma), alpha, check_reduction(reduction)
 
     def __call__(self, head, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         step = head.prepare_step(local_embeddings, local_labels)
