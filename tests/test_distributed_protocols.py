@@ -1,5 +1,7 @@
 """The rank protocols of ``ffc_parallel.distributed`` (checks, lockstep, autograd collectives) on 1 and 3
 real processes: the same error on every rank, no rank left waiting, gradients as each contract states."""
+import time
+
 import pytest
 import torch
 
@@ -47,7 +49,9 @@ def protocols_on_every_rank():
 
 @pytest.mark.parametrize("world", [1, 3])
 def test_protocols_agree_on_every_rank(world):
+    started = time.monotonic()
     results = run_ranks("tests.test_distributed_protocols:protocols_on_every_rank", world, timeout=60)
+    assert time.monotonic() - started < 30, "a refusal must not wait for a timeout"
     assert len({r["message"] for r in results}) == 1
     assert results[0]["message"] == f"Thing: bad input: rank {world - 1}: labels must be in [0, 5), got values in [1, 9]"
     for rank, r in enumerate(results):
@@ -81,7 +85,9 @@ def disagreeing_configurations():
 
 
 def test_ranks_built_with_different_configurations_are_refused_everywhere():
+    started = time.monotonic()
     results = run_ranks("tests.test_distributed_protocols:disagreeing_configurations", 2, timeout=60)
+    assert time.monotonic() - started < 30, "a refusal must not wait for a timeout"
     expected = {"head": "num_classes is 10 on rank 0 but 12 on rank 1", "head_margin": "margin m2 is 0.5 on rank 0",
                 "pool": "refresh_momentum is 0.5 on rank 0 but 0.3 on rank 1",
                 "xbm": "warmup_steps is 0 on rank 0 but 1 on rank 1", "sampler": "label_sum"}
