@@ -152,3 +152,18 @@ def test_backbone_options_and_shapes_are_checked():
         build_backbone("r50", (64,), 8)
     with pytest.raises(ValueError, match="--backbone mbf takes no options, got gradient_checkpointing"):
         build_backbone("mbf", (3, 16, 16), 8, gradient_checkpointing=True)
+
+
+def test_ffc_train_takes_gradient_checkpointing_for_the_iresnets_only():
+    from ffc_parallel.cli.recipe import check_options
+    from ffc_parallel.cli.train import parse_options
+
+    opts = parse_options(["--backbone", "r100", "--gradient-checkpointing", "--mixup-alpha", "0.2"])  # input mixup
+    check_options(opts)
+    assert opts.gradient_checkpointing and not parse_options(["--backbone", "r100"]).gradient_checkpointing
+    with pytest.raises(ValueError, match="--gradient-checkpointing recomputes the stages of the IResNets "
+                                         r"\(r18, r34, r50, r100, r200\), not of --backbone mbf"):
+        check_options(parse_options(["--backbone", "mbf", "--gradient-checkpointing"]))
+    with pytest.raises(ValueError, match="--gradient-checkpointing with manifold mixup"):
+        check_options(parse_options(["--backbone", "r18", "--gradient-checkpointing", "--mixup-alpha", "0.2",
+                                     "--mixup-layers", "input,layer2"]))

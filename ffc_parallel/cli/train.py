@@ -61,7 +61,10 @@ class TrainOptions:
     bucket_edges: list = _opt((20, 100), "class-frequency buckets: tail < a <= medium <= b < head", "data")
     num_workers: int = _opt(0, "DataLoader workers per rank for decoded images", "data")
     # model
-    backbone: str = _opt("mlp", "mlp, resnet, or a torchvision/timm model name", "model")
+    backbone: str = _opt("mlp", "mlp, resnet, insightface's r18 / r34 / r50 / r100 / r200 / mbf, or a "
+                                "torchvision/timm model name", "model")
+    gradient_checkpointing: bool = _opt(False, "r18 ... r200: recompute each stage in the backward pass (less "
+                                               "activation memory, about one more forward of compute)", "model")
     embedding_dim: int = _opt(128, "embedding (and class center) dimension", "model")
     margin: str = _opt("arcface", "arcface, cosface, none, or 's,m1,m2,m3' (CombinedMargin)", "model")
     scale: float = _opt(None, "softmax scale s (default 64; FFC: 32)", "model", kind=float)
