@@ -1,15 +1,34 @@
-"""``ffc-export CHECKPOINT OUT.pt``: the model without its class shards, as a plain fp32 ``state_dict``
-for inference (``backbone.load_state_dict(torch.load(OUT.pt))``); the class centers are left out."""
+"""``ffc-export CHECKPOINT [OUT.pt] [--onnx OUT.onnx] [--centers OUT.npy]``: a trained model for inference.
+
+* ``OUT.pt``: the model without its class shards, as a plain fp32 ``state_dict``
+  (``backbone.load_state_dict(torch.load(OUT.pt))``);
+* ``--onnx OUT.onnx``: the backbone as an ONNX model, input ``input`` ``[batch, C, H, W]`` (or
+  ``[batch, D]``), output ``embedding`` ``[batch, embedding_dim]``, the batch axis dynamic, opset
+  ``--opset`` (default 17); the opset, backbone and input shape are in the model's metadata;
+* ``--centers OUT.npy``: the class centers ``[num_classes, embedding_dim]`` (fp32, not normalised), row
+  ``c`` = class ``c``, assembled from every rank's shard.
+
+The backbone of ``--onnx`` is rebuilt from what ``ffc-train`` saves with each checkpoint (name, input
+shape, embedding size); ``--backbone``, ``--input-shape`` and ``--embedding-dim`` give or override it.
+"""
 from __future__ import annotations
 
 import argparse
+import inspect
+import os
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
-from ..checkpoint import atomic_torch_save, read_manifest, resolve_tag
-from ..deepspeed_bridge.checkpoints import consolidated_fp32_state_dict
+import numpy as np
+import torch
+
+from ..checkpoint import SHARDS_DIR, atomic_torch_save, atomic_write_bytes, read_manifest, read_rows, resolve_tag
+from ..deepspeed_bridge.checkpoints import client_state_of, consolidated_fp32_state_dict, module_states
 
 PREFIX = "backbone."
+OPSET = 17
 
 
 def backbone_state_dict(tag_dir: Path) -> dict:
@@ -26,20 +45,124 @@ def backbone_state_dict(tag_dir: Path) -> dict:
     return kept
 
 
+def backbone_spec(tag_dir: Path, name=None, input_shape=None, embedding_dim=None) -> dict:
+    """``{"name", "input_shape", "embedding_dim"}`` of the checkpoint's backbone: what ``ffc-train`` saved
+    (client state ``"backbone"``), each value replaced by the argument when that is given."""
+    saved = client_state_of(module_states(tag_dir)).get("backbone") or {}
+    spec = {"name": name or saved.get("name"), "input_shape": input_shape or saved.get("input_shape"),
+            "embedding_dim": embedding_dim or saved.get("embedding_dim")}
+    missing = [f"--{key.replace('_', '-')}" for key, value in spec.items() if value is None]
+    if missing:
+        raise ValueError(f"{tag_dir} does not say how its backbone was built (not saved by ffc-train): "
+                         f"give {', '.join(missing)}")
+    spec["input_shape"] = [int(v) for v in spec["input_shape"]]
+    return spec
+
+
+def export_onnx(backbone: torch.nn.Module, input_shape, path, *, opset: int = OPSET, metadata=None) -> None:
+    """Write ``backbone`` (evaluated in eval mode, fp32, on the CPU) to ``path`` as ONNX: input ``input``
+    ``[batch, *input_shape]``, output ``embedding`` ``[batch, D]``, the batch axis dynamic; ``metadata``
+    (str -> str) and ``opset`` go into the model's ``metadata_props``. Needs the ``onnx`` package."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ImportError("--onnx needs the onnx package: pip install onnx") from exc
+    backbone = backbone.float().cpu().eval()
+    example = torch.zeros(2, *input_shape)
+    # The TorchScript-based exporter: the torch.export-based one (torch >= 2.9's default) needs onnxscript.
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        raw = Path(tmp) / "model.onnx"
+        torch.onnx.export(backbone, (example,), str(raw), input_names=["input"], output_names=["embedding"],
+                          dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=opset,
+                          do_constant_folding=True, **legacy)
+        model = onnx.load(str(raw))
+    props = {"opset": str(opset), "producer": "ffc_parallel ffc-export", **(metadata or {})}
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    onnx.checker.check_model(model)
+    atomic_write_bytes(Path(path), lambda f: f.write(model.SerializeToString()))
+
+
+def write_centers(tag_dir: Path, path, part: str | None = None) -> tuple[int, int]:
+    """Every rank's class rows of head ``part`` (default: the checkpoint's only head) in class order,
+    as a float32 ``.npy`` ``[num_classes, D]`` written shard by shard; returns its shape."""
+    heads = {name: e for name, e in read_manifest(tag_dir)["parts"].items() if e["kind"] == "head"}
+    if part is None and len(heads) != 1:
+        raise ValueError(f"--centers: {tag_dir} holds {len(heads)} heads ({', '.join(heads) or 'none'}); "
+                         "name one with --head")
+    part = part if part is not None else next(iter(heads))
+    if part not in heads:
+        raise ValueError(f"--head {part}: {tag_dir} has no head there (heads: {', '.join(heads) or 'none'})")
+    entry, path = heads[part], Path(path)
+    shape = (entry["num_classes"], entry["embedding_dim"])
+    tmp = path.with_name(path.name + ".tmp.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+    for lo, hi in entry["ranges"]:
+        if hi > lo:
+            out[lo:hi] = read_rows(Path(tag_dir) / SHARDS_DIR / part, entry, lo, hi)["weight"].float().numpy()
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    return shape
+
+
+def _onnx_from_checkpoint(tag_dir: Path, state: dict, args) -> str:
+    from ..models import build_backbone
+
+    spec = backbone_spec(tag_dir, args.backbone, args.input_shape, args.embedding_dim)
+    backbone = build_backbone(spec["name"], spec["input_shape"], spec["embedding_dim"])
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"the checkpoint's weights do not fit --backbone {spec['name']} with input shape "
+                         f"{spec['input_shape']} and --embedding-dim {spec['embedding_dim']}: {exc}") from None
+    shape = ",".join(map(str, spec["input_shape"]))
+    export_onnx(backbone, spec["input_shape"], args.onnx, opset=args.opset,
+                metadata={"backbone": spec["name"], "input_shape": shape, "embedding_dim": spec["embedding_dim"],
+                          "checkpoint": tag_dir.name})
+    return f"{spec['name']} [batch, {shape}] -> [batch, {spec['embedding_dim']}], opset {args.opset}"
+
+
+def _shape(text: str) -> list:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 3,112,112, got {text!r}") from None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ffc-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="checkpoint directory written by engine.save_checkpoint")
-    parser.add_argument("out", help="output file (torch.save of the backbone's state_dict)")
+    parser.add_argument("out", nargs="?", help="output file (torch.save of the backbone's state_dict)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    parser.add_argument("--onnx", help="also write the backbone as ONNX to this file")
+    parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    parser.add_argument("--centers", help="also write the class centers [num_classes, D] to this .npy file")
+    parser.add_argument("--head", help="--centers: the head's module path when the model has several")
+    parser.add_argument("--backbone", help="--onnx: backbone name (default: the one ffc-train saved)")
+    parser.add_argument("--input-shape", type=_shape, help="--onnx: input shape without the batch, e.g. 3,112,112")
+    parser.add_argument("--embedding-dim", type=int, help="--onnx: embedding size")
     args = parser.parse_args(argv)
+    if not (args.out or args.onnx or args.centers):
+        parser.error("nothing to write: give OUT.pt, --onnx OUT.onnx and/or --centers OUT.npy")
     try:
         _, tag_dir = resolve_tag(args.checkpoint, args.tag)
-        state = backbone_state_dict(tag_dir)
-    except (FileNotFoundError, ValueError) as exc:
+        state = backbone_state_dict(tag_dir) if args.out or args.onnx else None
+        if args.out:
+            atomic_torch_save(state, Path(args.out))
+            print(f"ffc-export: {len(state)} backbone tensors, {sum(v.numel() for v in state.values())} values "
+                  f"-> {args.out}")
+        if args.onnx:
+            print(f"ffc-export: {_onnx_from_checkpoint(tag_dir, state, args)} -> {args.onnx}")
+        if args.centers:
+            rows, dim = write_centers(tag_dir, args.centers, args.head)
+            print(f"ffc-export: {rows} class centers x {dim} -> {args.centers}")
+    except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"ffc-export: {exc}", file=sys.stderr)
         return 2
-    atomic_torch_save(state, Path(args.out))
-    print(f"ffc-export: {len(state)} backbone tensors, {sum(v.numel() for v in state.values())} values -> {args.out}")
     return 0
 
 
