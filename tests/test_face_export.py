@@ -11,6 +11,7 @@ import torch
 from ffc_parallel.cli.export import export_onnx, main as export
 from ffc_parallel.cli.recipe import check_options, parse_margin
 from ffc_parallel.cli.train import deepspeed_config, parse_options
+from ffc_parallel.evaluation.report import read_log
 from ffc_parallel.models import build_backbone
 from ffc_parallel.testing import run_ranks
 from tests.zero3 import needs_safe_gather
@@ -94,16 +95,25 @@ def test_zero3_checkpointed_r18_run_exports_onnx_and_centers(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--config", str(ROOT / "configs" / "synthetic_r18.yaml"), "--num-identities", "120",
             "--unseen-identities", "10", "--eval-ids-per-bucket", "10", "--embedding-dim", "48", "--batch-size", "8",
-            "--max-steps", "2", "--log-every", "1", "--gradient-checkpointing",
-            "--deepspeed-config", str(ROOT / "deepspeed_configs" / "zero3_fp32.json"), "--output-dir", str(out)]
-    metrics = run_ranks("tests.cases_train:train_run", world_size=2, timeout=240, kwargs=dict(argv=argv))[0]
-    assert metrics["steps"] == 2 and np.isfinite([metrics["loss_first"], metrics["loss_last"]]).all()
+            "--max-steps", "3", "--log-every", "1", "--deepspeed-config"]
+    zero3 = [str(ROOT / "deepspeed_configs" / "zero3_fp32.json"), "--gradient-checkpointing", "--output-dir", str(out)]
+    metrics = run_ranks("tests.cases_train:train_run", world_size=2, timeout=240, kwargs=dict(argv=argv + zero3))[0]
+    assert metrics["steps"] == 3
+    # The same 3 steps (learning rates 0, 0.05, 0.1) under ZeRO-1 without checkpointing: the same training.
+    plain = tmp_path / "plain"
+    zero1 = [str(ROOT / "deepspeed_configs" / "zero1_fp32.json"), "--output-dir", str(plain)]
+    run_ranks("tests.cases_train:train_run", world_size=2, timeout=240, kwargs=dict(argv=argv + zero1))
+    losses = [read_log(d / "metrics.csv")["loss"] for d in (out, plain)]
+    assert len(losses[0]) == 3 and np.allclose(losses[0], losses[1], rtol=1e-5), losses
     ckpt = out / "checkpoints"
     files = {k: tmp_path / f"model.{k}" for k in ("pt", "onnx", "npy")}
     assert export([str(ckpt), str(files["pt"]), "--onnx", str(files["onnx"]), "--centers", str(files["npy"])]) == 0
 
     state = torch.load(files["pt"])
     assert torch.equal(state["features.weight"], torch.ones(48))   # the frozen scale survives ZeRO-3's merge
+    assert export([str(plain / "checkpoints"), str(tmp_path / "plain.pt")]) == 0
+    for key, value in torch.load(tmp_path / "plain.pt").items():   # weights and BatchNorm statistics
+        assert torch.allclose(state[key].double(), value.double(), rtol=1e-4, atol=1e-6), key
     backbone = build_backbone("r18", (3, 16, 16), 48)
     backbone.load_state_dict(state)
     x = torch.randn(3, 3, 16, 16)
@@ -111,9 +121,9 @@ def test_zero3_checkpointed_r18_run_exports_onnx_and_centers(tmp_path, capsys):
         expected = backbone.eval()(x).numpy()
     assert _close(_onnx_embeddings(files["onnx"], x.numpy()), expected)
     assert _metadata(files["onnx"]) == {"opset": "17", "producer": "ffc_parallel ffc-export", "backbone": "r18",
-                                        "input_shape": "3,16,16", "embedding_dim": "48", "checkpoint": "step2"}
+                                        "input_shape": "3,16,16", "embedding_dim": "48", "checkpoint": "step3"}
 
-    shards = sorted((ckpt / "step2" / "ffc_shards" / "head").glob("shard_*.pt"))
+    shards = sorted((ckpt / "step3" / "ffc_shards" / "head").glob("shard_*.pt"))
     saved = [torch.load(p, weights_only=True) for p in shards]
     assert len(saved) == 2 and all(s["weight"].shape[0] > 0 for s in saved)
     rows = torch.cat([s["weight"] for s in sorted(saved, key=lambda s: s["range"][0])])
