@@ -88,34 +88,29 @@ def test_onnx_model_computes_torch_embeddings_for_any_batch(tmp_path):
         assert _metadata(path) == {"opset": str(opset), "producer": "ffc_parallel ffc-export", "backbone": name}
 
 
-@needs_safe_gather
+RUN = ["--config", str(ROOT / "configs" / "synthetic_r18.yaml"), "--num-identities", "120", "--unseen-identities",
+       "10", "--eval-ids-per-bucket", "10", "--embedding-dim", "48", "--batch-size", "8", "--max-steps", "3",
+       "--log-every", "1"]   # 3 steps at learning rates 0, 0.05, 0.1
+
+
+@pytest.fixture(scope="module")
+def zero1_run(tmp_path_factory):
+    """``(output directory, metrics)`` of 3 steps of the r18 preset on 2 ranks under ZeRO-1."""
+    out = tmp_path_factory.mktemp("zero1") / "run"
+    argv = RUN + ["--deepspeed-config", str(ROOT / "deepspeed_configs" / "zero1_fp32.json"), "--output-dir", str(out)]
+    return out, run_ranks("tests.cases_train:train_run", world_size=2, timeout=240, kwargs=dict(argv=argv))[0]
+
+
 @pytest.mark.deepspeed
 @pytest.mark.timeout(300)
-def test_zero3_checkpointed_r18_run_exports_onnx_and_centers(tmp_path, capsys):
-    out = tmp_path / "run"
-    argv = ["--config", str(ROOT / "configs" / "synthetic_r18.yaml"), "--num-identities", "120",
-            "--unseen-identities", "10", "--eval-ids-per-bucket", "10", "--embedding-dim", "48", "--batch-size", "8",
-            "--max-steps", "3", "--log-every", "1", "--deepspeed-config"]
-    zero3 = [str(ROOT / "deepspeed_configs" / "zero3_fp32.json"), "--gradient-checkpointing", "--output-dir", str(out)]
-    metrics = run_ranks("tests.cases_train:train_run", world_size=2, timeout=240, kwargs=dict(argv=argv + zero3))[0]
-    assert metrics["steps"] == 3
-    # The same 3 steps (learning rates 0, 0.05, 0.1) under ZeRO-1 without checkpointing: the same training.
-    plain = tmp_path / "plain"
-    zero1 = [str(ROOT / "deepspeed_configs" / "zero1_fp32.json"), "--output-dir", str(plain)]
-    run_ranks("tests.cases_train:train_run", world_size=2, timeout=240, kwargs=dict(argv=argv + zero1))
-    losses = [read_log(d / "metrics.csv")["loss"] for d in (out, plain)]
-    assert len(losses[0]) == 3 and np.allclose(losses[0], losses[1], rtol=1e-5), losses
+def test_a_trained_r18_exports_onnx_and_its_class_centers(zero1_run, tmp_path, capsys):
+    out, metrics = zero1_run
     ckpt = out / "checkpoints"
     files = {k: tmp_path / f"model.{k}" for k in ("pt", "onnx", "npy")}
     assert export([str(ckpt), str(files["pt"]), "--onnx", str(files["onnx"]), "--centers", str(files["npy"])]) == 0
 
-    state = torch.load(files["pt"])
-    assert torch.equal(state["features.weight"], torch.ones(48))   # the frozen scale survives ZeRO-3's merge
-    assert export([str(plain / "checkpoints"), str(tmp_path / "plain.pt")]) == 0
-    for key, value in torch.load(tmp_path / "plain.pt").items():   # weights and BatchNorm statistics
-        assert torch.allclose(state[key].double(), value.double(), rtol=1e-4, atol=1e-6), key
     backbone = build_backbone("r18", (3, 16, 16), 48)
-    backbone.load_state_dict(state)
+    backbone.load_state_dict(torch.load(files["pt"]))
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         expected = backbone.eval()(x).numpy()
@@ -136,3 +131,25 @@ def test_zero3_checkpointed_r18_run_exports_onnx_and_centers(tmp_path, capsys):
     assert "do not fit --backbone r18 with input shape [3, 40, 40]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export([str(ckpt)])   # nothing to write
+
+
+@needs_safe_gather
+@pytest.mark.deepspeed
+@pytest.mark.timeout(300)
+def test_zero3_with_gradient_checkpointing_trains_r18_as_zero1_does(zero1_run, tmp_path):
+    """The same 3 steps under ZeRO-3 with --gradient-checkpointing: the losses, weights and BatchNorm
+    statistics of the ZeRO-1 run without it."""
+    plain, _ = zero1_run
+    out = tmp_path / "run"
+    argv = RUN + ["--deepspeed-config", str(ROOT / "deepspeed_configs" / "zero3_fp32.json"), "--gradient-checkpointing",
+                  "--output-dir", str(out)]
+    assert run_ranks("tests.cases_train:train_run", world_size=2, timeout=240, kwargs=dict(argv=argv))[0]["steps"] == 3
+    losses = [read_log(d / "metrics.csv")["loss"] for d in (out, plain)]
+    assert len(losses[0]) == 3 and np.allclose(losses[0], losses[1], rtol=1e-5), losses
+    for run in (out, plain):
+        assert export([str(run / "checkpoints"), str(tmp_path / f"{run.parent.name}.pt")]) == 0
+    mine, theirs = (torch.load(tmp_path / f"{run.parent.name}.pt") for run in (out, plain))
+    assert torch.equal(mine["features.weight"], torch.ones(48))   # the frozen scale survives ZeRO-3's merge
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert torch.allclose(mine[key].double(), value.double(), rtol=1e-4, atol=1e-6), key
