@@ -129,6 +129,8 @@ def test_a_trained_r18_exports_onnx_and_its_class_centers(zero1_run, tmp_path, c
     capsys.readouterr()
     assert export([str(ckpt), "--onnx", str(tmp_path / "bad.onnx"), "--input-shape", "3,40,40"]) == 2
     assert "do not fit --backbone r18 with input shape [3, 40, 40]" in capsys.readouterr().err
+    assert export([str(ckpt), "--centers", str(tmp_path / "bad.npy"), "--part", "classifier"]) == 2
+    assert "--part classifier: " in capsys.readouterr().err and not (tmp_path / "bad.npy").exists()
     with pytest.raises(SystemExit):
         export([str(ckpt)])   # nothing to write
 

@@ -92,10 +92,10 @@ def write_centers(tag_dir: Path, path, part: str | None = None) -> tuple[int, in
     heads = {name: e for name, e in read_manifest(tag_dir)["parts"].items() if e["kind"] == "head"}
     if part is None and len(heads) != 1:
         raise ValueError(f"--centers: {tag_dir} holds {len(heads)} heads ({', '.join(heads) or 'none'}); "
-                         "name one with --head")
+                         "name one with --part")
     part = part if part is not None else next(iter(heads))
     if part not in heads:
-        raise ValueError(f"--head {part}: {tag_dir} has no head there (heads: {', '.join(heads) or 'none'})")
+        raise ValueError(f"--part {part}: {tag_dir} has no head there (heads: {', '.join(heads) or 'none'})")
     entry, path = heads[part], Path(path)
     shape = (entry["num_classes"], entry["embedding_dim"])
     tmp = path.with_name(path.name + ".tmp.npy")
@@ -138,10 +138,10 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", help="checkpoint directory written by engine.save_checkpoint")
     parser.add_argument("out", nargs="?", help="output file (torch.save of the backbone's state_dict)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
-    parser.add_argument("--onnx", help="also write the backbone as ONNX to this file")
+    parser.add_argument("--onnx", help="write the backbone as ONNX to this file")
     parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
-    parser.add_argument("--centers", help="also write the class centers [num_classes, D] to this .npy file")
-    parser.add_argument("--head", help="--centers: the head's module path when the model has several")
+    parser.add_argument("--centers", help="write the class centers [num_classes, D] to this .npy file")
+    parser.add_argument("--part", help="--centers: the head's module path when the model has several")
     parser.add_argument("--backbone", help="--onnx: backbone name (default: the one ffc-train saved)")
     parser.add_argument("--input-shape", type=_shape, help="--onnx: input shape without the batch, e.g. 3,112,112")
     parser.add_argument("--embedding-dim", type=int, help="--onnx: embedding size")
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         if args.onnx:
             print(f"ffc-export: {_onnx_from_checkpoint(tag_dir, state, args)} -> {args.onnx}")
         if args.centers:
-            rows, dim = write_centers(tag_dir, args.centers, args.head)
+            rows, dim = write_centers(tag_dir, args.centers, args.part)
             print(f"ffc-export: {rows} class centers x {dim} -> {args.centers}")
     except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"ffc-export: {exc}", file=sys.stderr)
