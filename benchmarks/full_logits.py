@@ -32,7 +32,7 @@ from torch import nn
 
 from ffc_parallel.distributed.collectives import all_reduce_, gather_rows
 from ffc_parallel.distributed.init import get_rank, get_world_size
-from ffc_parallel.heads.sharded import init_class_rows, shard_range
+from ffc_parallel.heads.classifier import init_class_rows, shard_range
 
 
 class _DistributedSoftmaxCE(torch.autograd.Function):

@@ -18,10 +18,11 @@ from . import algorithms, data, evaluation, losses, models, planner
 from .algorithms import FFC, ClassPool, HardestClassSmoothing, contrastive_prior, instance_classifier
 from .engine import HybridEngine, HybridModel, initialize
 from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint_files import CheckpointError
 
 __version__ = "0.1.0"
 
-__all__ = ["FFC", "ClassPool", "CombinedMargin", "DistributedInfo", "HardestClassSmoothing", "HybridEngine",
+__all__ = ["FFC", "CheckpointError", "ClassPool", "CombinedMargin", "DistributedInfo", "HardestClassSmoothing", "HybridEngine",
            "HybridModel", "ShardedClassifier", "algorithms", "contrastive_prior", "data", "evaluation",
            "exit_distributed", "get_rank", "get_world_size", "init_distributed", "initialize", "instance_classifier",
            "load_checkpoint", "losses", "models", "planner", "save_checkpoint", "shard_range"]

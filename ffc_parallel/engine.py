@@ -53,7 +53,7 @@ class HybridModel(nn.Module):
 
 
 def _heads(module: nn.Module) -> list:
-    from .heads.sharded import ShardedClassifier
+    from .heads.classifier import ShardedClassifier
 
     return [m for m in module.modules() if isinstance(m, ShardedClassifier)]
 

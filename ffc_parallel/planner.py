@@ -9,24 +9,24 @@ largest class count that fits, and what to change when it does not.
 
 Every figure is per GPU (rank) for the rank with the most classes (``ceil(C / gpus)``) and is
 computed from the same chunk, tile and cache policy the head uses
-(:class:`ffc_parallel.heads.softmax_ce.ChunkPlan`). The peak is the start of the backward: the cached
-logits are still alive when the new center gradient is allocated, on top of what lives through the
-whole step (weights, master weights, optimizer state, work buffers, embedding buffers). ``device="cpu"``
-models the CPU head (small tiles; the cache borrows the not yet written gradient buffer). Formulas:
-``docs/planner.md``.
+(:class:`ffc_parallel.heads.chunking.ChunkPlan`, ``heads/borrowed_grad.py``). The peak is the start
+of the backward: the cached logits are still alive when the new center gradient is allocated, on top
+of what lives through the whole step (weights, master weights, optimizer state, work buffers,
+embedding buffers). ``device="cpu"`` models the CPU head (small tiles; the cache borrows the not yet
+written gradient buffer). Formulas: ``docs/planner.md``.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field, replace
 
+from .heads.classifier import INPUT_CHECK_FIELDS
 from .heads.sampling import _DENSE_FRACTION
-from .heads.softmax_ce import (DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, borrowed_columns, borrows_gradient,
-                                work_bytes)
+from .heads.borrowed_grad import borrowed_columns, borrows_gradient
+from .heads.chunking import DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, work_bytes
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 OPTIMIZER_BUFFERS = {"none": 0, "sgd": 1, "adam": 2, "adamw": 2}  # [C_local, D] state tensors
-_CHECK_TABLE_INTS = 18   # int64 entries per rank in the head's input-check all-gather
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -180,7 +180,8 @@ class Layout:
 
 
 def loss_layout(cfg: HeadConfig) -> Layout:
-    """The head's policy (``softmax_ce``) for this configuration, one gather piece."""
+    """The head's policy (``heads/chunking.py``, ``heads/borrowed_grad.py``) for this configuration, one
+    gather piece."""
     e, d, big_b = DTYPE_BYTES[cfg.dtype], cfg.dim, cfg.global_batch
     stats = 8 if cfg.dtype == "fp64" else 4
     cols = sampled_classes(cfg)
@@ -240,7 +241,7 @@ def comm_volume(cfg: HeadConfig) -> dict:
                                      "backbone_allreduce")}
     ring = 2 * (w - 1) / w
     return {
-        "input_check": (w - 1) * _CHECK_TABLE_INTS * 8,
+        "input_check": (w - 1) * len(INPUT_CHECK_FIELDS) * 8,   # the head's input-check all-gather
         "allgather_embeddings": (w - 1) * b * cfg.dim * e,
         "allgather_labels": (w - 1) * b * 8,
         "allreduce_max": int(ring * cfg.global_batch * 4),

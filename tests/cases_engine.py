@@ -13,7 +13,7 @@ import importlib
 import torch
 
 import ffc_parallel as fp
-from ffc_parallel.heads.sharded import init_class_rows
+from ffc_parallel.heads.classifier import init_class_rows
 from tests.reference import dense_margin_loss, rel_err
 
 # DeepSpeed's CPU shared-memory all-reduce (used only by inference_all_reduce) is JIT-compiled under a

@@ -2,7 +2,7 @@
 import torch
 
 import ffc_parallel as fp
-from ffc_parallel.heads.sharded import init_class_rows
+from ffc_parallel.heads.classifier import init_class_rows
 from tests.reference import dense_margin_loss, margin_target, rel_err
 
 MARGINS = {

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import ffc_parallel as fp
 from ffc_parallel.distributed.collectives import gather_rows
 from ffc_parallel.algorithms.instance import HardestClassSmoothing, contrastive_prior, instance_classifier
-from ffc_parallel.heads.sharded import init_class_rows
+from ffc_parallel.heads.classifier import init_class_rows
 from tests.reference import rel_err
 
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ffc_parallel as fp
-from ffc_parallel.heads.sharded import init_class_rows
+from ffc_parallel.heads.classifier import init_class_rows
 from ffc_parallel.losses import ShardedSigmoidFocal, configure_reweighting, shard_class_counts
 from tests.reference import dense_logits, rel_err
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import ffc_parallel as fp
 from ffc_parallel.evaluation import bucket_accuracy, evaluate, pair_scores, recall_at_k, roc_auc, tar_at_far
-from ffc_parallel.heads.sharded import init_class_rows
+from ffc_parallel.heads.classifier import init_class_rows
 from ffc_parallel.models import MLP
 
 

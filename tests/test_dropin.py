@@ -45,7 +45,7 @@ def _dense_matches(results, gas):
 
     torch.manual_seed(0)
     backbone = torch.nn.Sequential(torch.nn.Linear(IN_DIM, 12), torch.nn.Tanh(), torch.nn.Linear(12, DIM))
-    from ffc_parallel.heads.sharded import init_class_rows
+    from ffc_parallel.heads.classifier import init_class_rows
     weight = torch.nn.Parameter(init_class_rows(0, NUM_CLASSES, DIM, 0.01, 0))
     opt = torch.optim.AdamW(list(backbone.parameters()) + [weight], lr=0.01, betas=(0.9, 0.99), weight_decay=0.05)
     x, y, _ = dataset().tensors

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import ffc_parallel as fp
 from ffc_parallel.distributed import streams
 from ffc_parallel.heads.sampling import sample_rows
-from ffc_parallel.heads.sharded import init_class_rows
+from ffc_parallel.heads.classifier import init_class_rows
 from ffc_parallel.heads.row_loss import CrossEntropy
-from ffc_parallel.heads.softmax_ce import ChunkPlan, ShardedMarginSoftmaxCE, Targets
+from ffc_parallel.heads.softmax_ce import ChunkPlan, LossOptions, ShardedMarginSoftmaxCE, Targets
 from tests.reference import dense_margin_loss, rel_err
 
 
@@ -102,8 +102,8 @@ def test_gradcheck_fused_function(rows, threshold, chunk, soft):
     margin = fp.CombinedMargin(4.0, 1.0, 0.3, 0.1)
     for cached in (0, 99):
         plan = ChunkPlan(chunk, cached)
-        fn = lambda a, b: ShardedMarginSoftmaxCE.apply(a, b, rows, targets, margin, threshold, plan, None,
-                                                       CrossEntropy(), None, None)
+        options = LossOptions(margin, threshold, plan, None, CrossEntropy())
+        fn = lambda a, b: ShardedMarginSoftmaxCE.apply(a, b, rows, targets, options)
         # A second backward through the same graph recomputes the freed cache: equal up to rounding.
         assert torch.autograd.gradcheck(fn, (xn, w), eps=1e-6, atol=1e-7, nondet_tol=1e-12)
 

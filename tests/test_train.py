@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ffc_parallel.cli.train import (RunLog, TrainOptions, check_resumable, deepspeed_config, load_config_file,
+from ffc_parallel.cli.train import (TrainOptions, check_resumable, deepspeed_config, load_config_file,
                                     parse_options)
-from ffc_parallel.evaluation.report import read_log, summary_text, write_metrics_json, write_plots
+from ffc_parallel.evaluation.report import RunLog, read_log, summary_text, write_metrics_json, write_plots
 from ffc_parallel.testing import run_ranks
 
 
@@ -128,10 +128,10 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
 def test_a_resumed_log_drops_the_rows_logged_after_the_checkpoint(tmp_path):
     first = RunLog(tmp_path, enabled=True, resume_step=None)
     for step in (2, 4, 6, 8):   # the run crashed after logging step 8; its last checkpoint was step 4
-        first.row(step=step, epoch=0, loss=1.0, lr=0.1, loss_scale=1.0, samples_per_s=1.0, elapsed_s=1.0)
+        first.row(step=step, epoch=0, loss=1.0, lr=0.1, loss_scale=1.0, samples_per_s=1.0, elapsed_s=1.0, skipped_images=0)
     first.close()
     resumed = RunLog(tmp_path, enabled=True, resume_step=4)
-    resumed.row(step=6, epoch=0, loss=0.5, lr=0.1, loss_scale=1.0, samples_per_s=1.0, elapsed_s=1.0)
+    resumed.row(step=6, epoch=0, loss=0.5, lr=0.1, loss_scale=1.0, samples_per_s=1.0, elapsed_s=1.0, skipped_images=0)
     resumed.close()
     log = read_log(tmp_path / "metrics.csv")
     assert log["step"] == [2.0, 4.0, 6.0] and log["loss"] == [1.0, 1.0, 0.5]

@@ -27,7 +27,7 @@ from ..distributed.collectives import all_gather_table, all_reduce_, gather_rows
 from ..distributed.init import get_rank, get_world_size
 from ..distributed.lockstep import lockstep
 from ..heads.margins import resolve_margin
-from ..heads.sharded import shard_range
+from ..heads.classifier import shard_range
 
 _NEVER = -1  # stamp of a slot that was never written: evicted first
 

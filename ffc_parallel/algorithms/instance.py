@@ -22,7 +22,7 @@ from ..distributed.checks import BatchSpec, batch_sizes, check_batch
 from ..distributed.collectives import all_reduce_, gather_rows
 from ..distributed.init import get_rank, get_world_size
 from ..distributed.lockstep import lockstep
-from ..heads.sharded import ShardedClassifier, shard_range
+from ..heads.classifier import ShardedClassifier, shard_range
 
 DEFAULT_TEMPERATURE = 0.15
 

@@ -10,12 +10,13 @@
 
 The backbone of ``--onnx`` is rebuilt from what ``ffc-train`` saves with each checkpoint (name, input
 shape, embedding size); ``--backbone``, ``--input-shape`` and ``--embedding-dim`` give or override it.
+The checkpoint's files are checked against its manifest's sizes and sha256 first; a damaged file, a full
+disk or any other failure exits 2 with a message naming the file, leaving no partial output.
 """
 from __future__ import annotations
 
 import argparse
 import inspect
-import os
 import sys
 import tempfile
 import warnings
@@ -24,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import SHARDS_DIR, atomic_torch_save, atomic_write_bytes, read_manifest, read_rows, resolve_tag
+from ..checkpoint import read_manifest, read_rows, resolve_tag
+from ..checkpoint_files import (SHARDS_DIR, CheckpointError, atomic_write_bytes, describe, no_space,
+                                no_space_message, saved_bytes, verify_checkpoint)
 from ..deepspeed_bridge.checkpoints import client_state_of, consolidated_fp32_state_dict, module_states
 
 PREFIX = "backbone."
@@ -34,8 +37,11 @@ OPSET = 17
 def backbone_state_dict(tag_dir: Path) -> dict:
     """fp32 weights of a checkpoint's model, whatever its ZeRO stage (ZeRO partitions are merged),
     without the sharded parts (heads, class pools); a :class:`~ffc_parallel.HybridModel`'s
-    ``backbone.`` prefix is dropped, so the result loads into the backbone itself."""
-    parts = tuple(f"{name}." for name in read_manifest(tag_dir)["parts"])
+    ``backbone.`` prefix is dropped, so the result loads into the backbone itself. Verifies the
+    checkpoint's files first (:class:`~ffc_parallel.checkpoint_files.CheckpointError` names a bad one)."""
+    manifest = read_manifest(tag_dir)
+    verify_checkpoint(tag_dir, manifest, collective=False)
+    parts = tuple(f"{name}." for name in manifest["parts"])
     full = consolidated_fp32_state_dict(Path(tag_dir))
     kept = {k: v for k, v in full.items() if not k.startswith(parts) and not k.endswith("_extra_state")}
     if kept and all(k.startswith(PREFIX) for k in kept):
@@ -57,6 +63,18 @@ def backbone_spec(tag_dir: Path, name=None, input_shape=None, embedding_dim=None
                          f"give {', '.join(missing)}")
     spec["input_shape"] = [int(v) for v in spec["input_shape"]]
     return spec
+
+
+def write_output(path, write, nbytes: int) -> None:
+    """``write(file)`` into ``path`` atomically (no partial file is left); a failure raises
+    :class:`CheckpointError` naming ``path`` (a full disk with the space ``nbytes`` needed)."""
+    path = Path(path)
+    try:
+        atomic_write_bytes(path, write)
+    except Exception as exc:
+        if no_space(exc, path, nbytes):
+            raise CheckpointError(no_space_message(path.parent, nbytes, path.name, describe(exc))) from exc
+        raise CheckpointError(f"could not write {path}: {describe(exc)}") from exc
 
 
 def export_onnx(backbone: torch.nn.Module, input_shape, path, *, opset: int = OPSET, metadata=None) -> None:
@@ -83,7 +101,8 @@ def export_onnx(backbone: torch.nn.Module, input_shape, path, *, opset: int = OP
         entry = model.metadata_props.add()
         entry.key, entry.value = key, str(value)
     onnx.checker.check_model(model)
-    atomic_write_bytes(Path(path), lambda f: f.write(model.SerializeToString()))
+    data = model.SerializeToString()
+    write_output(path, lambda f: f.write(data), len(data))
 
 
 def write_centers(tag_dir: Path, path, part: str | None = None) -> tuple[int, int]:
@@ -96,16 +115,17 @@ def write_centers(tag_dir: Path, path, part: str | None = None) -> tuple[int, in
     part = part if part is not None else next(iter(heads))
     if part not in heads:
         raise ValueError(f"--part {part}: {tag_dir} has no head there (heads: {', '.join(heads) or 'none'})")
-    entry, path = heads[part], Path(path)
+    entry = heads[part]
     shape = (entry["num_classes"], entry["embedding_dim"])
-    tmp = path.with_name(path.name + ".tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-    for lo, hi in entry["ranges"]:
-        if hi > lo:
-            out[lo:hi] = read_rows(Path(tag_dir) / SHARDS_DIR / part, entry, lo, hi)["weight"].float().numpy()
-    out.flush()
-    del out
-    os.replace(tmp, path)
+
+    def write(f):
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        for lo, hi in entry["ranges"]:
+            if hi > lo:
+                rows = read_rows(Path(tag_dir) / SHARDS_DIR / part, entry, lo, hi)["weight"]
+                f.write(rows.float().numpy().astype("<f4", copy=False).tobytes())
+
+    write_output(path, write, 4 * shape[0] * shape[1] + 128)
     return shape
 
 
@@ -150,9 +170,12 @@ def main(argv=None) -> int:
         parser.error("nothing to write: give OUT.pt, --onnx OUT.onnx and/or --centers OUT.npy")
     try:
         _, tag_dir = resolve_tag(args.checkpoint, args.tag)
-        state = backbone_state_dict(tag_dir) if args.out or args.onnx else None
+        if args.out or args.onnx:
+            state = backbone_state_dict(tag_dir)   # verifies the checkpoint's files
+        else:
+            verify_checkpoint(tag_dir, read_manifest(tag_dir), collective=False)
         if args.out:
-            atomic_torch_save(state, Path(args.out))
+            write_output(args.out, lambda f: torch.save(state, f), saved_bytes(state))
             print(f"ffc-export: {len(state)} backbone tensors, {sum(v.numel() for v in state.values())} values "
                   f"-> {args.out}")
         if args.onnx:
@@ -160,7 +183,7 @@ def main(argv=None) -> int:
         if args.centers:
             rows, dim = write_centers(tag_dir, args.centers, args.part)
             print(f"ffc-export: {rows} class centers x {dim} -> {args.centers}")
-    except (FileNotFoundError, ValueError, ImportError) as exc:
+    except (CheckpointError, OSError, ValueError, ImportError) as exc:
         print(f"ffc-export: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -24,6 +24,7 @@ from itertools import islice
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import ffc_parallel as fp
 from ffc_parallel.algorithms import StepLoss
@@ -31,6 +32,8 @@ from ffc_parallel.backbones import IRESNET_LAYERS
 from ffc_parallel.data import RankLoader, frequency_buckets, labels_of
 from ffc_parallel.data.loader import load_batches
 from ffc_parallel.distributed import streams
+from ffc_parallel.distributed.collectives import all_reduce_
+from ffc_parallel.distributed.lockstep import in_step
 
 def parse_margin(text: str | None):
     """``--margin``: "arcface", "cosface", "none" or "s,m1,m2,m3" (a :class:`~ffc_parallel.CombinedMargin`)."""
@@ -135,6 +138,11 @@ class Recipe:
         self.backbone = build_backbone(opts.backbone, bundle.input_shape, opts.embedding_dim, **options).to(device)
         check_trainable_and_evaluable(opts, bundle, self.backbone)
         self._labels = None
+        # Image files may fail to decode on one rank: every rank then stops at that step, naming the file
+        # (agreed on a CPU group: no device sync per step).
+        self.files = bundle.bad_images is not None
+        self.cpu_group = (dist.new_group(backend="gloo") if self.files and world > 1 and dist.get_backend() == "nccl"
+                          else None)
         if opts.head == "ffc":
             self._build_ffc(device)
             return
@@ -294,13 +302,23 @@ class Recipe:
             self.loss.epoch = epoch
 
     def batches(self, epoch: int, start_micro: int):
-        """This rank's ``(inputs, labels)`` of ``epoch`` from micro-batch ``start_micro`` on."""
+        """This rank's ``(inputs, labels)`` of ``epoch`` from micro-batch ``start_micro`` on (image files:
+        through :func:`~ffc_parallel.distributed.lockstep.in_step`)."""
         opts = self.opts
         if self.dual is not None:
             self.dual.set_epoch(epoch)
-            return load_batches(self.bundle.train, islice(iter(self.dual), start_micro, None), opts.num_workers)
-        return iter(RankLoader(self.source, opts.batch_size, self.rank, self.world, seed=opts.seed, epoch=epoch,
-                               start_step=start_micro, num_workers=opts.num_workers, sampler=self._epoch_sampler(epoch)))
+            batches = load_batches(self.bundle.train, islice(iter(self.dual), start_micro, None), opts.num_workers)
+        else:
+            batches = iter(RankLoader(self.source, opts.batch_size, self.rank, self.world, seed=opts.seed,
+                                      epoch=epoch, start_step=start_micro, num_workers=opts.num_workers,
+                                      sampler=self._epoch_sampler(epoch)))
+        return in_step(batches, self.cpu_group) if self.files else batches
+
+    def skipped_images(self) -> int:
+        """Unreadable images replaced so far on all ranks (``--on-bad-image skip``; a collective then)."""
+        if not self.files or self.opts.on_bad_image != "skip":
+            return 0
+        return int(all_reduce_(torch.tensor([self.bundle.skipped_images]), group=self.cpu_group))
 
     def sizes(self) -> dict:
         """What the run classifies over: ``head_classes`` (sharded head) or ``pool_slots`` (FFC)."""

@@ -1,12 +1,15 @@
 """``ffc-reshard SRC DST --world-size N``: rewrite a checkpoint's class shards (every head's centers and
 their optimizer state, every FFC class pool) for N ranks, offline (no process group). DeepSpeed's files
-are copied unchanged: loading at another world size converts its ZeRO state itself."""
+are copied unchanged: loading at another world size converts its ZeRO state itself. Every file of SRC is
+checked against its manifest's sizes and sha256 first; a damaged file, a full disk or any other failure
+exits 2 with a message naming the file, leaving no partial output."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from ..checkpoint import read_manifest, reshard, resolve_tag
+from ..checkpoint_files import CheckpointError
 
 
 def main(argv=None) -> int:
@@ -23,7 +26,7 @@ def main(argv=None) -> int:
         _, tag_dir = resolve_tag(args.src, args.tag)
         before = read_manifest(tag_dir)
         out = reshard(args.src, args.dst, args.world_size, tag=args.tag, progress=not args.quiet)
-    except (FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, OSError, ValueError) as exc:
         print(f"ffc-reshard: {exc}", file=sys.stderr)
         return 2
     for name, entry in before["parts"].items():

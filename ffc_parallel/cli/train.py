@@ -16,10 +16,10 @@ from the options. Writes under ``--output-dir``: ``metrics.json``, ``metrics.csv
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -60,6 +60,8 @@ class TrainOptions:
     max_eval_images: int = _opt(4000, "real data: cap on each evaluation set", "data")
     bucket_edges: list = _opt((20, 100), "class-frequency buckets: tail < a <= medium <= b < head", "data")
     num_workers: int = _opt(0, "DataLoader workers per rank for decoded images", "data")
+    on_bad_image: str = _opt("fail", "an image file that does not decode: fail (every rank stops, the file named) or "
+                             "skip (another image of its class instead, counted in the log)", "data", ("fail", "skip"))
     # model
     backbone: str = _opt("mlp", "mlp, resnet, insightface's r18 / r34 / r50 / r100 / r200 / mbf, or a "
                                 "torchvision/timm model name", "model")
@@ -247,58 +249,6 @@ def deepspeed_config(opts: TrainOptions, total_steps: int) -> dict:
     return config
 
 
-# ---------------------------------------------------------------------- logging
-class RunLog:
-    """Rank 0's log rows: ``metrics.csv`` and TensorBoard scalars (other ranks log nothing).
-
-    ``resume_step``: a resumed run keeps the rows up to the checkpoint's step and drops the later ones
-    (logged before a crash, then logged again by the resumed run)."""
-
-    COLUMNS = ("step", "epoch", "loss", "lr", "loss_scale", "samples_per_s", "elapsed_s")
-
-    def __init__(self, out_dir: Path, enabled: bool, resume_step: int | None):
-        self.enabled, self.tb = enabled, None
-        if not enabled:
-            return
-        path = out_dir / "metrics.csv"
-        kept = []
-        if resume_step is not None and path.exists():
-            with open(path, newline="") as f:
-                kept = [row for row in list(csv.reader(f))[1:] if row and int(row[0]) <= resume_step]
-        self.file = open(path, "w", newline="")
-        self.writer = csv.writer(self.file)
-        self.writer.writerow(self.COLUMNS)
-        self.writer.writerows(kept)
-        self.file.flush()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-        except ImportError:
-            print("ffc-train: tensorboard not installed, TensorBoard logging off (pip install tensorboard)",
-                  file=sys.stderr)
-
-    def row(self, **values) -> None:
-        if not self.enabled:
-            return
-        self.writer.writerow([values[c] for c in self.COLUMNS])
-        self.file.flush()
-        if self.tb is not None:
-            for key in ("loss", "lr", "loss_scale", "samples_per_s"):
-                self.tb.add_scalar(f"train/{key}", values[key], values["step"])
-
-    def scalars(self, prefix: str, values: dict, step: int) -> None:
-        if self.enabled and self.tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and value is not None:
-                    self.tb.add_scalar(f"{prefix}/{key}", value, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            if self.tb is not None:
-                self.tb.close()
-
-
 # ---------------------------------------------------------------------- the run
 def check_resumable(opts: TrainOptions) -> None:
     """With ``--resume``, raise unless ``output_dir/checkpoints`` holds a complete checkpoint."""
@@ -349,7 +299,7 @@ def train(opts: TrainOptions) -> dict | None:
     from ffc_parallel.cli.recipe import Recipe, check_options
     from ffc_parallel.data import build_data
     from ffc_parallel.distributed.collectives import average_batchnorm_stats_
-    from ffc_parallel.evaluation.report import read_log, summary_text, write_metrics_json, write_plots
+    from ffc_parallel.evaluation.report import RunLog, read_log, summary_text, write_metrics_json, write_plots
 
     check_options(opts)
     info = fp.init_distributed()
@@ -368,7 +318,7 @@ def train(opts: TrainOptions) -> dict | None:
                         feature_dim=opts.feature_dim, label_noise=opts.label_noise, max_images=opts.max_images,
                         eval_ids_per_bucket=opts.eval_ids_per_bucket, unseen_identities=opts.unseen_identities,
                         unseen_fraction=opts.unseen_fraction, max_eval_images=opts.max_eval_images,
-                        bucket_edges=tuple(opts.bucket_edges), seed=opts.seed)
+                        bucket_edges=tuple(opts.bucket_edges), on_bad_image=opts.on_bad_image, seed=opts.seed)
     if rank == 0:
         print(f"ffc-train: {bundle.description}", file=sys.stderr, flush=True)
     recipe = Recipe(opts, bundle, rank, world, device)
@@ -430,7 +380,8 @@ def train(opts: TrainOptions) -> dict | None:
                 rate = window_steps * samples_per_step / max(now - window_t, 1e-9)
                 row = dict(step=step, epoch=round(plan.epochs_done(step), 4),
                            loss=torch.stack(losses).float().mean().item(), lr=float(engine.get_lr()[0]),
-                           loss_scale=float(engine.loss_scale), samples_per_s=rate, elapsed_s=now - t_start)
+                           loss_scale=float(engine.loss_scale), samples_per_s=rate, elapsed_s=now - t_start,
+                           skipped_images=recipe.skipped_images())
                 log.row(**row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", samples_s=f"{rate:,.0f}",
@@ -448,12 +399,13 @@ def train(opts: TrainOptions) -> dict | None:
         bar.close()
 
     average_batchnorm_stats_(recipe.model)
+    skipped = recipe.skipped_images()
     training = None
     if rank == 0:
         rows = read_log(out_dir / "metrics.csv")
         training = dict(
             description=bundle.description, world_size=world, steps=step, epochs=round(plan.epochs_done(step), 3),
-            train_seconds=train_seconds,
+            train_seconds=train_seconds, skipped_images=skipped,
             samples_per_s=float(np.mean(rows["samples_per_s"][1:] or rows["samples_per_s"])) if rows else math.nan,
             loss_first=rows["loss"][0] if rows else math.nan, loss_last=rows["loss"][-1] if rows else math.nan,
             num_classes=bundle.num_classes, task=opts.task, head=opts.head, **recipe.sizes())
@@ -481,7 +433,8 @@ def train(opts: TrainOptions) -> dict | None:
 
 def main(argv=None) -> int:
     """The console entry point: returns 2 on bad options; after training, ends the process through
-    :func:`~ffc_parallel.distributed.exit_distributed` (every rank waits for rank 0's report)."""
+    :func:`~ffc_parallel.distributed.exit_distributed` (every rank waits for rank 0's report); an error in
+    training is printed and ends the process at once, exit code 1 (the interpreter's teardown took seconds)."""
     try:
         opts = parse_options(argv)
         from ffc_parallel.cli.recipe import check_options
@@ -492,7 +445,13 @@ def main(argv=None) -> int:
     # SIGTERM (the launch scripts forward it to every rank) unwinds like an exception: the log and
     # TensorBoard files are flushed and closed; a checkpoint being written stays in its staging directory.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    train(opts)
+    try:
+        train(opts)
+    except Exception:   # this rank's error, printed before its peers' collectives time out on it
+        sys.excepthook(*sys.exc_info())
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     from ffc_parallel.distributed import exit_distributed
     exit_distributed(0)
 

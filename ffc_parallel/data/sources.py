@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .digits import TensorData, load_digits_tensors
-from .imagefolder import ImageFolder
+from .imagefolder import BadImages, ImageFolder
 from .recordio import RecordIOFaces
 from .splits import Subset, cap_positions, split_identities, stack_inputs
 from .synthetic import SyntheticLongTail
@@ -27,7 +27,8 @@ class DataBundle:
 
     ``train[i] = (input, label)`` (and ``train.batch(indices)`` when vectorised); ``class_counts[C]``
     training images per class; ``seen = (inputs[n, ...], labels[n])`` held-out images of training
-    classes; ``unseen = (inputs[m, ...], identity[m])`` images of classes outside training.
+    classes; ``unseen = (inputs[m, ...], identity[m])`` images of classes outside training;
+    ``bad_images`` the image files' :class:`~ffc_parallel.data.imagefolder.BadImages` (None without files).
     """
 
     train: torch.utils.data.Dataset
@@ -37,6 +38,12 @@ class DataBundle:
     seen: tuple[torch.Tensor, torch.Tensor]
     unseen: tuple[torch.Tensor, torch.Tensor]
     description: str
+    bad_images: BadImages | None = None
+
+    @property
+    def skipped_images(self) -> int:
+        """Unreadable images this process (and its DataLoader workers) replaced so far (``on_bad_image="skip"``)."""
+        return self.bad_images.skipped if self.bad_images is not None else 0
 
 
 def frequency_buckets(class_counts, edges=DEFAULT_BUCKET_EDGES) -> np.ndarray:
@@ -50,8 +57,10 @@ def build_data(source: str = "synthetic", *, path: str | None = None, num_identi
                label_noise: float = 0.02, min_images: int = 2, max_images: int = 200,
                eval_ids_per_bucket: int = 300, eval_images_per_id: int = 2, unseen_identities: int = 300,
                unseen_images_per_id: int = 4, unseen_fraction: float = 0.1, heldout_per_class: int | None = None,
-               max_eval_images: int = 4000, bucket_edges=DEFAULT_BUCKET_EDGES, seed: int = 0) -> DataBundle:
-    """Build ``source`` (one of :data:`SOURCES`); the options that do not apply to it are ignored."""
+               max_eval_images: int = 4000, bucket_edges=DEFAULT_BUCKET_EDGES, on_bad_image: str = "fail",
+               seed: int = 0) -> DataBundle:
+    """Build ``source`` (one of :data:`SOURCES`); the options that do not apply to it are ignored.
+    ``on_bad_image`` (image files): ``"fail"`` or ``"skip"``, see :class:`~ffc_parallel.data.imagefolder.BadImages`."""
     if source == "synthetic":
         data = SyntheticLongTail(num_identities, mode=synthetic_mode, image_size=image_size, channels=channels,
                                  feature_dim=feature_dim, label_noise=label_noise, min_images=min_images,
@@ -75,8 +84,8 @@ def build_data(source: str = "synthetic", *, path: str | None = None, num_identi
     if source in ("imagefolder", "recordio"):
         if not path:
             raise ValueError(f"data source {source!r} needs a path (--data-path)")
-        base = (ImageFolder(path, image_size, channels) if source == "imagefolder"
-                else RecordIOFaces(path, image_size, channels))
+        base = (ImageFolder(path, image_size, channels, on_bad_image) if source == "imagefolder"
+                else RecordIOFaces(path, image_size, channels, on_bad_image))
         split = split_identities(base.labels, unseen_fraction=unseen_fraction,
                                  heldout_per_class=1 if heldout_per_class is None else heldout_per_class, seed=seed)
         seen_pick = cap_positions(split.seen, max_eval_images, seed)
@@ -85,5 +94,6 @@ def build_data(source: str = "synthetic", *, path: str | None = None, num_identi
         unseen = (stack_inputs(base, split.unseen[unseen_pick]), torch.from_numpy(split.unseen_ids[unseen_pick]))
         return DataBundle(Subset(base, split.train, split.train_labels), split.num_classes, split.class_counts,
                           (channels, image_size, image_size), seen, unseen,
-                          f"{source} {path}: {split.num_classes:,} training classes, {len(split.train):,} images")
+                          f"{source} {path}: {split.num_classes:,} training classes, {len(split.train):,} images",
+                          base.bad_images)
     raise ValueError(f"unknown data source {source!r}: choose one of {', '.join(SOURCES)}")

@@ -3,6 +3,7 @@ DeepSpeed's universal-checkpoint conversion), and reading its module states. Par
 only place besides ``deepspeed_bridge/__init__.py`` that knows DeepSpeed's internals."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -28,12 +29,38 @@ def _universal_info() -> dict:
     return {c.UNIVERSAL_CHECKPOINT_INFO: {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
 
-def save_engine(engine, save_dir, tag: str, client_state: dict, exclude_frozen_parameters: bool = False) -> None:
-    """DeepSpeed's files of ``engine`` into ``save_dir/tag`` (collective; no ``latest`` file)."""
+def save_engine(engine, save_dir, tag: str, client_state: dict, exclude_frozen_parameters: bool = False,
+                writes=None) -> None:
+    """DeepSpeed's files of ``engine`` into ``save_dir/tag`` (collective; no ``latest`` file, no recovery
+    scripts: DeepSpeed puts those into ``save_dir``, outside the checkpoint). ``writes(path, state, write)``,
+    if given, performs each of DeepSpeed's file writes (``write()`` is DeepSpeed's own) and must not
+    raise: a write failing on one rank then leaves DeepSpeed's collectives in step on every rank."""
     state = dict(client_state or {})
     state.update(_universal_info())
-    engine.save_checkpoint(str(save_dir), tag=tag, client_state=state, save_latest=False,
-                           exclude_frozen_parameters=exclude_frozen_parameters)
+    files = engine.checkpoint_engine
+    save = files.save
+    with contextlib.ExitStack() as patches:
+        patches.enter_context(_patched(engine, "_copy_recovery_script", lambda save_path: None))
+        if writes is not None:
+            patches.enter_context(_patched(files, "save", lambda state_dict, path: writes(
+                Path(path), state_dict, lambda: save(state_dict, path))))
+        engine.save_checkpoint(str(save_dir), tag=tag, client_state=state, save_latest=False,
+                               exclude_frozen_parameters=exclude_frozen_parameters)
+
+
+@contextlib.contextmanager
+def _patched(obj, name: str, value):
+    """``obj.name = value`` on the instance for the duration of the block, then as it was."""
+    had = name in vars(obj)
+    previous = vars(obj).get(name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(obj, name, previous)
+        else:
+            delattr(obj, name)
 
 
 def module_states(tag_dir: Path) -> dict:
@@ -106,21 +133,22 @@ def _load_universal(engine, tag_dir: Path, saved: int, kwargs: dict):
     converted = work / tag_dir.name
     error = None
     if rank == 0:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                               str(tag_dir), "--output_folder", str(converted)], capture_output=True, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
-        if proc.returncode != 0:
-            error = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-    failed = torch.tensor([int(error is not None)])
-    if dist.is_initialized():
-        dist.broadcast(failed, src=0)
-    if failed.item():
+        try:   # any failure here must reach the broadcast below, or the other ranks wait there forever
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                                   str(tag_dir), "--output_folder", str(converted)], capture_output=True, text=True,
+                                  env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+            if proc.returncode != 0:
+                error = (proc.stderr.strip().splitlines()[-1:] or ["(no output)"])[0]
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    error = _from_rank0(error)
+    if error is not None:
         if rank == 0:
             shutil.rmtree(work, ignore_errors=True)
-        raise RuntimeError(f"DeepSpeed's universal-checkpoint conversion of {tag_dir} failed on rank 0"
-                           + (f": {error[0]}" if error else " (see rank 0's log)"))
+        raise RuntimeError(f"DeepSpeed's universal-checkpoint conversion of {tag_dir} into {work} failed on rank 0: "
+                           f"{error}")
     config = engine._config
     previous = config.load_universal_checkpoint
     config.load_universal_checkpoint = True
@@ -135,6 +163,14 @@ def _load_universal(engine, tag_dir: Path, saved: int, kwargs: dict):
     return str(tag_dir), result[1]
 
 
+def _from_rank0(message):
+    """Rank 0's ``message`` (None or a string) on every rank."""
+    box = [message]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _load_zero3_module(engine, tag_dir: Path) -> dict:
     """ZeRO-3, module only, another world size: consolidate the fp32 module from the saved partitions
     on rank 0, scatter it into this run's partitions, refresh the fp32 master copies."""
@@ -142,7 +178,15 @@ def _load_zero3_module(engine, tag_dir: Path) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name) if rank == 0 else {}
+    full, error = {}, None
+    if rank == 0:
+        try:
+            full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        except Exception as exc:   # reported to every rank before the gathers below
+            error = f"{type(exc).__name__}: {exc}"
+    error = _from_rank0(error)
+    if error is not None:
+        raise RuntimeError(f"consolidating the ZeRO-3 module of {tag_dir} failed on rank 0: {error}")
     for name, param in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if rank == 0:

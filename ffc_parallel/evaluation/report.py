@@ -1,12 +1,65 @@
-"""What a training run leaves behind: ``metrics.json``, PNG plots (rendered headless) and a one-screen summary."""
+"""What a training run leaves behind: ``metrics.csv`` and TensorBoard (:class:`RunLog`), ``metrics.json``, PNG plots
+(rendered headless) and a one-screen summary."""
 from __future__ import annotations
 
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 from .metrics import BUCKET_NAMES
+
+
+class RunLog:
+    """Rank 0's log rows: ``metrics.csv`` and TensorBoard scalars (other ranks log nothing).
+
+    ``resume_step``: a resumed run keeps the rows up to the checkpoint's step and drops the later ones
+    (logged before a crash, then logged again by the resumed run)."""
+
+    COLUMNS = ("step", "epoch", "loss", "lr", "loss_scale", "samples_per_s", "elapsed_s", "skipped_images")
+
+    def __init__(self, out_dir: Path, enabled: bool, resume_step: int | None):
+        self.enabled, self.tb = enabled, None
+        if not enabled:
+            return
+        path = out_dir / "metrics.csv"
+        kept = []
+        if resume_step is not None and path.exists():
+            with open(path, newline="") as f:
+                kept = [row for row in list(csv.reader(f))[1:] if row and int(row[0]) <= resume_step]
+        self.file = open(path, "w", newline="")
+        self.writer = csv.writer(self.file)
+        self.writer.writerow(self.COLUMNS)
+        self.writer.writerows(kept)
+        self.file.flush()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:
+            print("ffc-train: tensorboard not installed, TensorBoard logging off (pip install tensorboard)",
+                  file=sys.stderr)
+
+    def row(self, **values) -> None:
+        if not self.enabled:
+            return
+        self.writer.writerow([values[c] for c in self.COLUMNS])
+        self.file.flush()
+        if self.tb is not None:
+            for key in ("loss", "lr", "loss_scale", "samples_per_s", "skipped_images"):
+                self.tb.add_scalar(f"train/{key}", values[key], values["step"])
+
+    def scalars(self, prefix: str, values: dict, step: int) -> None:
+        if self.enabled and self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and value is not None:
+                    self.tb.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
 
 
 def read_log(csv_path) -> dict[str, list[float]]:

@@ -3,7 +3,7 @@ fused chunked kernel (``softmax_ce``)."""
 from ..compat import moved_names
 from .margins import CombinedMargin, resolve_margin
 from .row_loss import CrossEntropy, RowLoss
-from .sharded import ShardedClassifier, shard_range
+from .classifier import ShardedClassifier, shard_range
 
 __all__ = ["CombinedMargin", "CrossEntropy", "RowLoss", "ShardedClassifier", "resolve_margin", "shard_range"]
 

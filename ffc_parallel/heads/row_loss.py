@@ -21,11 +21,38 @@ class RowLoss(Protocol):
                  ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+REDUCTIONS = ("weighted_mean", "mean")   # the one reduction family of every row loss
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def reduce_rows(per_sample: torch.Tensor, weight: torch.Tensor | None, reduction: str):
+    """``(loss, d loss / d per_sample [B])`` of ``Σ_b w_b per_sample_b / norm``: ``norm = Σ_b w_b``
+    (``"weighted_mean"``, PyTorch's ``cross_entropy(weight=)``; the plain mean without weights) or the
+    global batch size ``B`` (``"mean"``). ``weight`` None: all ones."""
+    batch = per_sample.numel()
+    w = torch.ones_like(per_sample) if weight is None else weight.to(per_sample.dtype)
+    norm = w.sum() if reduction == "weighted_mean" else torch.tensor(float(batch), dtype=per_sample.dtype)
+    if not norm > 0:
+        raise ValueError("the class weights of every label in the global batch are 0: the weighted mean "
+                         "is undefined (give those classes a positive weight or use reduction='mean')")
+    return (w * per_sample).sum() / norm, w / norm
+
+
 class CrossEntropy(RowLoss):
-    """``-mean_b(l_b)``; with class weights, PyTorch's weighted mean ``-sum(w_y l) / sum(w_y)``."""
+    """``Σ_b w_y[b] (-l_b) / norm`` (:func:`reduce_rows`): ``-mean(l)`` without class weights; with them
+    PyTorch's weighted mean (``"weighted_mean"``) or the class-balanced paper's ``/ B`` (``"mean"``)."""
+
+    def __init__(self, reduction: str = "weighted_mean"):
+        self.reduction = check_reduction(reduction)
 
     def __call__(self, log_p, class_weight):
-        if class_weight is None:
-            return -log_p.mean(), torch.full_like(log_p, -1.0 / log_p.numel())
-        norm = class_weight.sum()
-        return -(class_weight * log_p).sum() / norm, -class_weight / norm
+        loss, coef = reduce_rows(-log_p, class_weight, self.reduction)
+        return loss, -coef
+
+    def __repr__(self):
+        return f"CrossEntropy(reduction={self.reduction!r})"

@@ -10,7 +10,7 @@ loss is
 computed tile by tile over the local classes, never materialising ``[B, num_local]``:
 
 * gather: the global batch arrives in ``pieces`` asynchronous all-gathers, all issued at once; the
-  classes are walked for piece p while pieces p+1.. are still in flight.
+  classes are walked for piece p while pieces p+1.. are still in flight (``walk.py``).
 * forward: per tile one GEMM ``xn @ v_c.T`` with ``v_c = s log2(e) w_c / |w_c|`` gives the logits in
   base-2 units (``exp2`` is cheaper than ``exp`` on CPU); an online log-sum-exp per row is combined
   across ranks by two all-reduces (MAX of the row log-sum-exp, SUM of the rescaled sums stacked with
@@ -18,256 +18,38 @@ computed tile by tile over the local classes, never materialising ``[B, num_loca
 * backward: per tile ``G = d loss / d logit`` (softmax minus targets, margin derivative on the
   label), then ``d xn += G @ v_c`` and ``d v_c = G.T @ xn`` mapped to ``d w_c`` through the
   normalisation (an ``[n, D]`` operation). ``exp2(logit - row max)`` of the leading tiles that fit
-  the cache part of the memory budget is kept from the forward (the softmax is then one multiply);
-  the others are recomputed (one extra GEMM for those tiles only). With the default budget, small
-  shards keep everything and run exactly three matrix products. The backward walks the pieces in
-  order and reduce-scatters each piece's embedding gradient (summed over ranks, since every rank holds
-  a part of every sample's softmax) while the next piece is computed. With more than one piece the
-  center gradient is accumulated once per piece.
+  the cache part of the memory budget is kept from the forward (the softmax is then one multiply,
+  ``logit_cache.py``); the others are recomputed (one extra GEMM for those tiles only). With the
+  default budget, small shards keep everything and run exactly three matrix products. The backward
+  walks the pieces in order and reduce-scatters each piece's embedding gradient (summed over ranks,
+  since every rank holds a part of every sample's softmax) while the next piece is computed. With
+  more than one piece the center gradient is accumulated once per piece.
 
 Memory: the :class:`ChunkPlan` (from the budget) fixes how many logits may be cached. The compute
 tile is the plan's chunk on accelerators; on CPU it is capped at ``CPU_TILE_BYTES`` per ``[B, tile]``
 buffer so that the elementwise passes after each GEMM run in the last-level cache. All work buffers
 (one ``[B, tile]``, up to three ``[tile, D]``) are allocated once per call and reused.
+
+Where the parts live: ``chunking.py`` (plan, tiles, targets by tile), ``stages.py`` (the math, one
+function per stage), ``walk.py`` (pieces, tiles and gradient writing, shared with
+``sigmoid_focal.py``), ``logit_cache.py`` and, for the CPU cache inside the center-gradient buffer,
+``borrowed_grad.py``.
 """
 from __future__ import annotations
 
-import contextvars
 import math
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from ..distributed.collectives import CommTimer, ReduceScatterPieces, all_gather_pieces, all_reduce_
-from .margins import CombinedMargin
+from .borrowed_grad import borrowed_columns, borrows_gradient
+from .chunking import DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, chunk_cosines, chunk_rows, stats_dtype
+from .logit_cache import LogitCache
+from .stages import (combine_over_ranks, online_lse_, softmax_from_cache_, softmax_from_logits_, softmax_grad_,
+                     target_logits_)
+from .walk import LossOptions, Targets, TileWalk
 
-DEFAULT_MEMORY_BUDGET_MB = 256
-_WORK_BUFFERS = 3  # [B, chunk] buffers the budget sets aside for work (see ChunkPlan.cache_bytes)
-CPU_TILE_BYTES = 4 << 20  # largest [B, tile] stats buffer on CPU (4-8 MiB measured faster than 22 MiB)
-LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)
-_GRAD_MODE = contextvars.ContextVar("ffc_grad_mode", default=True)  # grad mode of the caller of apply
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """How the memory budget is split: work buffers of ``chunk`` classes, and ``cached`` chunks' worth
-    of exponentiated logits kept between forward and backward. The loss computes in tiles of at most
-    ``chunk`` classes (:meth:`tile`) and caches by bytes (:meth:`cache_bytes`)."""
-
-    chunk: int
-    cached: int
-
-    @staticmethod
-    def for_budget(batch: int, num_cols: int, elem_bytes: int, budget_bytes: int,
-                   chunk_size: int | None = None) -> "ChunkPlan":
-        """Largest chunk whose work buffers use at most a quarter of ``budget_bytes``; the rest of
-        the budget caches chunks for the backward. ``chunk_size`` overrides the chunk."""
-        row_bytes = max(batch, 1) * elem_bytes
-        if chunk_size is None:
-            chunk_size = max(1, budget_bytes // (4 * _WORK_BUFFERS * row_bytes))
-        chunk = max(1, min(int(chunk_size), max(num_cols, 1)))
-        spare = budget_bytes - _WORK_BUFFERS * row_bytes * chunk
-        cached = max(0, spare // (row_bytes * chunk)) if spare > 0 else 0
-        return ChunkPlan(chunk, int(min(cached, math.ceil(num_cols / chunk))))
-
-    def tile(self, batch: int, stats_bytes: int, device_type: str) -> int:
-        """Classes per compute tile: ``chunk``, capped on CPU so that a ``[batch, tile]`` stats buffer
-        takes at most ``CPU_TILE_BYTES`` and the elementwise passes after its GEMM run in cache."""
-        if device_type != "cpu":
-            return self.chunk
-        return max(1, min(self.chunk, CPU_TILE_BYTES // (max(batch, 1) * stats_bytes)))
-
-    def cache_bytes(self, batch: int, num_cols: int, dim: int, weight_bytes: int, stats_bytes: int,
-                    tile: int, direct: bool) -> int:
-        """Bytes of ``exp2(logit - row max)`` the forward may keep for the backward in tensors of its
-        own: the ``cached`` chunks, less whatever the loss's buffers (:func:`work_bytes`) take beyond
-        the ``_WORK_BUFFERS`` chunks the budget set aside (see also :func:`borrowed_columns`)."""
-        row = max(batch, 1) * stats_bytes
-        spare = _WORK_BUFFERS * row * self.chunk - work_bytes(batch, num_cols, dim, weight_bytes, stats_bytes,
-                                                               tile, direct)
-        return max(0, min(self.cached * row * self.chunk + min(0, spare), row * num_cols))
-
-
-def work_bytes(batch: int, num_cols: int, dim: int, weight_bytes: int, stats_bytes: int, tile: int,
-               direct: bool) -> int:
-    """Buffers of one call besides the cache: a ``[batch, tile]`` stats buffer (and the half-precision
-    GEMM output copied into it), two or three ``[tile, D]`` (scaled rows, a product, the center
-    gradient of a tile unless it is written in place) and ``sigma / |w|`` of every class used."""
-    tile = min(tile, max(num_cols, 1))
-    logits = batch * tile * (stats_bytes + (weight_bytes if weight_bytes < stats_bytes else 0))
-    return logits + (2 + (not direct)) * tile * dim * weight_bytes + num_cols * stats_bytes
-
-
-def borrows_gradient(device_type: str, direct: bool, grad_exists: bool, stats_dtype_grad: bool) -> bool:
-    """Whether the cache may live in the center gradient's buffer until the backward writes it: on
-    CPU (the buffer's pages are committed as they are first written, so the borrowed part costs no
-    memory beyond the gradient), one piece over all classes (the backward writes the gradient tile
-    by tile, in order, into a buffer it returns), no gradient kept from an earlier step, and the
-    gradient in the stats dtype (``stats_dtype_grad``)."""
-    return device_type == "cpu" and direct and not grad_exists and stats_dtype_grad
-
-
-def borrowed_columns(batch: int, num_cols: int, dim: int, tile: int) -> int:
-    """Classes whose cache entries fit the ``[num_cols, dim]`` gradient buffer: tile j is placed at or
-    after the gradient rows of tiles before it (written by the backward before it reaches tile j)
-    and after the previous entry; placement stops at the first tile that does not fit."""
-    end = 0
-    for start in range(0, num_cols, tile):
-        size = batch * (min(start + tile, num_cols) - start)
-        offset = max(end, start * dim)
-        if offset + size > num_cols * dim:
-            return start
-        end = offset + size
-    return num_cols
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the log-sum-exp statistics and elementwise softmax work (fp32 at least)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def chunk_rows(weight, rows, start, stop, sdt):
-    """Local classes ``start:stop`` (of ``rows`` if given): ``(w_c[n, D], inv_norm[n] in sdt)``.
-
-    ``w_c`` is a view of ``weight`` when ``rows`` is None and a copy of the ``n`` selected rows
-    otherwise (never a copy of the whole shard).
-    """
-    w_c = weight[start:stop] if rows is None else weight.index_select(0, rows[start:stop])
-    inv = torch.linalg.vector_norm(w_c, dim=1, dtype=sdt).clamp_min_(1e-12).reciprocal_()
-    return w_c, inv
-
-
-def chunk_cosines(xn, w_c, inv):
-    """Cosines ``[B, n]`` (stats dtype, clamped to [-1, 1]) of ``xn[B, D]`` against ``w_c``."""
-    cos = torch.mm(xn, w_c.t())
-    cos = cos.to(inv.dtype) if cos.dtype != inv.dtype else cos
-    return cos.mul_(inv).clamp_(-1.0, 1.0)
-
-
-@dataclass
-class Targets:
-    """What each sample of the global batch is scored against (tensors on the weight's device).
-
-    cols: ``[B, T]`` column of each target among the used local rows, -1 where another rank owns the
-        class. Column 0 is the sample's label, the only target that gets the margin.
-    q: ``[B, T]`` target probabilities (each row sums to 1), or None for ``T = 1``, ``q = 1``.
-    class_weight_part: ``[B]`` the label's class weight where this rank owns the label, 0 elsewhere
-        (summed over ranks into ``w_y``), or None for unit weights.
-    """
-
-    cols: torch.Tensor
-    q: torch.Tensor | None = None
-    class_weight_part: torch.Tensor | None = None
-
-
-class _TileTargets:
-    """The entries of a ``[n, T]`` target-column table sorted by column, cut at the tile edges:
-    ``tile(i, start)`` gives ``(rows, cols - start, t)`` of the entries inside tile ``i``, or None
-    (most tiles of a large shard hold no target)."""
-
-    def __init__(self, cols: torch.Tensor, edges: list[int]):
-        rows, t = (cols >= 0).nonzero(as_tuple=True)
-        c = cols[rows, t]
-        order = torch.argsort(c, stable=True)
-        self.rows, self.cols, self.t = rows[order], c[order], t[order]
-        self.bounds = torch.searchsorted(self.cols, torch.tensor(edges, device=cols.device)).tolist()
-
-    def tile(self, i: int, start: int):
-        lo, hi = self.bounds[i], self.bounds[i + 1]
-        return None if lo == hi else (self.rows[lo:hi], self.cols[lo:hi] - start, self.t[lo:hi])
-
-
-class _LogitCache:
-    """``(piece, tile) -> (exp2(z - row max) [n, k], row max [n, 1], filter mask, overlaps)`` kept from
-    the forward for the backward.
-
-    Tiles first go into ``borrow`` (the flat center-gradient buffer, see :func:`borrows_gradient` and
-    :func:`borrowed_columns` for the placement; ``overlaps``: the tile's own gradient rows overlap its
-    entry, so the backward writes them through a temporary), then into tensors of their own while
-    ``capacity`` elements last.
-    """
-
-    def __init__(self, capacity: int, dtype, device, borrow: torch.Tensor | None = None, dim: int = 0):
-        self.left, self.dtype, self.device, self.borrow, self.dim = capacity, dtype, device, borrow, dim
-        self.entries, self._end = {}, 0
-
-    def buffer(self, rows: int, start: int, stop: int):
-        """``([rows, stop - start] tensor to keep, overlaps)``, or ``(None, False)`` when full."""
-        size = rows * (stop - start)
-        if self.borrow is not None:
-            offset = max(self._end, start * self.dim)
-            if offset + size <= self.borrow.numel():
-                self._end = offset + size
-                return self.borrow[offset: offset + size].view(rows, stop - start), offset < stop * self.dim
-            self.borrow = None  # the later tiles do not fit either
-        if 0 < size <= self.left:
-            self.left -= size
-            return torch.empty((rows, stop - start), dtype=self.dtype, device=self.device), False
-        return None, False
-
-
-def _tiles(n, tile):
-    return [(i, min(i + tile, n)) for i in range(0, n, tile)]
-
-
-def _scaled_rows_(weight, rows, start, stop, scale, out, fresh, sigma):
-    """``v_c[n, D] = scale * w_c`` written into ``out[:n]`` (rows ``start:stop`` of ``weight``, or of
-    ``weight[rows]``). With ``fresh``, first sets ``scale[start:stop] = sigma / |w_c|``."""
-    v = out[: stop - start]
-    src = weight[start:stop] if rows is None else torch.index_select(weight, 0, rows[start:stop], out=v)
-    a = scale[start:stop]
-    if fresh:
-        torch.linalg.vector_norm(src, dim=1, dtype=a.dtype, out=a)
-        a.clamp_min_(1e-12).reciprocal_().mul_(sigma)
-    torch.mul(src, a.unsqueeze(1).to(src.dtype), out=v)
-    return v
-
-
-def _logits_into(out, xn, v):
-    """``out[n, k] = xn[n, D] @ v[k, D].T`` (``out`` in the stats dtype)."""
-    if out.dtype == xn.dtype:
-        torch.mm(xn, v.t(), out=out)
-    else:
-        out.copy_(torch.mm(xn, v.t()))
-
-
-def _finish_logits_(z, hit, margin: CombinedMargin, filter_threshold):
-    """In place on base-2 logits ``z = log2(e) * logit``: the margin on label entries of ``hit =
-    (rows, cols, t)`` (``t == 0``; None: no target here), 0 for non-target entries above
-    ``s * filter_threshold`` (insightface's interclass filtering). Returns ``(label_cos, mask)``: the
-    labels' unmargined cosines (None without targets) and the filtered entries (or None)."""
-    sigma = margin.s * LOG2E
-    mask = None
-    if filter_threshold is not None:
-        mask = z > sigma * filter_threshold
-        if hit is not None:
-            mask[hit[0], hit[1]] = False
-        z.masked_fill_(mask, 0.0)
-    if hit is None:
-        return None, mask
-    rows, cols, t = hit
-    label = t == 0
-    l_rows, l_cols = rows[label], cols[label]
-    label_cos = (z[l_rows, l_cols] / sigma).clamp_(-1.0, 1.0)
-    z[l_rows, l_cols] = sigma * margin.target(label_cos)
-    return label_cos, mask
-
-
-def _center_grad_(h, v, scale, s, tmp):
-    """In place: ``h[n, D] = d loss / d v_c`` (up to the factor ln 2) becomes ``d loss / d w_c``:
-    ``(s / |w|) (h - v (v . h) / sigma^2)`` with ``v = sigma w / |w|``, ``scale = sigma / |w|``."""
-    sigma = s * LOG2E
-    radial = torch.mul(h, v, out=tmp[: h.shape[0]]).sum(dim=1, dtype=scale.dtype)
-    a = scale * LN2                                                 # s / |w|
-    h.mul_(a.unsqueeze(1).to(h.dtype))
-    h.addcmul_(v, radial.mul_(a).div_(sigma * sigma).unsqueeze(1).to(h.dtype), value=-1.0)
-    return h
-
-
-def _target_slice(targets: Targets, q: torch.Tensor, rows: torch.Tensor):
-    """The target table restricted to global rows ``rows``: ``(cols[n, T], q[n, T])``."""
-    return targets.cols.index_select(0, rows), q.index_select(0, rows)
+__all__ = ["DEFAULT_MEMORY_BUDGET_MB", "ChunkPlan", "LossOptions", "ShardedMarginSoftmaxCE", "Targets",
+           "borrowed_columns", "borrows_gradient", "chunk_cosines", "chunk_rows", "stats_dtype"]
 
 
 class ShardedMarginSoftmaxCE(torch.autograd.Function):
@@ -278,212 +60,69 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
     the loss and its derivative ``dloss/dl`` (default: ``-mean(l)``), so that
     ``d loss / d logit_bj = dloss/dl_b * (q_bj - p_bj)``.
 
-    Args (non-tensor ones get no gradient):
-        rows: ``[S]`` sorted local row indices to use (Partial FC) or None for all rows.
-        targets: a :class:`Targets` for the global (rank-major) batch.
-        plan: a :class:`ChunkPlan`. group: the process group the classes are sharded over.
-        row_loss: a :class:`~ffc_parallel.heads.row_loss.RowLoss`.
-        layout: a :class:`~ffc_parallel.distributed.collectives.PieceLayout` (None: one process).
-        comm_stats: a dict that receives the forward/backward :class:`CommTimer` summaries.
-        accumulate: add the center gradient straight into ``weight.grad`` (set if None) instead of
-            returning it through autograd (the head's training mode): with ``rows`` only those
-            rows are written, so a step costs O(rows) once ``weight.grad`` exists (the centers'
-            trainer zeroes only the touched rows after its step), and the gradient is complete
-            when the backward returns (the fp16 overflow check reads it).
+    ``apply(x_local, weight, rows, targets, options)``: ``rows[S]`` sorted local row indices to use
+    (Partial FC) or None for all rows; ``targets`` a :class:`Targets` for the global (rank-major)
+    batch; ``options`` a :class:`LossOptions` (no gradient).
     """
 
-    @classmethod
-    def apply(cls, *args):
-        """As ``torch.autograd.Function.apply``; the forward learns whether a graph is recorded (it
-        runs with grad mode off, and ``ctx.needs_input_grad`` does not tell), so that a ``no_grad``
-        call caches nothing."""
-        token = _GRAD_MODE.set(torch.is_grad_enabled())
-        try:
-            return super().apply(*args)
-        finally:
-            _GRAD_MODE.reset(token)
-
     @staticmethod
-    def forward(ctx, x_local, weight, rows, targets, margin, filter_threshold, plan, group, row_loss,
-                layout, comm_stats, accumulate=False):
-        sdt = stats_dtype(x_local.dtype)
-        device = x_local.device
-        batch = x_local.shape[0] if layout is None else sum(layout.sizes)
-        num_cols = weight.shape[0] if rows is None else rows.numel()
-        need_grad = _GRAD_MODE.get() and any(ctx.needs_input_grad[:2])
+    def forward(ctx, x_local, weight, rows, targets: Targets, options: LossOptions):
+        walk = TileWalk.start(x_local, weight, rows, targets, options)
+        cache = LogitCache.for_call(walk, weight, options.record, ctx.needs_input_grad[1])
+        sdt, device = walk.sdt, x_local.device
         q = targets.q.to(sdt) if targets.q is not None else torch.ones_like(targets.cols, dtype=sdt)
-        sbytes = torch.finfo(sdt).bits // 8
-        tile = plan.tile(batch, sbytes, device.type)
-        direct = rows is None and (layout is None or layout.pieces == 1)   # see the backward
-        capacity = plan.cache_bytes(batch, num_cols, weight.shape[1], weight.element_size(), sbytes, tile,
-                                    direct) // sbytes if need_grad else 0
-        grad_buffer = None
-        if need_grad and ctx.needs_input_grad[1] and borrows_gradient(device.type, direct, weight.grad is not None,
-                                                        weight.dtype == sdt):
-            grad_buffer = torch.empty_like(weight, memory_format=torch.contiguous_format)
-        cache = _LogitCache(capacity, sdt, device, None if grad_buffer is None else grad_buffer.view(-1),
-                            weight.shape[1])
-        tiles = _tiles(num_cols, tile)
-        edges = [start for start, _ in tiles] + [num_cols]
-        sigma = margin.s * LOG2E
-        xn = x_local.new_empty((batch, x_local.shape[1]))
-        norms = torch.empty(batch, 1, dtype=x_local.dtype, device=device)
-        scale = torch.empty(num_cols, dtype=sdt, device=device)        # sigma / |w_j|, set by piece 0
-        run_lse = torch.empty(batch, dtype=sdt, device=device)         # base 2
-        target_logit = torch.empty(batch, dtype=sdt, device=device)    # sum_t q_t * z_t (local part)
-        label_cos = torch.zeros(batch, dtype=sdt, device=device)       # unmargined cosine of own labels
-        v_buf = weight.new_empty((min(tile, num_cols), weight.shape[1]))
-        work = torch.empty(0, dtype=sdt, device=device)
-        timer = CommTimer()
-        pieces = ([(0, x_local, torch.arange(batch, device=device))] if layout is None
-                  else all_gather_pieces(x_local, layout, group, timer))
-        for number, (piece, x_p, global_rows) in enumerate(pieces):
-            norms_p = torch.linalg.vector_norm(x_p, dim=1, keepdim=True).clamp_min_(1e-12)
-            xn_p = x_p / norms_p
-            xn[global_rows], norms[global_rows] = xn_p, norms_p
-            cols_p, q_p = _target_slice(targets, q, global_rows)
-            found = _TileTargets(cols_p, edges)
-            n = xn_p.shape[0]
-            if work.numel() < n * tile:
-                work = torch.empty(n * tile, dtype=sdt, device=device)
+        run_lse = torch.empty(walk.batch, dtype=sdt, device=device)        # base 2
+        target_logit = torch.empty(walk.batch, dtype=sdt, device=device)   # sum_t q_t * z_t (local part)
+        label_cos = torch.zeros(walk.batch, dtype=sdt, device=device)      # unmargined cosine of own labels
+        for piece in walk.gather(x_local):
+            n, q_p = piece.n, q.index_select(0, piece.rows)
             p_lse = torch.full((n,), -math.inf, dtype=sdt, device=device)
             p_target = torch.zeros(n, dtype=sdt, device=device)
-            for index, (start, stop) in enumerate(tiles):
-                v = _scaled_rows_(weight, rows, start, stop, scale, v_buf, number == 0, sigma)
-                z, overlaps = cache.buffer(n, start, stop)
+            for tile in walk.tiles(piece):
+                z = cache.slot(n, tile.start, tile.stop)
                 keep = z is not None
-                z = z if keep else work[: n * (stop - start)].view(n, stop - start)
-                _logits_into(z, xn_p, v)
-                hit = found.tile(index, start)
-                cos_l, mask = _finish_logits_(z, hit, margin, filter_threshold)
-                if hit is not None:
-                    t_rows, t_cols, t = hit
-                    label_cos[global_rows[t_rows[t == 0]]] = cos_l
-                    p_target.index_add_(0, t_rows, q_p[t_rows, t] * z[t_rows, t_cols])
-                row_max = z.amax(dim=1, keepdim=True)
-                z.sub_(row_max).exp2_()                                  # in place: 2^(z - row max)
-                torch.logaddexp2(p_lse, row_max.squeeze(1) + z.sum(dim=1).log2_(), out=p_lse)
+                z = z if keep else walk.work(piece, tile)
+                cos_l, mask = walk.logits(z, piece, tile)
+                if tile.hit is not None:
+                    t_rows, _, t = tile.hit
+                    label_cos[piece.rows[t_rows[t == 0]]] = cos_l
+                    target_logits_(p_target, z, tile.hit, q_p)
+                row_max = online_lse_(p_lse, z)                                # z is now 2^(z - row max)
                 if keep:  # the backward turns these into softmax with one multiply
-                    cache.entries[piece, index] = (z, row_max, mask, overlaps)
-            run_lse[global_rows], target_logit[global_rows] = p_lse, p_target
-        del work, v_buf
-        global_max = all_reduce_(run_lse.clone(), dist.ReduceOp.MAX, group)
-        # A rank without classes has run_lse = -inf: it contributes 2^(-inf) = 0.
-        parts = [torch.exp2(run_lse - global_max), target_logit.mul_(LN2)]
-        if targets.class_weight_part is not None:
-            parts.append(targets.class_weight_part.to(sdt))
-        summed = all_reduce_(torch.stack(parts, dim=1), dist.ReduceOp.SUM, group)
-        log2_z = global_max + torch.log2(summed[:, 0])
-        class_weight = summed[:, 2] if targets.class_weight_part is not None else None
-        loss, dloss_dl = row_loss(summed[:, 1] - log2_z * LN2, class_weight)
-        ctx.save_for_backward(xn, norms, weight, rows, scale, log2_z, dloss_dl.to(sdt), label_cos)
-        ctx.targets, ctx.q, ctx.cache, ctx.layout, ctx.group = targets, q, cache, layout, group
-        ctx.margin, ctx.filter_threshold, ctx.tile, ctx.comm_stats = margin, filter_threshold, tile, comm_stats
-        ctx.accumulate_into = weight if accumulate else None
-        ctx.grad_buffer = grad_buffer
-        if comm_stats is not None:
-            comm_stats["forward"] = timer.summary()
+                    cache.keep(piece.number, tile.index, z, row_max, mask)
+            run_lse[piece.rows], target_logit[piece.rows] = p_lse, p_target
+        log2_z, target_ll, class_weight = combine_over_ranks(run_lse, target_logit, targets.class_weight_part,
+                                                             options.group)
+        loss, dloss_dl = options.row_loss(target_ll, class_weight)
+        ctx.save_for_backward(walk.xn, walk.norms, weight, rows, walk.scale, log2_z, dloss_dl.to(sdt), label_cos)
+        ctx.targets, ctx.q, ctx.cache, ctx.options = targets, q, cache, options
+        walk.report("forward")
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         xn, norms, weight, rows, scale, log2_z, dloss_dl, label_cos = ctx.saved_tensors
-        margin, cache, layout = ctx.margin, ctx.cache, ctx.layout
-        want_x, want_w = ctx.needs_input_grad[:2]
-        sdt, device = log2_z.dtype, xn.device
-        coef = grad_loss.to(sdt) * dloss_dl                      # d loss / d l_b   [B]
+        options, cache, (want_x, want_w) = ctx.options, ctx.cache, ctx.needs_input_grad[:2]
+        walk = TileWalk(weight, rows, ctx.targets, options, xn, norms, scale)
+        coef = grad_loss.to(log2_z.dtype) * dloss_dl                    # d loss / d l_b   [B]
         # d loss / d logit = coef * (q - p); fold -coef into the exponent when it is negative everywhere.
         fold = bool((coef < 0).all())
         shift = log2_z - torch.log2(-coef) if fold else log2_z
-        num_cols = weight.shape[0] if rows is None else rows.numel()
-        num_pieces = 1 if layout is None else layout.pieces
-        direct = rows is None and num_pieces == 1       # d w of a tile is written in place into grad_w
-        grad_w, param = None, ctx.accumulate_into
-        if want_w and param is not None and param.grad is not None and ctx.grad_buffer is None:
-            grad_w, direct = param.grad, False        # accumulate: add into the gradient there is
-        elif want_w and param is not None and rows is not None:   # Partial FC: rows into a zero gradient
-            param.grad = grad_w = torch.zeros_like(param)
-        elif want_w and ctx.grad_buffer is not None:
-            grad_w, ctx.grad_buffer = ctx.grad_buffer, None   # holds the cache entries until they are used
-        elif want_w:
-            grad_w = torch.empty_like(weight) if direct else torch.zeros_like(weight)
-        tiles = _tiles(num_cols, ctx.tile)
-        edges = [start for start, _ in tiles] + [num_cols]
-        width = min(ctx.tile, num_cols)
-        v_buf = weight.new_empty((width, weight.shape[1]))
-        tmp = weight.new_empty((width, weight.shape[1]) if want_w else (0, 0))
-        h_buf = weight.new_empty((width, weight.shape[1]) if want_w else (0, 0))
-        work = torch.empty(0, dtype=sdt, device=device)
-        timer = CommTimer()
-        scatter = None if layout is None else ReduceScatterPieces(layout, xn, ctx.group, timer)
-        grad_x = None
-        for piece in range(num_pieces):
-            global_rows = torch.arange(xn.shape[0], device=device) if layout is None else layout.rows(piece)[1]
-            xn_p, coef_p = xn.index_select(0, global_rows), coef.index_select(0, global_rows).unsqueeze(1)
-            cols_p, q_p = _target_slice(ctx.targets, ctx.q, global_rows)
-            found = _TileTargets(cols_p, edges)
-            shift_p = shift.index_select(0, global_rows).unsqueeze(1)
-            log2_z_p = log2_z.index_select(0, global_rows).unsqueeze(1)
-            cos_p = label_cos.index_select(0, global_rows)
-            n = xn_p.shape[0]
-            grad_xn_p = torch.zeros(xn_p.shape, dtype=sdt, device=device) if want_x else None
-            for index, (start, stop) in enumerate(tiles):
-                v = _scaled_rows_(weight, rows, start, stop, scale, v_buf, False, None)
-                hit = found.tile(index, start)
-                cached = cache.entries.pop((piece, index), None)  # gone after a first backward: recompute
-                overlaps = False
+        center = walk.center_gradient(cache.borrow) if want_w else None
+        for piece in walk.pieces_again(want_x):
+            coef_p, shift_p, log2_z_p = (t.index_select(0, piece.rows).unsqueeze(1) for t in (coef, shift, log2_z))
+            q_p, cos_p = ctx.q.index_select(0, piece.rows), label_cos.index_select(0, piece.rows)
+            for tile in walk.tiles(piece):
+                cached = cache.take(piece.number, tile.index)   # gone after a first backward: recompute
                 if cached is not None:
-                    grad, row_max, mask, overlaps = cached                  # 2^(z - row max)
-                    grad.mul_(torch.exp2(row_max - log2_z_p).mul_(coef_p.neg()))   # -coef * p
+                    grad, mask = softmax_from_cache_(cached.exp, cached.row_max, log2_z_p, coef_p.neg()), cached.mask
                 else:
-                    if work.numel() < n * (stop - start):
-                        work = torch.empty(n * ctx.tile, dtype=sdt, device=device)
-                    grad = work[: n * (stop - start)].view(n, stop - start)
-                    _logits_into(grad, xn_p, v)
-                    mask = _finish_logits_(grad, hit, margin, ctx.filter_threshold)[1]
-                    grad.sub_(shift_p).exp2_()                              # -coef * p
-                    if not fold:
-                        grad.mul_(coef_p.neg())
-                if hit is not None:
-                    t_rows, t_cols, t = hit
-                    grad.index_put_((t_rows, t_cols), coef_p[t_rows, 0] * q_p[t_rows, t], accumulate=True)
-                    label = t == 0                                          # the label's logit is s f(cos)
-                    grad[t_rows[label], t_cols[label]] *= margin.target_grad(cos_p[t_rows[label]])
-                if mask is not None:
-                    grad.masked_fill_(mask, 0.0)
-                g = grad if grad.dtype == xn.dtype else grad.to(xn.dtype)  # d loss / d logit
-                if want_x and g.dtype == sdt:                               # logit = ln2 * (xn . v)
-                    grad_xn_p.addmm_(g, v, alpha=LN2)
-                elif want_x:
-                    grad_xn_p.add_(torch.mm(g, v), alpha=LN2)
-                if want_w:
-                    h = grad_w[start:stop] if direct and not overlaps else h_buf[: stop - start]
-                    _center_grad_(torch.mm(g.t(), xn_p, out=h), v, scale[start:stop], margin.s, tmp)
-                    if rows is not None:
-                        grad_w.index_add_(0, rows[start:stop], h)
-                    elif overlaps:
-                        grad_w[start:stop] = h
-                    elif not direct:
-                        grad_w[start:stop] += h
-            if want_x:  # through the normalisation: (I - xn xn^T) / |x|
-                grad_xn_p.sub_(xn_p * (grad_xn_p * xn_p).sum(dim=1, keepdim=True))
-                grad_x_p = grad_xn_p.div_(norms.index_select(0, global_rows)).to(xn.dtype)
-                if scatter is None:
-                    grad_x = grad_x_p
-                else:
-                    scatter.submit(piece, grad_x_p)
-        if want_x and scatter is not None:
-            grad_x = scatter.finish()
-        # No view of grad_w may outlive the call: autograd copies a gradient that others reference.
-        cache.entries.clear()
-        cache.borrow = None
-        if ctx.comm_stats is not None:
-            ctx.comm_stats["backward"] = timer.summary()
-        if param is not None:
-            if grad_w is not None and grad_w is not param.grad:   # a buffer of our own: becomes or joins it
-                if param.grad is None:
-                    param.grad = grad_w
-                else:
-                    param.grad.add_(grad_w)
-            grad_w = None  # in weight.grad
-        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None
+                    grad = walk.work(piece, tile)
+                    mask = walk.logits(grad, piece, tile)[1]
+                    softmax_from_logits_(grad, shift_p, None if fold else coef_p.neg())
+                softmax_grad_(grad, tile.hit, coef_p, q_p, cos_p, options.margin, mask)
+                walk.add_grads(piece, tile, grad, center)
+            walk.send_embedding_grad(piece)
+        cache.clear()
+        walk.report("backward")
+        return walk.embedding_grad(), center.finish() if center is not None else None, None, None, None

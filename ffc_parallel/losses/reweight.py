@@ -14,8 +14,8 @@ equal to the plain mean without weights), ``"mean"`` by the global batch size ``
 loss paper's code).
 
 Sigmoid focal loss is elementwise over every logit, not a softmax: :class:`ShardedSigmoidFocal` is its
-own fused, chunked pass over the head's shard (never ``[B, C]``), with the head's margin on the
-target logit and Partial FC.
+own fused, chunked pass over the head's shard (never ``[B, C]``; ``heads/sigmoid_focal.py``), with the
+head's margin on the target logit and Partial FC.
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..distributed.collectives import all_reduce_, gather_rows
-from ..heads.softmax_ce import ChunkPlan, chunk_cosines, chunk_rows, stats_dtype
+from ..distributed.collectives import all_reduce_
+from ..heads.row_loss import CrossEntropy, check_reduction, reduce_rows
+from ..heads.sigmoid_focal import FocalTerms, sigmoid_focal
 
-_REDUCTIONS = ("weighted_mean", "mean")
 
 
 # ---------------------------------------------------------------------------- class weights
@@ -90,38 +90,7 @@ def cb_weights(local_counts, beta: float = 0.999, group=None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- row losses
-def _reduce(per_sample: torch.Tensor, weight: torch.Tensor | None, reduction: str):
-    """``(loss, d loss / d per_sample)`` of the weighted sum divided by Σw or by B."""
-    batch = per_sample.numel()
-    w = torch.ones_like(per_sample) if weight is None else weight.to(per_sample.dtype)
-    norm = w.sum() if reduction == "weighted_mean" else torch.tensor(float(batch), dtype=per_sample.dtype)
-    if not norm > 0:
-        raise ValueError("the class weights of every label in the global batch are 0: the weighted mean "
-                         "is undefined (give those classes a positive weight or use reduction='mean')")
-    return (w * per_sample).sum() / norm, w / norm
-
-
-def _check_reduction(reduction: str) -> str:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    return reduction
-
-
-class WeightedCrossEntropy:
-    """Row loss ``Σ_b w_y[b] (-log p_b) / norm`` (CS_CE / CB_CE when the head has class weights).
-
-    ``norm = Σ_b w_y[b]`` (``"weighted_mean"``, PyTorch's weighted cross-entropy) or ``B`` (``"mean"``).
-    """
-
-    def __init__(self, reduction: str = "weighted_mean"):
-        self.reduction = _check_reduction(reduction)
-
-    def __call__(self, log_p, class_weight):
-        loss, coef = _reduce(-log_p, class_weight, self.reduction)
-        return loss, -coef
-
-    def __repr__(self):
-        return f"WeightedCrossEntropy(reduction={self.reduction!r})"
+WeightedCrossEntropy = CrossEntropy   # CS_CE / CB_CE: the head's cross-entropy with class weights
 
 
 class SoftmaxFocal:
@@ -136,7 +105,7 @@ class SoftmaxFocal:
     def __init__(self, gamma: float = 2.0, reduction: str = "weighted_mean"):
         if not gamma >= 0:
             raise ValueError(f"SoftmaxFocal: gamma must be >= 0, got {gamma}")
-        self.gamma, self.reduction = float(gamma), _check_reduction(reduction)
+        self.gamma, self.reduction = float(gamma), check_reduction(reduction)
 
     def __call__(self, log_p, class_weight):
         g = self.gamma
@@ -147,7 +116,7 @@ class SoftmaxFocal:
         if g > 0:
             tiny = torch.finfo(log_p.dtype).tiny
             d_per_sample = d_per_sample + g * one_minus_p.clamp_min(tiny) ** (g - 1.0) * p * log_p
-        loss, coef = _reduce(per_sample, class_weight, self.reduction)
+        loss, coef = reduce_rows(per_sample, class_weight, self.reduction)
         return loss, coef * d_per_sample
 
     def __repr__(self):
@@ -233,113 +202,6 @@ class DeferredReweighting:
 
 
 # ---------------------------------------------------------------------------- sigmoid focal
-def _focal_elements(z, is_target, gamma, alpha):
-    """Per-logit sigmoid focal loss and its derivative wrt the logit ``z`` (same shape as ``z``).
-
-    With ``z' = z`` for the target and ``-z`` otherwise and ``q = σ(z')``:
-    ``loss = -α_t (1-q)^γ log q``, ``d loss / d z' = α_t (1-q)^γ (γ q log q - (1-q))``.
-    """
-    sign = torch.where(is_target, 1.0, -1.0).to(z.dtype)
-    zt = z * sign
-    log_q = torch.nn.functional.logsigmoid(zt)
-    q = torch.sigmoid(zt)
-    one_minus_q = torch.sigmoid(-zt)
-    mod = one_minus_q ** gamma if gamma else torch.ones_like(z)
-    loss = -mod * log_q
-    grad = mod * (gamma * q * log_q - one_minus_q) * sign
-    if alpha is not None:
-        a = torch.where(is_target, alpha, 1.0 - alpha).to(z.dtype)
-        loss, grad = loss * a, grad * a
-    return loss, grad
-
-
-def _chunk_focal(xn, weight, rows, label_cols, start, stop, sdt, margin, filter_threshold, gamma, alpha, offset):
-    """One chunk: ``(w_c, inv, cos[B, n], loss[B, n], dloss_dcos[B, n])``."""
-    w_c, inv = chunk_rows(weight, rows, start, stop, sdt)
-    cos = chunk_cosines(xn, w_c, inv)
-    b = ((label_cols >= start) & (label_cols < stop)).nonzero(as_tuple=True)[0]
-    j = label_cols[b] - start
-    is_target = torch.zeros(cos.shape, dtype=torch.bool, device=cos.device)
-    is_target[b, j] = True
-    dz_dcos = torch.full_like(cos, margin.s)
-    dz_dcos[b, j] = margin.s * margin.target_grad(cos[b, j])
-    z = cos * margin.s
-    z[b, j] = margin.s * margin.target(cos[b, j])
-    if filter_threshold is not None:
-        filtered = (cos > filter_threshold) & ~is_target
-        z.masked_fill_(filtered, 0.0)
-        dz_dcos.masked_fill_(filtered, 0.0)
-    if offset:
-        z.add_(offset)
-    loss, dz = _focal_elements(z, is_target, gamma, alpha)
-    return w_c, inv, cos, loss, dz * dz_dcos
-
-
-class _SigmoidFocalFn(torch.autograd.Function):
-    """Sum over the used local classes of the per-logit focal loss, weighted per sample, all-reduced.
-
-    ``loss = Σ_b coef[b] Σ_j focal(z_bj)`` over every rank's classes, where ``coef = w_y / norm``.
-    Returns this rank's partial gradient for ``xn`` (summed over ranks by the gather's backward).
-    """
-
-    @staticmethod
-    def forward(ctx, xn, weight, rows, label_cols, weight_part, reduction, margin, filter_threshold,
-                gamma, alpha, offset, plan, group, accumulate=False):
-        sdt = stats_dtype(xn.dtype)
-        num_cols = weight.shape[0] if rows is None else rows.numel()
-        row_sums = torch.zeros(xn.shape[0], dtype=sdt, device=xn.device)
-        for start in range(0, num_cols, plan.chunk):
-            stop = min(start + plan.chunk, num_cols)
-            loss = _chunk_focal(xn, weight, rows, label_cols, start, stop, sdt, margin, filter_threshold,
-                                gamma, alpha, offset)[3]
-            row_sums += loss.sum(dim=1)
-        parts = [row_sums] + ([weight_part.to(sdt)] if weight_part is not None else [])
-        summed = all_reduce_(torch.stack(parts, dim=1), dist.ReduceOp.SUM, group)
-        w = summed[:, 1] if weight_part is not None else None
-        loss, coef = _reduce(summed[:, 0], w, reduction)
-        ctx.save_for_backward(xn, weight, rows, label_cols, coef)
-        ctx.settings = (margin, filter_threshold, gamma, alpha, offset, plan)
-        ctx.accumulate_into = weight if accumulate else None
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        xn, weight, rows, label_cols, coef = ctx.saved_tensors
-        margin, filter_threshold, gamma, alpha, offset, plan = ctx.settings
-        want_x, want_w = ctx.needs_input_grad[:2]
-        sdt = coef.dtype
-        row_coef = (grad_loss.to(sdt) * coef).unsqueeze(1)
-        num_cols = weight.shape[0] if rows is None else rows.numel()
-        grad_x = torch.zeros(xn.shape, dtype=sdt, device=xn.device) if want_x else None
-        param = ctx.accumulate_into   # the head's training mode: add into weight.grad, like the head
-        if want_w and param is not None:
-            if param.grad is None:
-                param.grad = torch.zeros_like(weight)
-            grad_w = param.grad
-        else:
-            grad_w = (torch.zeros_like(weight) if rows is not None else torch.empty_like(weight)) if want_w else None
-        for start in range(0, num_cols, plan.chunk):
-            stop = min(start + plan.chunk, num_cols)
-            w_c, inv, cos, _, dcos = _chunk_focal(xn, weight, rows, label_cols, start, stop, sdt, margin,
-                                                  filter_threshold, gamma, alpha, offset)
-            g = dcos.mul_(row_coef).mul_(inv)                # d loss / d (xn . w_c)
-            if want_x:
-                grad_x.add_(torch.mm(g.to(xn.dtype), w_c))
-            if want_w:
-                g_w = torch.mm(g.t().to(xn.dtype), xn) - w_c * ((g * cos).sum(dim=0) * inv).unsqueeze(1).to(w_c.dtype)
-                if rows is not None:
-                    grad_w.index_add_(0, rows[start:stop], g_w)
-                elif param is not None:
-                    grad_w[start:stop] += g_w
-                else:
-                    grad_w[start:stop] = g_w
-        if grad_x is not None:
-            grad_x = grad_x.to(xn.dtype)
-        if param is not None:
-            grad_w = None   # in weight.grad
-        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None, None, None
-
-
 class ShardedSigmoidFocal:
     """Sigmoid focal loss over every class of a :class:`~ffc_parallel.ShardedClassifier`.
 
@@ -354,9 +216,11 @@ class ShardedSigmoidFocal:
 
     ``loss = ShardedSigmoidFocal(gamma=2)(head, local_embeddings[b, D], local_labels[b])`` is a scalar,
     identical on every rank of ``head.group``; gradients follow the head's semantics (exact gradient
-    of that loss for this rank's embeddings and own class rows). Chunked over the shard like the
-    head: memory about six ``[B, chunk]`` buffers with half the head's chunk; the cosines are recomputed in the backward (four
-    matrix products in all), one all-reduce of ``[B, 2]`` numbers.
+    of that loss for this rank's embeddings and own class rows). The fused kernel is
+    ``heads/sigmoid_focal.py``, walking the shard like the head (gather pieces, center gradients into
+    ``weight.grad`` in training mode): memory about six ``[B, chunk]`` buffers with half the head's
+    chunk; the logits are recomputed in the backward (four matrix products in all), one all-reduce of
+    ``[B, 2]`` numbers.
     """
 
     def __init__(self, gamma: float = 2.0, alpha: float | None = None, reduction: str = "weighted_mean",
@@ -369,25 +233,13 @@ class ShardedSigmoidFocal:
         self.offset = math.log(prior / (1.0 - prior)) if prior is not None else 0.0
         if alpha is not None and not 0.0 <= alpha <= 1.0:
             raise ValueError(f"ShardedSigmoidFocal: alpha must be in [0, 1] or None, got {alpha}")
-        self.gamma, self.alpha, self.reduction = float(gamma), alpha, _check_reduction(reduction)
+        self.gamma, self.alpha, self.reduction = float(gamma), alpha, check_reduction(reduction)
 
     def __call__(self, head, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        x, training = head.prepare_embeddings(local_embeddings)
-        sizes = head.exchange_inputs(local_embeddings, local_labels)
-        xn = torch.nn.functional.normalize(gather_rows(x, sizes, head.group), dim=1)
-        labels = gather_rows(local_labels.to(device=head.weight.device, dtype=torch.long).unsqueeze(1),
-                             sizes, head.group)
-        rows, cols = head.select_classes(labels)
-        weight_part = head.label_weight_part(labels[:, 0], cols[:, 0])
-        num_cols = head.num_local if rows is None else rows.numel()
-        elem = torch.finfo(stats_dtype(head.weight.dtype)).bits // 8
-        plan = ChunkPlan.for_budget(xn.shape[0], num_cols, elem, int(head.memory_budget_mb * 2**20),
-                                    head.chunk_size)
-        if head.chunk_size is None:  # about six [B, chunk] buffers per chunk here, three in the head
-            plan = ChunkPlan(max(1, plan.chunk // 2), 0)
-        return _SigmoidFocalFn.apply(xn, head.weight, rows, cols[:, 0].contiguous(), weight_part, self.reduction,
-                                     head.margin, head.filter_threshold, self.gamma, self.alpha, self.offset, plan,
-                                     head.group, training)
+        step = head.prepare_step(local_embeddings, local_labels)
+        # The kernel hands each sample l = -(sum of its focal terms) to the row loss: -w_y l / norm.
+        return sigmoid_focal(head.weight, step, FocalTerms(self.gamma, self.alpha, self.offset),
+                             WeightedCrossEntropy(self.reduction), head.chunk_size)
 
     def __repr__(self):
         return (f"ShardedSigmoidFocal(gamma={self.gamma}, alpha={self.alpha}, reduction={self.reduction!r}, "

@@ -16,6 +16,7 @@ from ..distributed.checks import BATCH_FIELDS, BatchSpec, agree_on_config, check
 from .sampling import sample_rows
 from .softmax_ce import (DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, ShardedMarginSoftmaxCE, Targets,
                          chunk_cosines, chunk_rows, stats_dtype)
+from .walk import LossOptions, Step
 
 _INIT_BLOCK = 1 << 16  # rows drawn per seeded block: the init of a class never depends on sharding
 _STATE_MARK = 0xFFC0001  # first value of the head's state_dict marker (get_extra_state)
@@ -336,13 +337,12 @@ class ShardedClassifier(nn.Module):
         x = self.centers.gate(local_embeddings) if training else local_embeddings
         return x.to(device=self.weight.device, dtype=self.weight.dtype), training
 
-    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
-                soft_targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Mean margin-softmax cross-entropy over the global batch (a scalar, same on every rank).
-
-        ``local_embeddings[b, D]``, ``local_labels[b]`` int; optional ``soft_targets`` =
-        ``(classes[b, K] int, probs[b, K])``: see the class docstring.
-        """
+    def prepare_step(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
+                     soft_targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> Step:
+        """What every chunked loss on the centers needs for one call (collective over ``group``):
+        checked inputs, the gather's piece layout, the global batch's targets (labels, soft targets,
+        label weights) among the classes used this step, the chunk plan and the loss options (with
+        the head's ``row_loss``). The loss then all-gathers the embeddings itself."""
         x, training = self.prepare_embeddings(local_embeddings)
         sizes = self.exchange_inputs(local_embeddings, local_labels, soft_targets=soft_targets)
         device = self.weight.device
@@ -357,11 +357,22 @@ class ShardedClassifier(nn.Module):
             q = gather_rows(q, sizes, self.group)
         classes = gather_rows(classes, sizes, self.group)
         rows, cols = self.select_classes(classes)
-        weight_part = self.label_weight_part(classes[:, 0], cols[:, 0])
-        num_cols = self.num_local if rows is None else rows.numel()
-        return ShardedMarginSoftmaxCE.apply(x, self.weight, rows, Targets(cols, q, weight_part), self.margin,
-                                            self.filter_threshold, self._plan(sum(sizes), num_cols),
-                                            self.group, self.row_loss, layout, self.comm_stats, training)
+        targets = Targets(cols, q, self.label_weight_part(classes[:, 0], cols[:, 0]))
+        plan = self._plan(sum(sizes), self.num_local if rows is None else rows.numel())
+        record = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        options = LossOptions(self.margin, self.filter_threshold, plan, self.group, self.row_loss, layout,
+                              self.comm_stats, accumulate=training, record=record)
+        return Step(x, rows, targets, options)
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
+                soft_targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Mean margin-softmax cross-entropy over the global batch (a scalar, same on every rank).
+
+        ``local_embeddings[b, D]``, ``local_labels[b]`` int; optional ``soft_targets`` =
+        ``(classes[b, K] int, probs[b, K])``: see the class docstring.
+        """
+        step = self.prepare_step(local_embeddings, local_labels, soft_targets)
+        return ShardedMarginSoftmaxCE.apply(step.x, self.weight, step.rows, step.targets, step.options)
 
     @torch.no_grad()
     def predict(self, local_embeddings: torch.Tensor, k: int = 1):

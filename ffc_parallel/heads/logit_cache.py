@@ -1,0 +1,72 @@
+"""The exponentiated logits a forward keeps for its backward.
+
+``exp2(logit - row max)`` of the leading tiles that fit the cache part of the memory budget
+(:meth:`~ffc_parallel.heads.chunking.ChunkPlan.cache_bytes`) are kept; the backward then forms their
+softmax with one multiply and recomputes the other tiles (one extra GEMM for those tiles only). On
+CPU the entries first go into the not yet written center-gradient buffer (``borrowed_grad.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .borrowed_grad import BorrowedGradient
+
+
+@dataclass
+class CachedTile:
+    """One tile's entry: ``exp[n, k] = 2^(z - row max)``, ``row_max[n, 1]``, the filtered entries
+    ``mask[n, k]`` (or None)."""
+
+    exp: torch.Tensor
+    row_max: torch.Tensor
+    mask: torch.Tensor | None
+
+
+class LogitCache:
+    """``(piece, tile index) -> CachedTile`` kept from the forward for the backward.
+
+    Entries go into the optional ``borrow`` (:class:`BorrowedGradient`) while it has room, then into
+    tensors of their own while ``capacity`` elements last. The backward takes each entry once: a
+    second backward through the same graph finds none and recomputes.
+    """
+
+    def __init__(self, capacity: int, dtype, device, borrow: BorrowedGradient | None = None):
+        self.left, self.dtype, self.device, self.borrow = capacity, dtype, device, borrow
+        self.entries = {}
+
+    @classmethod
+    def for_call(cls, walk, weight: torch.Tensor, record: bool, wants_weight_grad: bool) -> "LogitCache":
+        """The cache of one forward over ``walk`` (a :class:`~ffc_parallel.heads.walk.TileWalk`):
+        the plan's cache bytes, and the borrowed gradient buffer where that is allowed; nothing
+        without a recorded graph (``record``)."""
+        if not record:
+            return cls(0, walk.sdt, weight.device)
+        sbytes = torch.finfo(walk.sdt).bits // 8
+        capacity = walk.options.plan.cache_bytes(walk.batch, walk.num_cols, weight.shape[1], weight.element_size(),
+                                                 sbytes, walk.width, walk.direct) // sbytes
+        borrow = BorrowedGradient.for_call(weight, walk.direct, walk.sdt) if wants_weight_grad else None
+        return cls(capacity, walk.sdt, weight.device, borrow)
+
+    def slot(self, rows: int, start: int, stop: int) -> torch.Tensor | None:
+        """A ``[rows, stop - start]`` tensor for the entry of tile ``start:stop``, or None when full."""
+        kept = self.borrow.place(rows, start, stop) if self.borrow is not None else None
+        if kept is not None:
+            return kept
+        size = rows * (stop - start)
+        if 0 < size <= self.left:
+            self.left -= size
+            return torch.empty((rows, stop - start), dtype=self.dtype, device=self.device)
+        return None
+
+    def keep(self, piece: int, index: int, exp, row_max, mask) -> None:
+        self.entries[piece, index] = CachedTile(exp, row_max, mask)
+
+    def take(self, piece: int, index: int) -> CachedTile | None:
+        """The entry of tile ``index`` of piece ``piece``, removed from the cache (None: recompute)."""
+        return self.entries.pop((piece, index), None)
+
+    def clear(self) -> None:
+        """Drop what a backward left (no view of the gradient buffer may outlive it)."""
+        self.entries.clear()
