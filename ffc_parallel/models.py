@@ -2,9 +2,9 @@
 
 Built-in presets (no extra packages): ``"mlp"``, ``"resnet"`` (a small ResNet for images of 8 to 64
 pixels) and insightface's face-recognition backbones ``"r18"``, ``"r34"``, ``"r50"``, ``"r100"``,
-``"r200"`` and ``"mbf"`` (:mod:`ffc_parallel.backbones`). Any other name is looked up in torchvision (``"torchvision:resnet18"`` or plain ``"resnet18"``)
-and then timm (``"timm:..."``), when those packages are installed; their classifier layer is sized to
-``embedding_dim``.
+``"r200"`` and ``"mbf"`` (:mod:`ffc_parallel.backbones`). Any other name is looked up in torchvision
+(``"torchvision:resnet18"`` or plain ``"resnet18"``) and then timm (``"timm:..."``), when those packages
+are installed; their classifier layer is sized to ``embedding_dim``.
 """
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ def _hand_count(name, c_in=3, side=112, dim=512):
     """Parameters from the architecture's description alone (no module is built)."""
     if name == "mbf":
         def block(a, b, hidden):   # 1x1 + BN + PReLU, 3x3 depthwise + BN + PReLU, 1x1 + BN
-            return _conv(a, hidden, 1) + 3 * hidden + _conv(hidden, hidden, 3, hidden) + 3 * hidden + _conv(hidden, b, 1) + _bn(b)
+            return (_conv(a, hidden, 1) + 3 * hidden + _conv(hidden, hidden, 3, hidden) + 3 * hidden
+                    + _conv(hidden, b, 1) + _bn(b))
         n = _conv(c_in, 128, 3) + 3 * 128                  # stem conv3x3/2 + BN + PReLU
         n += _conv(128, 128, 3, groups=64) + 3 * 128         # grouped conv3x3 (64 groups) + BN + PReLU
         n += block(128, 128, 128) + 4 * block(128, 128, 128)
