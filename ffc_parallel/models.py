@@ -1,9 +1,10 @@
 """Backbones: inputs ``[b, *input_shape]`` -> embeddings ``[b, embedding_dim]``.
 
-Built-in presets (no extra packages): ``"mlp"`` and ``"resnet"`` (a small ResNet for images of 8 to 64
-pixels). Any other name is looked up in torchvision (``"torchvision:resnet18"`` or plain ``"resnet18"``)
-and then timm (``"timm:..."``), when those packages are installed; their classifier layer is sized to
-``embedding_dim``.
+Built-in presets (no extra packages): ``"mlp"``, ``"resnet"`` (a small ResNet for images of 8 to 64
+pixels) and insightface's face-recognition backbones ``"r18"``, ``"r34"``, ``"r50"``, ``"r100"``,
+``"r200"`` and ``"mbf"`` (:mod:`ffc_parallel.backbones`). Any other name is looked up in torchvision
+(``"torchvision:resnet18"`` or plain ``"resnet18"``) and then timm (``"timm:..."``), when those packages
+are installed; their classifier layer is sized to ``embedding_dim``.
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import math
 import torch
 from torch import nn
 
-PRESETS = ("mlp", "resnet")
+from .backbones import FACE_BACKBONES, build_face_backbone
+
+PRESETS = ("mlp", "resnet", *FACE_BACKBONES)
 
 
 class MLP(nn.Module):
@@ -111,6 +114,8 @@ def build_backbone(name: str, input_shape, embedding_dim: int, **options) -> nn.
         return MLP(input_shape, embedding_dim, **options)
     if name == "resnet":
         return SmallResNet(input_shape, embedding_dim, **options)
+    if name in FACE_BACKBONES:
+        return build_face_backbone(name, input_shape, embedding_dim, **options)
     library, _, model = name.rpartition(":")
     if library not in ("", "torchvision", "timm"):
         raise ValueError(f"unknown backbone library {library!r} in {name!r}: use torchvision:<model> or timm:<model>")

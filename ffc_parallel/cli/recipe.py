@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 import ffc_parallel as fp
 from ffc_parallel.algorithms import StepLoss
+from ffc_parallel.backbones import IRESNET_LAYERS
 from ffc_parallel.data import RankLoader, frequency_buckets, labels_of
 from ffc_parallel.data.loader import load_batches
 from ffc_parallel.distributed import streams
@@ -63,6 +64,12 @@ def check_options(opts) -> None:
     if opts.cam_epoch is not None and (opts.sampler != "instance" or opts.drs_epoch is not None):
         raise ValueError("--cam-epoch brings its own class-balanced sampler from that epoch on: drop --sampler / "
                          "--drs-epoch")
+    if opts.gradient_checkpointing and opts.backbone not in IRESNET_LAYERS:
+        raise ValueError(f"--gradient-checkpointing recomputes the stages of the IResNets "
+                         f"({', '.join(IRESNET_LAYERS)}), not of --backbone {opts.backbone}")
+    if opts.gradient_checkpointing and opts.mixup_alpha > 0 and set(mixup_layer_names(opts) or ["input"]) - {"input"}:
+        raise ValueError("--gradient-checkpointing with manifold mixup (--mixup-layers): the mixing hook is gone "
+                         "when a stage is recomputed in the backward pass; use input mixup or drop one of them")
     if opts.drs_epoch is not None and opts.sampler == "instance":
         raise ValueError("--drs-epoch switches to --sampler at that epoch: choose a re-sampler "
                          f"({', '.join(fp.data.SAMPLERS[1:])})")
@@ -84,6 +91,11 @@ def check_trainable_and_evaluable(opts, bundle, backbone) -> None:
     if opts.task == "classify" and opts.head != "ffc" and len(bundle.seen[1]) == 0:
         raise ValueError("the evaluation split holds no held-out images of training classes (top-1 needs them): "
                          "raise --eval-ids-per-bucket or --max-eval-images")
+
+
+def mixup_layer_names(opts) -> list | None:
+    """``--mixup-layers`` as a list of module names (None: input mixup only)."""
+    return [name.strip() for name in opts.mixup_layers.split(",")] if opts.mixup_layers else None
 
 
 class InstanceViews:
@@ -122,7 +134,8 @@ class Recipe:
         self.source = bundle.train
         self.sampler = self.drs = self.drw = self.smoothing = self.xbm = None
         self.head = self.dual = self.loss = None   # loss: the HybridModel's StepLoss (None under FFC)
-        self.backbone = build_backbone(opts.backbone, bundle.input_shape, opts.embedding_dim).to(device)
+        options = {"gradient_checkpointing": True} if opts.gradient_checkpointing else {}
+        self.backbone = build_backbone(opts.backbone, bundle.input_shape, opts.embedding_dim, **options).to(device)
         check_trainable_and_evaluable(opts, bundle, self.backbone)
         self._labels = None
         # Image files may fail to decode on one rank: every rank then stops at that step, naming the file
@@ -196,8 +209,8 @@ class Recipe:
         opts = self.opts
         if opts.mixup_alpha <= 0:
             return None
-        layers = [name.strip() for name in opts.mixup_layers.split(",")] if opts.mixup_layers else None
-        return fp.algorithms.Mixup(opts.mixup_alpha, layers=layers, stop_epoch=opts.mixup_stop_epoch, seed=opts.seed)
+        return fp.algorithms.Mixup(opts.mixup_alpha, layers=mixup_layer_names(opts), stop_epoch=opts.mixup_stop_epoch,
+                                   seed=opts.seed)
 
     def _xbm(self, device):
         opts = self.opts
@@ -315,7 +328,10 @@ class Recipe:
 
     # ------------------------------------------------------------------ checkpoint state and evaluation
     def client_state(self) -> dict:
-        state = {}   # the head's rows and Partial FC step are in fp.save_checkpoint's shards
+        """Saved with every checkpoint: what ``ffc-export`` rebuilds the backbone from, and the XBM memory
+        (the head's rows and Partial FC step are in fp.save_checkpoint's shards)."""
+        state = {"backbone": {"name": self.opts.backbone, "input_shape": list(self.bundle.input_shape),
+                              "embedding_dim": self.opts.embedding_dim}}
         if self.xbm is not None:
             state["xbm"] = {k: v.cpu() for k, v in self.xbm.state_dict().items()}
         return state

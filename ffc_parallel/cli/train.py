@@ -63,7 +63,10 @@ class TrainOptions:
     on_bad_image: str = _opt("fail", "an image file that does not decode: fail (every rank stops, the file named) or "
                              "skip (another image of its class instead, counted in the log)", "data", ("fail", "skip"))
     # model
-    backbone: str = _opt("mlp", "mlp, resnet, or a torchvision/timm model name", "model")
+    backbone: str = _opt("mlp", "mlp, resnet, insightface's r18 / r34 / r50 / r100 / r200 / mbf, or a "
+                                "torchvision/timm model name", "model")
+    gradient_checkpointing: bool = _opt(False, "r18 ... r200: recompute each stage in the backward pass (less "
+                                               "activation memory, about one more forward of compute)", "model")
     embedding_dim: int = _opt(128, "embedding (and class center) dimension", "model")
     margin: str = _opt("arcface", "arcface, cosface, none, or 's,m1,m2,m3' (CombinedMargin)", "model")
     scale: float = _opt(None, "softmax scale s (default 64; FFC: 32)", "model", kind=float)

@@ -208,9 +208,13 @@ def _restore_counters(engine, tag_dir: Path, load_lr_scheduler_states: bool) -> 
 def consolidated_fp32_state_dict(tag_dir: Path) -> dict:
     """The full fp32 ``state_dict`` of the module saved in ``tag_dir`` (ZeRO partitions merged), offline."""
     tag_dir = Path(tag_dir)
+    module = module_states(tag_dir)["module"]
+    full = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in module.items()}
     if list(tag_dir.glob("*optim_states.pt")) and list(tag_dir.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name))
-    module = module_states(tag_dir)["module"]
-    return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in module.items()}
+        merged = dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name))
+        # Under ZeRO-1 DeepSpeed records no frozen parameters (their shapes are saved from stage 2 on), so
+        # the merge leaves them out: they are whole in the module state (ZeRO-3 keeps empty placeholders there).
+        return {**{k: v for k, v in full.items() if torch.is_tensor(v) and v.numel() > 0}, **merged}
+    return full
