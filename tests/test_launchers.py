@@ -96,6 +96,7 @@ def test_sigterm_to_the_launch_script_stops_every_rank(tmp_path, script):
         seconds = time.monotonic() - sent
         left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
         assert not left, f"processes of the job still running: {left}"
+        print(f"SIGTERM: every process of the job gone {seconds:.1f} s after the signal")
         assert seconds < 30, f"the job took {seconds:.0f} s to stop"
         results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
         assert all(r["stopped"] and r["losses"] for r in results), results   # each rank unwound and wrote
