@@ -3,6 +3,7 @@ CFG --out DIR`` trains a HybridModel a few steps and writes ``DIR/rank<R>.json``
 launcher, losses). Launch scripts select it with ``FFC_ENTRY=tests.launch_entry``."""
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -36,7 +37,7 @@ def main(argv=None):
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
-            Path(args.out, f"rank{info.rank}.step").write_text(str(step))
+            Path(args.out, f"rank{info.rank}.step").write_text(f"{step} {os.getpid()}")
             time.sleep(args.step_seconds)
         stopped = False
     finally:

@@ -74,16 +74,17 @@ def test_run_ranks_through_the_deepspeed_launcher():
     assert len(touched) == 2 and all(t > 0 for t in touched)
 
 
-@pytest.mark.parametrize("script", ["deepspeed_single_node.sh"])
-def test_sigterm_to_the_launch_script_stops_every_rank(tmp_path, script):
+@pytest.mark.parametrize("fault", ["sigterm_to_the_script", "kill_9_of_rank_1"])
+def test_a_stopped_job_leaves_no_process(tmp_path, fault):
     # DeepSpeed's runner does not forward SIGTERM: its per-node launcher and the ranks went on as orphans.
+    # A rank killed with SIGKILL: the DeepSpeed launcher must end the others.
     out = tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, FFC_ENTRY="tests.launch_entry", PYTHON=sys.executable, MASTER_PORT=str(_free_port()),
                NUM_GPUS="2", PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
                PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path))
-    cmd = ["bash", str(SCRIPTS / script), "--deepspeed_config", str(_config(tmp_path)), "--out", str(out),
-           "--steps", "100000", "--step-seconds", "0.2"]
+    cmd = ["bash", str(SCRIPTS / "deepspeed_single_node.sh"), "--deepspeed_config", str(_config(tmp_path)),
+           "--out", str(out), "--steps", "100000", "--step-seconds", "0.2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -91,15 +92,20 @@ def test_sigterm_to_the_launch_script_stops_every_rank(tmp_path, script):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-3000:]
             time.sleep(0.5)
         sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        if fault == "sigterm_to_the_script":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.kill(int((out / "rank1.step").read_text().split()[1]), signal.SIGKILL)
         proc.wait(timeout=60)
         seconds = time.monotonic() - sent
         left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
         assert not left, f"processes of the job still running: {left}"
-        print(f"SIGTERM: every process of the job gone {seconds:.1f} s after the signal")
+        print(f"{fault}: every process of the job gone {seconds:.1f} s after it")
         assert seconds < 30, f"the job took {seconds:.0f} s to stop"
-        results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-        assert all(r["stopped"] and r["losses"] for r in results), results   # each rank unwound and wrote
+        assert proc.returncode != 0
+        if fault == "sigterm_to_the_script":   # each rank unwound and wrote its record
+            results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+            assert all(r["stopped"] and r["losses"] for r in results), results
     finally:
         if proc.poll() is None:
             proc.kill()
