@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 DEEPSPEED_OLDEST=0.16.0   # = setup.cfg's floor (tests/test_versions.py checks)
 source launch_scripts/_bootstrap.sh
 ffc_bootstrap
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"
 if [ "$#" -eq 0 ]; then
   echo "ffc_parallel: the DeepSpeed integration tests against deepspeed==$DEEPSPEED_OLDEST" >&2
   ffc_bootstrap .venv-deepspeed-oldest "deepspeed==$DEEPSPEED_OLDEST"
