@@ -35,6 +35,8 @@ from ffc_parallel.distributed import streams
 from ffc_parallel.distributed.collectives import all_reduce_
 from ffc_parallel.distributed.lockstep import in_step
 
+from .validation import resolve_val_targets
+
 def parse_margin(text: str | None):
     """``--margin``: "arcface", "cosface", "none" or "s,m1,m2,m3" (a :class:`~ffc_parallel.CombinedMargin`)."""
     if text is None or text.lower() == "none":
@@ -45,7 +47,9 @@ def parse_margin(text: str | None):
 
 
 def check_options(opts) -> None:
-    """Raise ``ValueError`` for combinations a run cannot honour (before any process group work)."""
+    """Raise ``ValueError`` for combinations a run cannot honour (before any process group work), and
+    ``FileNotFoundError`` for a missing ``--val-targets`` file."""
+    resolve_val_targets(opts)
     tricks = {"--reweight": opts.reweight != "ce", "--sampler": opts.sampler != "instance",
               "--cam-epoch": opts.cam_epoch is not None,
               "--mixup-alpha": opts.mixup_alpha > 0, "--xbm-size": opts.xbm_size > 0}
@@ -342,12 +346,16 @@ class Recipe:
                 raise ValueError("--xbm-size: the checkpoint holds no cross-batch memory (saved without --xbm-size)")
             self.xbm.load_state_dict(state["xbm"])
 
+    @property
+    def eval_backbone(self):
+        """The network that embeds evaluation images (FFC: its probe network)."""
+        return self.model.probe if self.opts.head == "ffc" else self.backbone
+
     def evaluate(self, device):
         """``(metrics, curves)``: the head's seen-class accuracy (classification), verification and
         retrieval on unseen identities, and kNN / linear probe of held-out labelled images."""
         from ffc_parallel.evaluation import evaluate, feature_probes
-        opts, bundle = self.opts, self.bundle
-        backbone = self.model.probe if opts.head == "ffc" else self.backbone
+        opts, bundle, backbone = self.opts, self.bundle, self.eval_backbone
         head = self.head if opts.task == "classify" and opts.head != "ffc" else None
         buckets = frequency_buckets(bundle.class_counts, tuple(opts.bucket_edges))
         metrics, curves = evaluate(backbone, head, bundle.seen, bundle.unseen, buckets,
