@@ -30,6 +30,7 @@ import ffc_parallel as fp
 from ffc_parallel.algorithms import StepLoss
 from ffc_parallel.backbones import IRESNET_LAYERS
 from ffc_parallel.data import RankLoader, frequency_buckets, labels_of
+from ffc_parallel.data.augment import RandomFlip
 from ffc_parallel.data.loader import load_batches
 from ffc_parallel.distributed import streams
 from ffc_parallel.distributed.collectives import all_reduce_
@@ -135,7 +136,9 @@ class Recipe:
         from ffc_parallel.models import build_backbone
 
         self.opts, self.bundle, self.rank, self.world, self.device = opts, bundle, rank, world, device
-        self.source = bundle.train
+        # image files: a random horizontal flip of every training image (--no-flip: none)
+        self.flip = RandomFlip(bundle.train, opts.seed) if bundle.bad_images is not None and not opts.no_flip else None
+        self.source = self.flip or bundle.train
         self.sampler = self.drs = self.drw = self.smoothing = self.xbm = None
         self.head = self.dual = self.loss = None   # loss: the HybridModel's StepLoss (None under FFC)
         options = {"gradient_checkpointing": True} if opts.gradient_checkpointing else {}
@@ -151,7 +154,7 @@ class Recipe:
             self._build_ffc(device)
             return
         if opts.task == "instance":
-            self.source = InstanceViews(bundle.train, opts.view_noise, opts.view_shift, opts.seed)
+            self.source = InstanceViews(self.source, opts.view_noise, opts.view_shift, opts.seed)
             self.head = fp.instance_classifier(len(bundle.train), opts.embedding_dim, opts.temperature,
                                                sample_rate=opts.sample_rate, seed=opts.seed, device=device)
             if opts.smoothing_neighbours:
@@ -295,13 +298,15 @@ class Recipe:
         return len(RankLoader(self.source, self.opts.batch_size, 0, self.world))
 
     def start_epoch(self, epoch: int) -> None:
-        """Per-epoch switches: DRW weights, smoothing refresh, fresh instance views (collective)."""
+        """Per-epoch switches: DRW weights, smoothing refresh, fresh instance views and flips (collective)."""
         if self.drw is not None:
             self.drw.apply(self.head, epoch)
         if self.smoothing is not None:
             self.smoothing.maybe_refresh(epoch)
         if isinstance(self.source, InstanceViews):
             self.source.epoch = epoch
+        if self.flip is not None:
+            self.flip.epoch = epoch
         if self.loss is not None:
             self.loss.epoch = epoch
 
@@ -311,7 +316,7 @@ class Recipe:
         opts = self.opts
         if self.dual is not None:
             self.dual.set_epoch(epoch)
-            batches = load_batches(self.bundle.train, islice(iter(self.dual), start_micro, None), opts.num_workers)
+            batches = load_batches(self.source, islice(iter(self.dual), start_micro, None), opts.num_workers)
         else:
             batches = iter(RankLoader(self.source, opts.batch_size, self.rank, self.world, seed=opts.seed,
                                       epoch=epoch, start_step=start_micro, num_workers=opts.num_workers,

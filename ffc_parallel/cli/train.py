@@ -60,6 +60,7 @@ class TrainOptions:
     max_eval_images: int = _opt(4000, "real data: cap on each evaluation set", "data")
     bucket_edges: list = _opt((20, 100), "class-frequency buckets: tail < a <= medium <= b < head", "data")
     num_workers: int = _opt(0, "DataLoader workers per rank for decoded images", "data")
+    no_flip: bool = _opt(False, "image files: no random horizontal flip of the training images (default: half)", "data")
     on_bad_image: str = _opt("fail", "an image file that does not decode: fail (every rank stops, the file named) or "
                              "skip (another image of its class instead, counted in the log)", "data", ("fail", "skip"))
     # model
