@@ -33,9 +33,9 @@ def resolve_val_targets(opts) -> dict:
         return {}
     if opts.val_every < 0:
         raise ValueError(f"--val-every must be 0 (end of the run only) or a number of steps, got {opts.val_every}")
-    data_dir = None
-    if opts.data_path:
-        data_dir = Path(opts.data_path) if Path(opts.data_path).is_dir() else Path(opts.data_path).parent
+    data_dir = Path(opts.data_path) if opts.data_path else None
+    if data_dir is not None and (data_dir.is_file() or data_dir.suffix == ".rec"):   # train.rec: its directory
+        data_dir = data_dir.parent
     targets = {}
     for target in names:
         if target.endswith(".bin") or "/" in target:
