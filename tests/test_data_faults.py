@@ -159,8 +159,9 @@ def test_record_0s_counts_are_checked_against_the_records(tmp_path):
     _face_file(rec, [7, 10], labels, ranges)
     assert RecordIOFaces(tmp_path, image_size=4).labels.tolist() == labels
     _face_file(rec, [7, 10], labels, ranges, extra=[(10, recordio.pack(3, _png(10), 10))])   # appended, uncounted
-    with pytest.raises(ValueError, match=r"train\.rec: record 0 counts 6 images \(records 1\.\.6\) and 3 identities "
-                                         r"\(records 7\.\.9\), but train\.idx holds 1 more records \(the first: record 10\)"):
+    with pytest.raises(ValueError, match=r"train\.rec: record 0 counts 6 images \(records 1\.\.6\) and 3 "
+                                         r"identities \(records 7\.\.9\), but train\.idx holds 1 more records "
+                                         r"\(the first: record 10\)"):
         RecordIOFaces(tmp_path, image_size=4)
     # record 0 counts one image too few: the last image record reads as the first identity record
     _face_file(rec, [6, 10], labels, ranges)
