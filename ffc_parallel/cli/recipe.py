@@ -138,7 +138,7 @@ class Recipe:
         self.opts, self.bundle, self.rank, self.world, self.device = opts, bundle, rank, world, device
         # image files: a random horizontal flip of every training image (--no-flip: none)
         self.flip = RandomFlip(bundle.train, opts.seed) if bundle.bad_images is not None and not opts.no_flip else None
-        self.source = self.flip or bundle.train
+        self.source = self.flip if self.flip is not None else bundle.train
         self.sampler = self.drs = self.drw = self.smoothing = self.xbm = None
         self.head = self.dual = self.loss = None   # loss: the HybridModel's StepLoss (None under FFC)
         options = {"gradient_checkpointing": True} if opts.gradient_checkpointing else {}
