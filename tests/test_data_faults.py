@@ -141,6 +141,48 @@ def test_identity_ranges_must_cover_every_image_once(tmp_path):
         RecordIOFaces(tmp_path / "flat.rec", image_size=4)
 
 
+def _face_file(path, header, images, identities, extra=()):
+    """Record 0 = ``header``, image records 1.. labelled ``images``, then identity records of (first, end)
+    keys ``identities``, then ``extra`` (key, packed) records."""
+    with RecordIOWriter(path) as w:
+        w.write(0, recordio.pack(header, b""))
+        for key, label in enumerate(images, start=1):
+            w.write(key, recordio.pack(label, _png(key), key))
+        for key, (lo, hi) in enumerate(identities, start=len(images) + 1):
+            w.write(key, recordio.pack([lo, hi], b""))
+        for key, record in extra:
+            w.write(key, record)
+
+
+def test_record_0s_counts_are_checked_against_the_records(tmp_path):
+    rec, labels, ranges = tmp_path / "train.rec", [0, 0, 1, 1, 2, 2], [(1, 3), (3, 5), (5, 7)]
+    _face_file(rec, [7, 10], labels, ranges)
+    assert RecordIOFaces(tmp_path, image_size=4).labels.tolist() == labels
+    _face_file(rec, [7, 10], labels, ranges, extra=[(10, recordio.pack(3, _png(10), 10))])   # appended, uncounted
+    with pytest.raises(ValueError, match=r"train\.rec: record 0 counts 6 images \(records 1\.\.6\) and 3 "
+                                         r"identities \(records 7\.\.9\), but train\.idx holds 1 more records "
+                                         r"\(the first: record 10\)"):
+        RecordIOFaces(tmp_path, image_size=4)
+    # record 0 counts one image too few: the last image record reads as the first identity record
+    _face_file(rec, [6, 10], labels, ranges)
+    with pytest.raises(ValueError, match=r"record 0 counts 5 images .* but identity record 6 holds an image of"):
+        RecordIOFaces(tmp_path, image_size=4)
+    # identity ranges shifted by one against the images: two identities start with label 0
+    _face_file(rec, [7, 10], labels, [(1, 2), (2, 5), (5, 7)])
+    with pytest.raises(ValueError, match=r"identity records 7 and 8 both start with an image labelled 0 \(records 1 "
+                                         r"and 2\)"):
+        RecordIOFaces(tmp_path, image_size=4)
+    # an image record without an image
+    _face_file(rec, [7, 10], labels, ranges)
+    with RecordIOWriter(tmp_path / "hole.rec") as w:
+        reader = RecordIOReader(rec)
+        for key in reader.keys:
+            w.write(key, recordio.pack(1, b"", 3) if key == 3 else reader.read(key))
+    with pytest.raises(ValueError, match=r"hole\.rec: record 0 counts 6 images .* but image record 3 \(the first of "
+                                         r"identity record 8\) holds no image"):
+        RecordIOFaces(tmp_path / "hole.rec", image_size=4)
+
+
 def test_im2rec_files_keep_their_image_at_key_0(tmp_path):
     """im2rec numbers images from 0; key 0 is a header only when it holds no image."""
     with RecordIOWriter(tmp_path / "train.rec") as w:

@@ -47,12 +47,20 @@ def _metadata(path) -> dict:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def test_presets_are_insightface_recipes_and_load_through_ffc_train():
+def test_presets_are_insightface_recipes_and_load_through_ffc_train(tmp_path):
     assert sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")) == sorted(RECIPES)
+    for target in ("lfw", "cfp_fp", "agedb_30"):   # check_options looks for the presets' val_targets next to the data
+        (tmp_path / f"{target}.bin").write_bytes(b"")
     for name, (source, margin, backbone, weight_decay, sample_rate, epochs) in RECIPES.items():
         path = ROOT / "configs" / f"{name}.yaml"
         assert f"arcface_torch/configs/{source}.py" in path.read_text(), name
         opts = parse_options(["--config", str(path)])
+        on_gpu = name != "synthetic_r18"
+        assert (opts.val_targets, opts.val_every) == (("lfw,cfp_fp,agedb_30", 2000) if on_gpu else (None, 0)), name
+        if on_gpu:
+            with pytest.raises(FileNotFoundError, match=f"{opts.data_path}/lfw.bin not found"):
+                check_options(opts)
+            opts = dataclasses.replace(opts, data_path=str(tmp_path))
         check_options(opts)
         m = parse_margin(opts.margin)
         assert (m.s, m.m1, m.m2, m.m3) == margin, name
@@ -61,7 +69,6 @@ def test_presets_are_insightface_recipes_and_load_through_ffc_train():
         assert (opts.embedding_dim, opts.optimizer, opts.lr, opts.momentum, opts.schedule) == (
             512, "sgd", 0.1, 0.9, "linear"), name
         ds = deepspeed_config(dataclasses.replace(opts, deepspeed_config=str(ROOT / opts.deepspeed_config)), 1000)
-        on_gpu = name != "synthetic_r18"
         assert ds.get("fp16", {}).get("enabled", False) == on_gpu and ds["gradient_clipping"] == 5.0, name
         if on_gpu:
             assert (opts.data, opts.image_size, opts.channels, opts.batch_size) == ("recordio", 112, 3, 128), name

@@ -30,10 +30,13 @@ import ffc_parallel as fp
 from ffc_parallel.algorithms import StepLoss
 from ffc_parallel.backbones import IRESNET_LAYERS
 from ffc_parallel.data import RankLoader, frequency_buckets, labels_of
+from ffc_parallel.data.augment import RandomFlip
 from ffc_parallel.data.loader import load_batches
 from ffc_parallel.distributed import streams
 from ffc_parallel.distributed.collectives import all_reduce_
 from ffc_parallel.distributed.lockstep import in_step
+
+from .validation import resolve_val_targets
 
 def parse_margin(text: str | None):
     """``--margin``: "arcface", "cosface", "none" or "s,m1,m2,m3" (a :class:`~ffc_parallel.CombinedMargin`)."""
@@ -45,7 +48,9 @@ def parse_margin(text: str | None):
 
 
 def check_options(opts) -> None:
-    """Raise ``ValueError`` for combinations a run cannot honour (before any process group work)."""
+    """Raise ``ValueError`` for combinations a run cannot honour (before any process group work), and
+    ``FileNotFoundError`` for a missing ``--val-targets`` file."""
+    resolve_val_targets(opts)
     tricks = {"--reweight": opts.reweight != "ce", "--sampler": opts.sampler != "instance",
               "--cam-epoch": opts.cam_epoch is not None,
               "--mixup-alpha": opts.mixup_alpha > 0, "--xbm-size": opts.xbm_size > 0}
@@ -131,7 +136,9 @@ class Recipe:
         from ffc_parallel.models import build_backbone
 
         self.opts, self.bundle, self.rank, self.world, self.device = opts, bundle, rank, world, device
-        self.source = bundle.train
+        # image files: a random horizontal flip of every training image (--no-flip: none)
+        self.flip = RandomFlip(bundle.train, opts.seed) if bundle.bad_images is not None and not opts.no_flip else None
+        self.source = self.flip if self.flip is not None else bundle.train
         self.sampler = self.drs = self.drw = self.smoothing = self.xbm = None
         self.head = self.dual = self.loss = None   # loss: the HybridModel's StepLoss (None under FFC)
         options = {"gradient_checkpointing": True} if opts.gradient_checkpointing else {}
@@ -147,7 +154,7 @@ class Recipe:
             self._build_ffc(device)
             return
         if opts.task == "instance":
-            self.source = InstanceViews(bundle.train, opts.view_noise, opts.view_shift, opts.seed)
+            self.source = InstanceViews(self.source, opts.view_noise, opts.view_shift, opts.seed)
             self.head = fp.instance_classifier(len(bundle.train), opts.embedding_dim, opts.temperature,
                                                sample_rate=opts.sample_rate, seed=opts.seed, device=device)
             if opts.smoothing_neighbours:
@@ -291,13 +298,15 @@ class Recipe:
         return len(RankLoader(self.source, self.opts.batch_size, 0, self.world))
 
     def start_epoch(self, epoch: int) -> None:
-        """Per-epoch switches: DRW weights, smoothing refresh, fresh instance views (collective)."""
+        """Per-epoch switches: DRW weights, smoothing refresh, fresh instance views and flips (collective)."""
         if self.drw is not None:
             self.drw.apply(self.head, epoch)
         if self.smoothing is not None:
             self.smoothing.maybe_refresh(epoch)
         if isinstance(self.source, InstanceViews):
             self.source.epoch = epoch
+        if self.flip is not None:
+            self.flip.epoch = epoch
         if self.loss is not None:
             self.loss.epoch = epoch
 
@@ -307,7 +316,7 @@ class Recipe:
         opts = self.opts
         if self.dual is not None:
             self.dual.set_epoch(epoch)
-            batches = load_batches(self.bundle.train, islice(iter(self.dual), start_micro, None), opts.num_workers)
+            batches = load_batches(self.source, islice(iter(self.dual), start_micro, None), opts.num_workers)
         else:
             batches = iter(RankLoader(self.source, opts.batch_size, self.rank, self.world, seed=opts.seed,
                                       epoch=epoch, start_step=start_micro, num_workers=opts.num_workers,
@@ -342,12 +351,16 @@ class Recipe:
                 raise ValueError("--xbm-size: the checkpoint holds no cross-batch memory (saved without --xbm-size)")
             self.xbm.load_state_dict(state["xbm"])
 
+    @property
+    def eval_backbone(self):
+        """The network that embeds evaluation images (FFC: its probe network)."""
+        return self.model.probe if self.opts.head == "ffc" else self.backbone
+
     def evaluate(self, device):
         """``(metrics, curves)``: the head's seen-class accuracy (classification), verification and
         retrieval on unseen identities, and kNN / linear probe of held-out labelled images."""
         from ffc_parallel.evaluation import evaluate, feature_probes
-        opts, bundle = self.opts, self.bundle
-        backbone = self.model.probe if opts.head == "ffc" else self.backbone
+        opts, bundle, backbone = self.opts, self.bundle, self.eval_backbone
         head = self.head if opts.task == "classify" and opts.head != "ffc" else None
         buckets = frequency_buckets(bundle.class_counts, tuple(opts.bucket_edges))
         metrics, curves = evaluate(backbone, head, bundle.seen, bundle.unseen, buckets,

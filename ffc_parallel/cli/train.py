@@ -60,6 +60,7 @@ class TrainOptions:
     max_eval_images: int = _opt(4000, "real data: cap on each evaluation set", "data")
     bucket_edges: list = _opt((20, 100), "class-frequency buckets: tail < a <= medium <= b < head", "data")
     num_workers: int = _opt(0, "DataLoader workers per rank for decoded images", "data")
+    no_flip: bool = _opt(False, "image files: no random horizontal flip of the training images (default: half)", "data")
     on_bad_image: str = _opt("fail", "an image file that does not decode: fail (every rank stops, the file named) or "
                              "skip (another image of its class instead, counted in the log)", "data", ("fail", "skip"))
     # model
@@ -132,6 +133,10 @@ class TrainOptions:
     log_every: int = _opt(10, "optimizer steps between log rows", "run")
     eval_batch_size: int = _opt(512, "batch size of the final evaluation", "run")
     eval_before: bool = _opt(False, "also evaluate the untrained model (metrics.json: before_training)", "run")
+    val_targets: str = _opt(None, "insightface verification sets: names (<name>.bin next to --data-path) or .bin "
+                                  "paths, comma-separated, e.g. lfw,cfp_fp,agedb_30", "run")
+    val_every: int = _opt(0, "also evaluate --val-targets every N optimizer steps (0: at the end only)", "run")
+    val_best_target: str = _opt(None, "keep checkpoints/best at the step with the best accuracy on this target", "run")
     seed: int = _opt(0, "seed of data, initialisation and sampling", "run")
 
 
@@ -297,6 +302,7 @@ def train(opts: TrainOptions) -> dict | None:
     """Train and evaluate; returns the metrics on rank 0 (None elsewhere)."""
     import ffc_parallel as fp
     from ffc_parallel.cli.recipe import Recipe, check_options
+    from ffc_parallel.cli.validation import Validation
     from ffc_parallel.data import build_data
     from ffc_parallel.distributed.collectives import average_batchnorm_stats_
     from ffc_parallel.evaluation.report import RunLog, read_log, summary_text, write_metrics_json, write_plots
@@ -337,6 +343,7 @@ def train(opts: TrainOptions) -> dict | None:
             print(f"ffc-train: resumed from {ckpt_dir} at step {step}", file=sys.stderr, flush=True)
 
     log = RunLog(out_dir, enabled=rank == 0, resume_step=step if opts.resume else None)
+    validation = Validation(opts, bundle.input_shape, out_dir, rank, resume_step=step if opts.resume else None)
     bar = None
     if rank == 0:
         from tqdm import tqdm
@@ -391,6 +398,8 @@ def train(opts: TrainOptions) -> dict | None:
                 bar.update(1)
             if opts.checkpoint_every and step % opts.checkpoint_every == 0:
                 checkpoint()
+            if validation.due(step):
+                validation.run(step, recipe, checkpoint, log)
             if step >= total_steps or step == plan.ends[epoch]:
                 break
         train_seconds = time.monotonic() - t_start
@@ -398,6 +407,7 @@ def train(opts: TrainOptions) -> dict | None:
     if bar is not None:
         bar.close()
 
+    validation.run(step, recipe, checkpoint, log)
     average_batchnorm_stats_(recipe.model)
     skipped = recipe.skipped_images()
     training = None
@@ -408,7 +418,7 @@ def train(opts: TrainOptions) -> dict | None:
             train_seconds=train_seconds, skipped_images=skipped,
             samples_per_s=float(np.mean(rows["samples_per_s"][1:] or rows["samples_per_s"])) if rows else math.nan,
             loss_first=rows["loss"][0] if rows else math.nan, loss_last=rows["loss"][-1] if rows else math.nan,
-            num_classes=bundle.num_classes, task=opts.task, head=opts.head, **recipe.sizes())
+            num_classes=bundle.num_classes, task=opts.task, head=opts.head, **recipe.sizes(), **validation.report())
     try:
         metrics, curves = recipe.evaluate(device)
     except Exception as exc:   # the checkpoint is saved; keep what training measured

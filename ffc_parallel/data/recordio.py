@@ -13,6 +13,10 @@ Payload (MXNet ``recordio.pack``): a 24-byte header ``struct 'IfQQ'`` = (flag, l
 insightface layout: record 0 has ``flag = 2`` and label ``(a, b)``; records ``1 .. a-1`` are images whose
 label (first value) is the identity; records ``a .. b-1`` are one per identity, label ``(first, end)``
 = its image keys. Files without record 0's ranges are read by scanning every image record's label.
+Record 0's counts are checked against the file when it is opened: no record past the identity records,
+identity records without images, every image in exactly one identity range, the first record of each range
+an image, and no two ranges starting with images of the same label (one read per identity); a mismatch is
+refused naming the file and the record.
 
 Exact integers: float32 holds every integer below 2^24 = 16,777,216 exactly and no longer tells larger
 ones from their neighbours (16,777,216 and 16,777,217 are the same float32). :func:`pack` writes an
@@ -311,7 +315,17 @@ class RecordIOFaces(torch.utils.data.Dataset):
         if len(missing):
             raise ValueError(f"{r.rec_path}: record 0 promises records 1..{end_id - 1}, but {r.idx_path.name} "
                              f"lacks {len(missing)} of them (the first: record {missing[0]})")
-        ranges = [r.labels(k)[0] for k in range(first_id, end_id)]
+        counts = (f"record 0 counts {first_id - 1} images (records 1..{first_id - 1}) and {end_id - first_id} "
+                  f"identities (records {first_id}..{end_id - 1})")
+        extra = [k for k in r.keys if k >= end_id]
+        if extra:
+            raise ValueError(f"{r.rec_path}: {counts}, but {r.idx_path.name} holds {len(extra)} more records (the "
+                             f"first: record {extra[0]}): a header that does not match the file")
+        ranges, sizes = zip(*(r.labels(k) for k in range(first_id, end_id)))
+        with_image = [n for n, size in enumerate(sizes) if size]
+        if with_image:
+            raise ValueError(f"{r.rec_path}: {counts}, but identity record {first_id + with_image[0]} holds an image "
+                             f"of {sizes[with_image[0]]} bytes: a header that does not match the file")
         short = [n for n, v in enumerate(ranges) if len(v) < 2]
         if short:
             raise ValueError(f"{r.rec_path}: identity record {first_id + short[0]} holds no (first, end) image keys")
@@ -328,8 +342,25 @@ class RecordIOFaces(torch.utils.data.Dataset):
             k = int(np.nonzero(cover != 1)[0][0]) + 1
             raise ValueError(f"{r.rec_path}: image record {k} lies in {cover[k - 1]} identity ranges (records "
                              f"{first_id}..{end_id - 1}); every image needs exactly one")
+        self._check_first_images(lo, hi, first_id, counts)
         order = np.argsort(lo, kind="stable")
         return np.arange(1, first_id, dtype=np.int64), np.repeat(order, (hi - lo)[order]).astype(np.int64)
+
+    def _check_first_images(self, lo: np.ndarray, hi: np.ndarray, first_id: int, counts: str) -> None:
+        """The first record of every non-empty identity range holds an image, and no two of them share their
+        own label (one read per identity: ranges shifted against the images show up as a label that repeats)."""
+        r, seen = self.reader, {}
+        for n in np.nonzero(hi > lo)[0].tolist():
+            key = int(lo[n])
+            values, size = r.labels(key)
+            if not size:
+                raise ValueError(f"{r.rec_path}: {counts}, but image record {key} (the first of identity record "
+                                 f"{first_id + n}) holds no image: a header that does not match the file")
+            other = seen.setdefault(values[0], n)
+            if other != n:
+                raise ValueError(f"{r.rec_path}: identity records {first_id + other} and {first_id + n} both start "
+                                 f"with an image labelled {values[0]} (records {lo[other]} and {key}): their image "
+                                 f"ranges do not match the images' own labels")
 
     def _scan(self) -> tuple[np.ndarray, np.ndarray]:
         """Every record with an image (a non-empty payload) labelled by its own first label value."""

@@ -43,6 +43,8 @@ STREAMS = {
     "instance_views": 0xC9,     # keys: epoch, first item, batch length
     "cam_set": 0xCA,            # no keys: the stored CAM balancing set (CamBalancer)
     "synthetic_renderer": 0xCB,  # no keys: the built-in data's fixed projections (latent -> pixels)
+    "verification_pairs": 0xCC,  # no keys: the pairs drawn by evaluation.verification.pairs_from_folder
+    "train_flip": 0xF11,        # counter-based, keys: epoch, item (horizontal flip of a training image)
 }
 
 

@@ -166,6 +166,8 @@ def summary_text(metrics: dict, out_dir) -> str:
             continue  # not measured for this task (e.g. no classifier of training ids under FFC)
         untrained = fmt(before.get(key), percent) if before else ""
         lines.append(f" {label:<44}{fmt(metrics.get(key), percent):>12}{untrained:>14}")
+    for name, m in (metrics.get("verification") or {}).items():
+        lines.append(f" {name + ' (.bin): 10-fold accuracy':<44}{m['accuracy']:>11.2%} +- {m['accuracy_std']:.2%}")
     lines += ["-" * 72,
               (f" {metrics['seen_images']} held-out images of training ids; " if "seen_images" in metrics else
                f" {metrics.get('probe_images')} held-out labelled images (half bank, half queries); ")
