@@ -25,7 +25,7 @@ file; loading, resharding and exporting verify every file first (``checkpoint_fi
 another world size reads, for the classes (slots) a rank now owns, the overlapping rows of the saved
 shards, so ``4 -> 2``, ``2 -> 3`` or ``1 -> 4`` give bit-identical reassembled centers and optimizer
 state; DeepSpeed's ZeRO state goes through its universal checkpoint
-(``deepspeed_bridge.checkpoints.load_engine``).
+(``deepspeed_bridge.load_engine``).
 
 Why not ``torch.distributed.checkpoint``: it reshards DTensors, whose ``Shard(0)`` layout puts
 ``ceil(C / W)`` rows on the first ranks (``torch.chunk``), not DESIGN.md's contiguous
@@ -48,7 +48,7 @@ from . import deepspeed_bridge as bridge
 from .checkpoint_files import (MANIFEST, SHARDS_DIR, TABLE, CheckpointError, Writes, atomic_torch_save,
                                atomic_write_bytes, by_rank, describe, fsync_path, gather, hash_file, list_files,
                                no_space, no_space_message, rank_world, save_failure, verify_checkpoint)
-from .deepspeed_bridge import checkpoints as ds_files
+
 
 FORMAT = 2
 
@@ -200,7 +200,7 @@ def save_checkpoint(engine, save_dir, tag=None, client_state=None, save_latest=T
             writes.fail(f"could not create {staged}: {exc}")
     _settle(writes, save_dir, staging_root, tag)
     try:
-        ds_files.save_engine(ds, staging_root, tag, client_state or {}, exclude_frozen_parameters, writes=writes)
+        bridge.save_engine(ds, staging_root, tag, client_state or {}, exclude_frozen_parameters, writes=writes)
     except Exception as exc:   # DeepSpeed itself raised (its file writes cannot: ``writes`` records them)
         writes.fail(f"DeepSpeed's save_checkpoint raised {describe(exc)}")
     for name, part in parts.items():
@@ -336,7 +336,7 @@ def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_op
     rank, world = rank_world()
     error = None
     try:
-        path, client_state = ds_files.load_engine(
+        path, client_state = bridge.load_engine(
             ds, tag_dir, load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
             load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
             custom_load_fn=custom_load_fn)

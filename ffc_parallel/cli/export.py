@@ -28,7 +28,7 @@ import torch
 from ..checkpoint import read_manifest, read_rows, resolve_tag
 from ..checkpoint_files import (SHARDS_DIR, CheckpointError, atomic_write_bytes, describe, no_space,
                                 no_space_message, saved_bytes, verify_checkpoint)
-from ..deepspeed_bridge.checkpoints import client_state_of, consolidated_fp32_state_dict, module_states
+from ..deepspeed_bridge import client_state_of, consolidated_fp32_state_dict, module_states
 
 PREFIX = "backbone."
 OPSET = 17
