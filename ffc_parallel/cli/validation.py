@@ -12,12 +12,12 @@ step and accuracy that was.
 """
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 from ffc_parallel.checkpoint_files import atomic_write_bytes
 from ffc_parallel.distributed.collectives import average_batchnorm_stats_
+from ffc_parallel.evaluation.report import open_step_log
 from ffc_parallel.evaluation.verification import evaluate_verification, load_verification_bin
 
 COLUMNS = ("step", "target", "accuracy", "accuracy_std", "threshold", "tar_at_far_1e-3", "pairs")
@@ -66,17 +66,10 @@ class Validation:
         self.best = {}
         if not self.sets or rank != 0:
             return
-        path = out_dir / "verification.csv"
-        kept = []
-        if resume_step is not None and path.exists():
-            with open(path, newline="") as f:
-                kept = [row for row in list(csv.reader(f))[1:] if row and int(row[0]) <= resume_step]
-            best = self.ckpt_dir / "best.json"
-            self.best = json.loads(best.read_text()) if best.exists() else {}
-        self.file = open(path, "w", newline="")
-        self.writer = csv.writer(self.file)
-        self.writer.writerows([COLUMNS] + kept)
-        self.file.flush()
+        best = self.ckpt_dir / "best.json"
+        if resume_step is not None and best.exists():
+            self.best = json.loads(best.read_text())
+        self.file, self.writer = open_step_log(out_dir / "verification.csv", COLUMNS, resume_step)
 
     def due(self, step: int) -> bool:
         return bool(self.sets) and self.opts.val_every > 0 and step % self.opts.val_every == 0

@@ -11,6 +11,21 @@ from pathlib import Path
 from .metrics import BUCKET_NAMES
 
 
+def open_step_log(path: Path, columns, resume_step: int | None):
+    """``(file, csv writer)`` of a log whose first column is the step, started anew with its header; a
+    resumed run (``resume_step``) keeps the rows up to the checkpoint's step and drops the later ones
+    (logged before a crash, then logged again by the resumed run)."""
+    kept = []
+    if resume_step is not None and path.exists():
+        with open(path, newline="") as f:
+            kept = [row for row in list(csv.reader(f))[1:] if row and int(row[0]) <= resume_step]
+    file = open(path, "w", newline="")
+    writer = csv.writer(file)
+    writer.writerows([list(columns)] + kept)
+    file.flush()
+    return file, writer
+
+
 class RunLog:
     """Rank 0's log rows: ``metrics.csv`` and TensorBoard scalars (other ranks log nothing).
 
@@ -23,16 +38,7 @@ class RunLog:
         self.enabled, self.tb = enabled, None
         if not enabled:
             return
-        path = out_dir / "metrics.csv"
-        kept = []
-        if resume_step is not None and path.exists():
-            with open(path, newline="") as f:
-                kept = [row for row in list(csv.reader(f))[1:] if row and int(row[0]) <= resume_step]
-        self.file = open(path, "w", newline="")
-        self.writer = csv.writer(self.file)
-        self.writer.writerow(self.COLUMNS)
-        self.writer.writerows(kept)
-        self.file.flush()
+        self.file, self.writer = open_step_log(out_dir / "metrics.csv", self.COLUMNS, resume_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))
