@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import ffc_parallel as fp
 from ffc_parallel.distributed import streams
-from ffc_parallel.heads.sampling import sample_rows
+from ffc_parallel.heads.sampling import negative_candidates, sample_rows
 from ffc_parallel.heads.classifier import init_class_rows
 from ffc_parallel.heads.row_loss import CrossEntropy
 from ffc_parallel.heads.softmax_ce import ChunkPlan, LossOptions, ShardedMarginSoftmaxCE, Targets
@@ -133,20 +133,38 @@ def test_chunk_plan_respects_budget():
     assert ChunkPlan.for_budget(8, 100, 4, 1 << 30, chunk_size=7).chunk == 7
 
 
-def test_sampler_keeps_positives_counts_and_is_uniform():
+def _draw(positives, num_local, num_sample, step, mode="uniform", block=1):
+    g = streams.generator(0, "partial_fc", 0, step)
+    return sample_rows(positives, negative_candidates(num_local, num_sample, g, mode, block), num_sample)
+
+
+@pytest.mark.parametrize("mode,block", [("uniform", 1), ("block", 4)])
+def test_sampler_keeps_positives_counts_and_is_uniform(mode, block):
     positives = torch.tensor([3, 10, 11])
     counts = torch.zeros(40)
     for step in range(3000):
-        rows = sample_rows(positives, 40, 8, streams.generator(0, "partial_fc", 0, step))
+        rows = _draw(positives, 40, 8, step, mode, block)
         assert rows.numel() == 8 and torch.isin(positives, rows).all()
         assert torch.equal(rows, rows.unique())
         counts[rows] += 1
     negatives = counts[~torch.isin(torch.arange(40), positives)]
     expected = 3000 * 5 / 37
+    if mode == "block":   # rows sharing a block with a positive are drawn a little more often
+        negatives = counts[~torch.isin(torch.arange(40) // block, positives // block)]
     assert float((negatives - expected).abs().max()) < 5 * math.sqrt(expected)
     # the dense regime (most rows wanted) and more positives than the sample size
-    assert sample_rows(positives, 40, 30, streams.generator(0, "partial_fc", 0, 1)).numel() == 30
-    assert torch.equal(sample_rows(positives, 40, 2, streams.generator(0, "partial_fc", 0, 1)), positives)
+    assert _draw(positives, 40, 30, 1, mode, block).numel() == 30
+    assert torch.equal(_draw(positives, 40, 2, 1, mode, block), positives)
+
+
+def test_block_candidates_are_whole_runs_of_rows():
+    rows = negative_candidates(1000, 64, streams.generator(0, "partial_fc", 0, 0), "block", 16)
+    assert rows.numel() == 64 and rows.unique().numel() == 64
+    blocks = rows.view(4, 16)
+    assert torch.equal(blocks.sort(dim=1).values, (blocks.min(dim=1, keepdim=True).values + torch.arange(16)))
+    assert bool((blocks.min(dim=1).values % 16 == 0).all())
+    with pytest.raises(ValueError, match="negative_sampling"):
+        negative_candidates(10, 2, streams.generator(0, "partial_fc", 0, 0), "pages")
 
 
 def test_eval_mode_uses_every_class():

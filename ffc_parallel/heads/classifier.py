@@ -8,12 +8,14 @@ from torch import nn
 
 from ..distributed.collectives import PieceLayout, gather_rows
 from ..distributed.init import get_rank, get_world_size, init_distributed, launched_world_size
+from ..optim.center_store import CenterStore, parse_center_storage
+from ..optim.row_layout import PAGE_BYTES
 from ..optim.centers import CenterTrainer
 from .margins import resolve_margin
 from .row_loss import CrossEntropy
 from ..distributed import streams
 from ..distributed.checks import BATCH_FIELDS, BatchSpec, agree_on_config, check_batch
-from .sampling import sample_rows
+from .sampling import NEGATIVE_SAMPLING, negative_candidates, sample_rows
 from .softmax_ce import (DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, ShardedMarginSoftmaxCE, Targets,
                          chunk_cosines, chunk_rows, stats_dtype)
 from .walk import LossOptions, Step
@@ -128,6 +130,17 @@ class ShardedClassifier(nn.Module):
         grad_multiplier: factor on the embedding gradient (default: the data-parallel size of the
             DeepSpeed engine training the head, 1 without one). Under torch DDP, which also averages
             the backbone's gradients, pass the world size.
+        center_storage: where this rank's rows, their master copy and optimizer state live:
+            ``"device"`` (default), ``"host"`` (host memory, pinned for a GPU head) or
+            ``"disk:/local/nvme/dir"`` (memory-mapped files in a directory of this rank's own under
+            it, removed when the head is freed). Off the device, ``weight`` holds only the rows of
+            the current step ``[R, D]``; each step they are read from the store (the next step's
+            negatives in the background while this one computes), stepped and written back; the
+            head then trains only inside a DeepSpeed engine (whose optimizer its rows follow).
+            ``head.store_stats()`` reports rows and bytes moved and the share of reading hidden.
+        negative_sampling: ``"uniform"`` negatives (default) or ``"block"``: uniformly chosen runs of
+            ``sample_block`` consecutive rows (whole pages per read for a store on disk).
+        sample_block: rows per block (default: the rows of 64 KiB of weights).
 
     The centers ``weight`` are a leaf ``nn.Parameter`` that the module does not register: they are
     not in ``parameters()`` nor ``state_dict()`` (which holds only a marker, so that a state dict
@@ -143,7 +156,9 @@ class ShardedClassifier(nn.Module):
                  init_std: float = 0.01, seed: int = 0, dtype=None, device=None,
                  memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, chunk_size: int | None = None,
                  check_inputs: bool = True, row_loss=None, gather_pieces: int = 1,
-                 center_master_weights: bool | None = None, grad_multiplier: float | None = None):
+                 center_master_weights: bool | None = None, grad_multiplier: float | None = None,
+                 center_storage: str = "device", negative_sampling: str = "uniform",
+                 sample_block: int | None = None):
         super().__init__()
         if int(embedding_dim) < 1 or int(num_classes) < 1:
             raise ValueError(f"embedding_dim and num_classes must be >= 1, got {embedding_dim}, {num_classes}")
@@ -157,6 +172,15 @@ class ShardedClassifier(nn.Module):
         if int(gather_pieces) < 1:
             raise ValueError(f"gather_pieces must be >= 1, got {gather_pieces}")
         self.gather_pieces, self.comm_stats = int(gather_pieces), {}
+        self.storage, store_dir = parse_center_storage(center_storage)
+        if negative_sampling not in NEGATIVE_SAMPLING:
+            raise ValueError(f"negative_sampling must be one of {NEGATIVE_SAMPLING}, got {negative_sampling!r}")
+        dtype = dtype or torch.get_default_dtype()
+        row_weight_bytes = int(embedding_dim) * dtype.itemsize
+        self.negative_sampling = negative_sampling
+        self.sample_block = int(sample_block) if sample_block else max(1, 16 * PAGE_BYTES // row_weight_bytes)
+        if self.sample_block < 1:
+            raise ValueError(f"sample_block must be >= 1, got {sample_block}")
         if not dist.is_initialized() and launched_world_size() > 1:
             init_distributed()   # launched on several ranks (e.g. before deepspeed.initialize): shard over them
         self.rank, self.world_size = get_rank(group), get_world_size(group)
@@ -171,11 +195,17 @@ class ShardedClassifier(nn.Module):
             "margin m1": float(m.m1), "margin m2": float(m.m2), "margin m3": float(m.m3),
             "straight_through": m.straight_through, "sample_rate": self.sample_rate,
             "filter_threshold": filter_threshold, "seed": self.seed, "init_std": float(init_std),
-            "dtype": str(dtype or torch.get_default_dtype()), "gather_pieces": self.gather_pieces}, group, device)
-        rows = init_class_rows(*self.class_range, self.embedding_dim, init_std, self.seed)
-        weight = nn.Parameter(rows.to(device=device, dtype=dtype or torch.get_default_dtype()))
+            "dtype": str(dtype), "gather_pieces": self.gather_pieces, "center_storage": self.storage,
+            "negative_sampling": negative_sampling, "sample_block": self.sample_block}, group, device)
+        store = None
+        if self.storage == "device":
+            rows = init_class_rows(*self.class_range, self.embedding_dim, init_std, self.seed)
+            weight = nn.Parameter(rows.to(device=device, dtype=dtype))
+        else:
+            store = self._init_store(store_dir, dtype, init_std, center_master_weights, torch.device(device).type == "cuda")
+            weight = nn.Parameter(torch.empty(0, self.embedding_dim, device=device, dtype=dtype))
         self.centers = CenterTrainer(self, weight, group, master_weights=center_master_weights,
-                                     grad_multiplier=grad_multiplier)
+                                     grad_multiplier=grad_multiplier, store=store)
         self._rows_missing = None  # set when a state_dict without this head's rows was loaded
         self.row_loss = row_loss if row_loss is not None else CrossEntropy()
         # [num_local] or None: weights of own classes. Not in state_dict: it differs per rank and is
@@ -184,10 +214,58 @@ class ShardedClassifier(nn.Module):
         self.sample_step = 0          # Partial FC draws depend on (seed, rank, sample_step)
         self.last_sampled_rows = None  # local rows used by the last training forward (None: all)
 
+    def _init_store(self, directory, dtype, init_std, master_weights, pin) -> CenterStore:
+        """A store of this rank's rows (``center_storage`` host or disk) holding their initial values (and
+        the master copy of half-precision centers), written block by block."""
+        store = CenterStore(self.storage, self.num_local, directory, pin=pin, label=f"rank{self.rank}")
+        store.add("weight", dtype, self.embedding_dim)
+        half = dtype in (torch.float16, torch.bfloat16)
+        if half and master_weights is not False:
+            store.add("master", torch.float32, self.embedding_dim)
+        start, stop = self.class_range
+        for lo in range(start, stop, _INIT_BLOCK):
+            hi = min(lo + _INIT_BLOCK, stop)
+            rows = init_class_rows(lo, hi, self.embedding_dim, init_std, self.seed).to(dtype)
+            store.write_range(lo - start, {"weight": rows, **({"master": rows.float()} if "master" in store.fields else {})})
+            store.release()
+        return store
+
     @property
     def weight(self) -> nn.Parameter:
-        """This rank's centers ``[num_local, embedding_dim]`` (global classes ``class_range``)."""
+        """This rank's centers ``[num_local, embedding_dim]`` (global classes ``class_range``); with
+        ``center_storage`` off the device, the rows of the current step only (see :meth:`local_rows`)."""
         return self.centers.weight
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether the rows live off the device (``center_storage`` host or disk)."""
+        return self.centers.store is not None
+
+    def local_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Local rows ``[start, stop)`` of the centers ``[stop - start, D]`` on the centers' device, wherever
+        they are stored (a copy for a store)."""
+        if not self.offloaded:
+            return self.weight.detach()[start:stop]
+        rows = self.centers.store.read_range(start, stop)["weight"]
+        self.centers.store.release()
+        return rows.to(self.weight.device)
+
+    def require_device_rows(self, feature: str) -> None:
+        """Raise for ``feature`` that needs the whole shard on the device when the rows are stored off it."""
+        if self.offloaded:
+            raise ValueError(f"{feature} needs this head's rows on the device, but center_storage="
+                             f"{self.storage!r}: use center_storage='device' for it")
+
+    def store_stats(self) -> dict:
+        """Off-device storage: store bytes, bytes read and written so far, rows of the last step, and the
+        seconds the prefetch read vs the seconds steps waited for it ({} on the device)."""
+        if not self.offloaded:
+            return {}
+        store, resident = self.centers.store, self.centers.resident
+        read, wait = resident.stats["prefetch_read_s"], resident.stats["prefetch_wait_s"]
+        return {"tier": self.storage, "store_bytes": store.nbytes, "row_bytes": store.row_bytes,
+                "bytes_read": store.bytes_read, "bytes_written": store.bytes_written, **resident.stats,
+                "prefetch_hidden_fraction": (1.0 - wait / read) if read > 0 else None}
 
     def _attach_engine(self, view) -> None:  # called by deepspeed_bridge
         self.centers.attach(view)
@@ -307,14 +385,32 @@ class ShardedClassifier(nn.Module):
         rows = None
         if self.training and self.sample_rate < 1.0:
             positives = local[owned].unique()
-            generator = streams.generator(self.seed, "partial_fc", self.rank, self.sample_step)
-            rows = sample_rows(positives, self.num_local, int(self.sample_rate * self.num_local), generator)
+            rows = sample_rows(positives, self.negative_candidates(self.sample_step), self.num_sample)
             self.sample_step += 1
             local = torch.searchsorted(rows, local)
         self.last_sampled_rows = rows
+        if self.offloaded:
+            every = rows is None
+            rows = self.centers.activate(torch.arange(self.num_local) if every else rows)
+            if every and rows.numel() == self.weight.shape[0]:
+                rows = None   # every row resident, in order: the loss walks the weight itself
+            if self.training and self.sample_rate < 1.0:
+                self.centers.prefetch(self.negative_candidates(self.sample_step).sort().values)
         if self.training:
             self.centers.note_rows(rows)
         return rows, torch.where(owned, local, torch.full_like(local, -1))
+
+    @property
+    def num_sample(self) -> int:
+        """Rows per Partial FC step (at least the step's positives)."""
+        return int(self.sample_rate * self.num_local)
+
+    def negative_candidates(self, step: int) -> torch.Tensor:
+        """The negative candidates of Partial FC step ``step`` on this rank (random order; a pure function
+        of seed, rank and step, so they can be drawn, and their rows read, a step early)."""
+        generator = streams.generator(self.seed, "partial_fc", self.rank, step)
+        return negative_candidates(self.num_local, self.num_sample, generator, self.negative_sampling,
+                                   self.sample_block)
 
     def label_weight_part(self, labels: torch.Tensor, label_cols: torch.Tensor):
         """``[B]``: each label's class weight where this rank owns it, else 0 (None without class
@@ -386,7 +482,7 @@ class ShardedClassifier(nn.Module):
         chunk = self._plan(batch, self.num_local).chunk
         for start in range(0, self.num_local, chunk):
             stop = min(start + chunk, self.num_local)
-            cos = chunk_cosines(xn, *chunk_rows(self.weight, None, start, stop, sdt))
+            cos = chunk_cosines(xn, *chunk_rows(self.local_rows(start, stop), None, 0, stop - start, sdt))
             ids = torch.arange(start, stop, device=xn.device).expand(batch, -1)
             best, pick = torch.cat([best, cos], 1).topk(k, dim=1)
             best_ids = torch.cat([best_ids, ids], 1).gather(1, pick)

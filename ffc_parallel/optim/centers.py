@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from .. import deepspeed_bridge as bridge
 from .center_optimizer import ShardedCenterOptimizer
+from .center_store import CenterStore, ResidentRows
 
 
 def center_grad_stats(grad: torch.Tensor | None, rows: torch.Tensor | None, group=None) -> tuple[bool, float]:
@@ -59,11 +60,16 @@ class CenterTrainer:
         master_weights: fp32 master copy of half-precision centers (None: yes for bf16/fp16).
         grad_multiplier: factor on the embedding gradient; None = the data-parallel size of the
             DeepSpeed engine the head is attached to, 1 without one (pass the world size under DDP).
+        store: a :class:`~ffc_parallel.optim.center_store.CenterStore` holding every row off the device
+            (then ``weight`` holds only the rows of the current step, see :meth:`activate`), or None.
     """
 
     def __init__(self, module: torch.nn.Module, weight: torch.nn.Parameter, group=None,
-                 master_weights: bool | None = None, grad_multiplier: float | None = None):
+                 master_weights: bool | None = None, grad_multiplier: float | None = None,
+                 store: CenterStore | None = None):
         self.weight, self.group, self.master_weights = weight, group, master_weights
+        self.store = store
+        self.resident = ResidentRows(store, weight) if store is not None else None
         self.owner = f"ffc_parallel.{type(module).__name__}"
         self.fixed_multiplier = None if grad_multiplier is None else float(grad_multiplier)
         self.view = None             # deepspeed_bridge.EngineView once attached
@@ -102,6 +108,9 @@ class CenterTrainer:
         settings = view.settings()
         self.optimizer = ShardedCenterOptimizer(self.weight, settings.kind, settings.lr,
                                                 master_weights=self.master_weights, **settings.hyper)
+        if self.store is not None:   # the optimizer's state lives in the store, row by row
+            for name, value in self.optimizer.state.items():
+                self.store.add(name, value.dtype, value.shape[1] if value.dim() == 2 else 1)
         self.view, self.resolved = view, True
         view.trainers.append(self)
         bridge.note_bound_weight(self.weight)
@@ -157,6 +166,24 @@ class CenterTrainer:
         multiplier = self.grad_multiplier
         return grad * multiplier if multiplier != 1.0 else grad
 
+    def activate(self, rows: torch.Tensor) -> torch.Tensor:
+        """The indices into ``weight`` of local rows ``rows`` (sorted) for this forward: ``rows`` itself
+        for centers on the device; with a store, ``rows`` are brought onto the device (next to the rows of
+        a pending gradient) and their positions among the resident rows are returned."""
+        if self.resident is None:
+            return rows
+        before = self.resident.rows
+        keep = self._pending and torch.is_grad_enabled()
+        positions = self.resident.activate(rows, keep=keep)
+        if keep and self._rows is not None:
+            self._rows = self.resident.remap(self._rows, before)
+        return positions
+
+    def prefetch(self, rows: torch.Tensor | None) -> None:
+        """Start reading ``rows`` (the next step's candidates) from the store (nothing without one)."""
+        if self.resident is not None:
+            self.resident.prefetch(rows)
+
     def note_rows(self, rows: torch.Tensor | None) -> None:
         """The local rows a training forward uses (None: all); their gradient waits for the next step."""
         if not torch.is_grad_enabled():
@@ -199,13 +226,17 @@ class CenterTrainer:
                         "plain deepspeed.initialize. ffc_parallel.initialize clips backbone and centers by their "
                         "global norm; set gradient_clipping to 0 to clip neither.", stacklevel=2)
             factor = self.clipping.factor if self.clipping is not None and self.clipping.active else 1.0
+            if self.resident is not None:
+                self.optimizer.state = self.resident.state_rows()
             self.optimizer.step(self.pending_rows(), lr=settings.lr, grad_scale=1.0 / (self._loss_scale * factor))
+            if self.resident is not None:
+                self.resident.write_back(self.optimizer.state)
         self.drop()
 
     def drop(self) -> None:
         """Forget the pending gradient: zero the rows Partial FC wrote (O(rows)), or release the buffer."""
         rows, grad = self.pending_rows(), self.weight.grad
-        if grad is not None and rows is not None:
+        if grad is not None and rows is not None and self.resident is None:
             grad.index_fill_(0, rows, 0.0)
         else:
             self.weight.grad = None

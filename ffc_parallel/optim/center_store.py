@@ -1,0 +1,460 @@
+"""Class rows off the device: one rank's centers, their fp32 master copy and their optimizer state in
+host memory or in memory-mapped files on local disk; each step only the rows it uses are on the device.
+
+A :class:`CenterStore` holds ``num_rows`` rows of every field of ``optim/row_layout.py`` (``weight``,
+``master``, the optimizer's state, ``step``):
+
+* tier ``"host"``: one ``[num_rows, width]`` tensor per field in host memory (pinned for a GPU head);
+* tier ``"disk"``: per field, segment files of :data:`SEGMENT_BYTES` (``<field>.<segment>``) in a
+  directory of the rank's own under the user's ``disk:/local/nvme/dir``, memory-mapped (``MAP_SHARED``).
+  Pages a step touched are unmapped again after it (``MADV_DONTNEED``: the data stays in the page
+  cache and the file), so the process's resident memory stays the working set, not the store.
+
+:class:`ResidentRows` is the device side: the rows of this step (the head's ``weight`` parameter holds
+them, ``[R, D]``), the optimizer state rows while the centers step, and the one-step-ahead prefetch
+(a background thread reads the next step's candidate rows while this step computes).
+
+Snapshots (checkpoints) do not copy the store: :meth:`CenterStore.snapshot` flushes and then reflinks
+(copy-on-write file systems: XFS, btrfs) or hard-links every segment into the checkpoint; a hard-linked
+segment is copied to a new file of its own the next time training writes it, so the checkpoint keeps
+the values it was saved with while training goes on.
+"""
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from .row_layout import TIERS
+
+SEGMENT_BYTES = 32 << 20   # bytes of one segment file of the weight field (copy-on-write granule)
+_FICLONE = 0x40049409      # ioctl: reflink a whole file (Linux)
+
+
+def parse_center_storage(spec) -> tuple[str, Path | None]:
+    """``"device"`` / ``"host"`` / ``"disk:/dir"`` -> ``(tier, directory or None)``."""
+    text = str(spec or "device")
+    tier, _, where = text.partition(":")
+    if tier not in TIERS or (tier == "disk") != bool(where.strip()):
+        raise ValueError(f"center_storage must be 'device', 'host' or 'disk:/local/dir' (a directory on local disk, "
+                         f"ideally NVMe), got {spec!r}")
+    return tier, (Path(where.strip()).expanduser() if tier == "disk" else None)
+
+
+def clone_file(src: Path, dst: Path) -> str:
+    """Put ``src``'s content at ``dst`` without copying where the file system allows: ``"reflink"``
+    (copy-on-write clone), ``"link"`` (a hard link: the caller must not write ``src`` in place again),
+    else ``"copy"``."""
+    with open(src, "rb") as s, open(dst, "wb") as d:
+        try:
+            fcntl.ioctl(d.fileno(), _FICLONE, s.fileno())
+            return "reflink"
+        except OSError:
+            pass
+    os.unlink(dst)
+    try:
+        os.link(src, dst)
+        return "link"
+    except OSError:
+        shutil.copyfile(src, dst)
+        return "copy"
+
+
+class _Segment:
+    """One memory-mapped segment file ``[rows, width]`` of a field."""
+
+    def __init__(self, path: Path, rows: int, width: int, dtype: torch.dtype, writable: bool = True):
+        self.path, self.rows, self.width, self.dtype, self.writable = path, rows, width, dtype, writable
+        self.shared = False   # hard-linked into a snapshot: copy before the next write
+        self.touched = False  # pages mapped since the last release()
+        self._open()
+
+    def _open(self):
+        nbytes = self.rows * self.width * self.dtype.itemsize
+        flags = os.O_RDWR | os.O_CREAT if self.writable else os.O_RDONLY
+        fd = os.open(self.path, flags, 0o644)
+        try:
+            if self.writable and os.fstat(fd).st_size < nbytes:
+                os.ftruncate(fd, nbytes)   # a sparse file: zeros until written
+            access = mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ
+            self._map = mmap.mmap(fd, nbytes, access=access)
+        finally:
+            os.close(fd)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)   # a read-only map: torch warns it is not writable
+            self.tensor = torch.frombuffer(self._map, dtype=self.dtype).view(self.rows, self.width)
+
+    def close(self):
+        self.tensor = None
+        self._map.close()
+
+    def before_write(self):
+        """Copy-on-write: a segment linked into a snapshot gets a file of its own first."""
+        if self.shared:
+            self.close()
+            tmp = self.path.with_name(self.path.name + ".cow")
+            shutil.copyfile(self.path, tmp)
+            os.replace(tmp, self.path)
+            self.shared = False
+            self._open()
+        self.touched = True
+
+    def release(self):
+        """Unmap the pages touched since the last call from this process (the data stays in the file)."""
+        if self.touched:
+            self._map.madvise(mmap.MADV_DONTNEED)
+            self.touched = False
+
+
+class _DiskField:
+    """A field ``[num_rows, width]`` as segment files ``<dir>/<name>.<k>`` of ``segment_rows`` rows."""
+
+    def __init__(self, directory: Path, name: str, num_rows: int, width: int, dtype: torch.dtype,
+                 segment_rows: int, writable: bool = True):
+        self.name, self.num_rows, self.width, self.dtype, self.segment_rows = name, num_rows, width, dtype, segment_rows
+        self.segments = [_Segment(directory / f"{name}.{k:05d}", min(segment_rows, num_rows - k * segment_rows),
+                                  width, dtype, writable)
+                         for k in range(-(-num_rows // segment_rows))]
+
+    def _split(self, rows: torch.Tensor):
+        """``(segment, slice of rows, local rows)`` for sorted ``rows``."""
+        if rows.numel() == 0:
+            return
+        seg = torch.div(rows, self.segment_rows, rounding_mode="floor")
+        first, last = int(seg[0]), int(seg[-1])
+        bounds = torch.searchsorted(seg, torch.arange(first, last + 2)).tolist()
+        for k, (a, b) in zip(range(first, last + 1), zip(bounds, bounds[1:])):
+            if a < b:
+                yield self.segments[k], slice(a, b), rows[a:b] - k * self.segment_rows
+
+    def read(self, rows: torch.Tensor, out: torch.Tensor) -> None:
+        for segment, part, local in self._split(rows):
+            segment.touched = True
+            torch.index_select(segment.tensor, 0, local, out=out[part])
+
+    def write(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        for segment, part, local in self._split(rows):
+            segment.before_write()
+            segment.tensor.index_copy_(0, local, values[part])
+
+    def read_range(self, start: int, stop: int) -> torch.Tensor:
+        out = torch.empty(stop - start, self.width, dtype=self.dtype)
+        for k in range(start // self.segment_rows, -(-stop // self.segment_rows)):
+            segment, lo = self.segments[k], k * self.segment_rows
+            a, b = max(start, lo), min(stop, lo + segment.rows)
+            out[a - start: b - start] = segment.tensor[a - lo: b - lo]
+            segment.touched = True
+        return out
+
+    def write_range(self, start: int, values: torch.Tensor) -> None:
+        stop = start + values.shape[0]
+        for k in range(start // self.segment_rows, -(-stop // self.segment_rows)):
+            segment, lo = self.segments[k], k * self.segment_rows
+            a, b = max(start, lo), min(stop, lo + segment.rows)
+            segment.before_write()
+            segment.tensor[a - lo: b - lo] = values[a - start: b - start]
+
+    def release(self):
+        for segment in self.segments:
+            segment.release()
+
+    def close(self):
+        for segment in self.segments:
+            segment.close()
+
+
+class _HostField:
+    """A field ``[num_rows, width]`` as one host tensor."""
+
+    def __init__(self, num_rows: int, width: int, dtype: torch.dtype, pin: bool):
+        self.tensor = torch.zeros(num_rows, width, dtype=dtype, pin_memory=pin)
+        self.width, self.dtype = width, dtype
+
+    def read(self, rows, out):
+        torch.index_select(self.tensor, 0, rows, out=out)
+
+    def write(self, rows, values):
+        self.tensor.index_copy_(0, rows, values)
+
+    def read_range(self, start, stop):
+        return self.tensor[start:stop].clone()
+
+    def write_range(self, start, values):
+        self.tensor[start: start + values.shape[0]] = values
+
+    def release(self):
+        pass
+
+    def close(self):
+        self.tensor = None
+
+
+class CenterStore:
+    """``num_rows`` rows of named fields (``optim/row_layout.py``) on tier ``"host"`` or ``"disk"``.
+
+    ``read(rows)`` / ``write(rows, values)`` move the rows (sorted unique int64 ids, CPU) of every field
+    at once; ``bytes_read`` / ``bytes_written`` count them. ``directory``: for the disk tier, the user's
+    directory; this store makes (and removes when closed) a directory of its own inside it.
+    """
+
+    def __init__(self, tier: str, num_rows: int, directory: Path | None = None, pin: bool = False,
+                 label: str = "rank0"):
+        if tier not in ("host", "disk"):
+            raise ValueError(f"a CenterStore is for the host or disk tier, not {tier!r}")
+        self.tier, self.num_rows, self.pin = tier, int(num_rows), pin
+        self.fields: dict[str, object] = {}
+        self.bytes_read = self.bytes_written = 0
+        self.lock = threading.Lock()   # the prefetch thread reads while the step may release pages
+        self.directory = None
+        if tier == "disk":
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                self.directory = Path(tempfile.mkdtemp(prefix=f"ffc-centers-{label}-", dir=directory))
+            except OSError as exc:
+                raise OSError(f"center_storage='disk:{directory}': cannot create the store's directory there "
+                              f"({exc}); give a writable directory on local disk") from exc
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.directory), True)
+
+    def add(self, name: str, dtype: torch.dtype, width: int) -> None:
+        """A new field of zeros (sparse files on disk: they cost no space until written)."""
+        if name in self.fields:
+            return
+        if self.tier == "host":
+            self.fields[name] = _HostField(self.num_rows, width, dtype, self.pin)
+        else:
+            weight = self.fields.get("weight")
+            segment_rows = weight.segment_rows if weight is not None else max(1, SEGMENT_BYTES // (width * dtype.itemsize))
+            self.fields[name] = _DiskField(self.directory, name, self.num_rows, width, dtype, segment_rows)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every field of every row (the store's size)."""
+        return sum(self.num_rows * f.width * f.dtype.itemsize for f in self.fields.values())
+
+    @property
+    def row_bytes(self) -> int:
+        return sum(f.width * f.dtype.itemsize for f in self.fields.values())
+
+    def read(self, rows: torch.Tensor, names=None) -> dict[str, torch.Tensor]:
+        """``{field: [R, width]}`` (CPU, pinned for a GPU head) of ``rows``."""
+        out = {}
+        with self.lock:
+            for name in names or self.fields:
+                f = self.fields[name]
+                out[name] = torch.empty(rows.numel(), f.width, dtype=f.dtype, pin_memory=self.pin)
+                f.read(rows, out[name])
+                self.bytes_read += out[name].nbytes
+        return out
+
+    def write(self, rows: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        with self.lock:
+            for name, value in values.items():
+                self.fields[name].write(rows, value.to(device="cpu", dtype=self.fields[name].dtype).reshape(rows.numel(), -1))
+                self.bytes_written += value.nbytes
+
+    def read_range(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        with self.lock:
+            return {name: f.read_range(start, stop) for name, f in self.fields.items()}
+
+    def write_range(self, start: int, values: dict[str, torch.Tensor]) -> None:
+        with self.lock:
+            for name, value in values.items():
+                self.fields[name].write_range(start, value.to(self.fields[name].dtype).reshape(value.shape[0], -1))
+
+    def release(self) -> None:
+        """Unmap what the last reads and writes touched (disk tier; the data stays in the files)."""
+        with self.lock:
+            for f in self.fields.values():
+                f.release()
+
+    def snapshot(self, dest: Path) -> dict:
+        """Disk tier: every segment file into ``dest`` (created), reflinked or hard-linked, copied only
+        where neither works; ``{"layout": ..., "files": [relative names], "how": {reflink/link/copy: n}}``."""
+        dest.mkdir(parents=True, exist_ok=True)
+        how, files = {"reflink": 0, "link": 0, "copy": 0}, []
+        with self.lock:
+            for f in self.fields.values():
+                for segment in f.segments:
+                    segment._map.flush()
+                    kind = clone_file(segment.path, dest / segment.path.name)
+                    segment.shared = segment.shared or kind == "link"
+                    how[kind] += 1
+                    files.append(segment.path.name)
+        return {"layout": self.layout(), "files": files, "how": how}
+
+    def layout(self) -> dict:
+        """What a reader needs to open a snapshot: rows, rows per segment, and each field's dtype and width."""
+        segment_rows = next((f.segment_rows for f in self.fields.values() if hasattr(f, "segment_rows")), self.num_rows)
+        return {"num_rows": self.num_rows, "segment_rows": segment_rows,
+                "fields": {n: [str(f.dtype).replace("torch.", ""), f.width] for n, f in self.fields.items()}}
+
+    def close(self) -> None:
+        for f in self.fields.values():
+            f.close()
+        self.fields = {}
+        if self.directory is not None:
+            self._cleanup()
+
+
+def open_snapshot(directory: Path, layout: dict) -> dict[str, _DiskField]:
+    """The fields of a snapshot written by :meth:`CenterStore.snapshot`, memory-mapped read-only."""
+    return {name: _DiskField(Path(directory), name, layout["num_rows"], width, getattr(torch, dtype),
+                             layout["segment_rows"], writable=False)
+            for name, (dtype, width) in layout["fields"].items()}
+
+
+def write_snapshot(directory: Path, layout: dict, blocks) -> list[str]:
+    """Write a snapshot from ``blocks`` (an iterable of ``(start, {field: rows})``) in ``layout``; returns
+    the file names (for offline resharding)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fields = {name: _DiskField(directory, name, layout["num_rows"], width, getattr(torch, dtype), layout["segment_rows"])
+              for name, (dtype, width) in layout["fields"].items()}
+    try:
+        for start, values in blocks:
+            for name, value in values.items():
+                fields[name].write_range(start, value.to(fields[name].dtype).reshape(value.shape[0], -1))
+                fields[name].release()
+        return [s.path.name for f in fields.values() for s in f.segments]
+    finally:
+        for f in fields.values():
+            for s in f.segments:
+                s._map.flush()
+            f.close()
+
+
+class ResidentRows:
+    """The rows of one head on the device this step, read from ``store`` and written back after the step.
+
+    ``weight`` (the head's centers parameter) holds ``rows`` ``[R, D]`` of field ``weight``; the other
+    fields' rows are read when the centers step (:meth:`state_rows`) and written back with the new
+    weights (:meth:`write_back`). :meth:`prefetch` reads the next step's candidate rows in a thread.
+    ``stats``: seconds the last prefetch read, seconds the step waited for it, rows and bytes moved.
+    """
+
+    def __init__(self, store: CenterStore, weight: torch.nn.Parameter):
+        self.store, self.weight = store, weight
+        self.rows = torch.empty(0, dtype=torch.long)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ffc-prefetch")
+        self._future = None
+        self._ahead_rows = None
+        self._other: dict[str, torch.Tensor] = {}
+        self._ahead = None
+        self.stats = {"prefetch_read_s": 0.0, "prefetch_wait_s": 0.0, "sync_read_s": 0.0, "rows": 0,
+                      "prefetched_rows_used": 0}
+
+    # ------------------------------------------------------------------ prefetch
+    def prefetch(self, rows: torch.Tensor | None) -> None:
+        """Start reading ``rows`` (sorted; the next step's candidates) of every field in the background."""
+        self._settle()
+        self._ahead, self._ahead_rows = None, None
+        if rows is None or rows.numel() == 0:
+            return
+        self._ahead_rows = rows
+
+        def read():
+            t0 = time.perf_counter()
+            values = self.store.read(rows)
+            return values, time.perf_counter() - t0
+
+        self._future = self._pool.submit(read)
+
+    def _settle(self) -> dict | None:
+        """Wait for the prefetch in flight (its rows stay in ``_ahead``)."""
+        if self._future is None:
+            return self._ahead
+        t0 = time.perf_counter()
+        values, seconds = self._future.result()
+        self.stats["prefetch_wait_s"] += time.perf_counter() - t0
+        self.stats["prefetch_read_s"] += seconds
+        self._future, self._ahead = None, values
+        return values
+
+    def _take(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every field of ``rows``: from the prefetched rows where there, the rest read now."""
+        ahead = self._settle()
+        out = {name: torch.empty(rows.numel(), f.width, dtype=f.dtype) for name, f in self.store.fields.items()}
+        have = torch.zeros(rows.numel(), dtype=torch.bool)
+        if ahead is not None and self._ahead_rows is not None and self._ahead_rows.numel():
+            pos = torch.searchsorted(self._ahead_rows, rows).clamp_(max=self._ahead_rows.numel() - 1)
+            have = self._ahead_rows[pos] == rows
+            for name, value in ahead.items():
+                out[name][have] = value[pos[have]]
+            self.stats["prefetched_rows_used"] += int(have.sum())
+        missing = rows[~have]
+        if missing.numel():
+            t0 = time.perf_counter()
+            for name, value in self.store.read(missing).items():
+                out[name][~have] = value
+            self.stats["sync_read_s"] += time.perf_counter() - t0
+        self._ahead, self._ahead_rows = None, None
+        return out
+
+    # ------------------------------------------------------------------ the step's rows
+    def activate(self, rows: torch.Tensor, keep: bool) -> torch.Tensor:
+        """Put ``rows`` (sorted local ids) on the device, with the rows already there when ``keep``
+        (gradient accumulation: their pending gradient too); returns the positions of ``rows`` among
+        the resident rows (what the loss indexes ``weight`` with)."""
+        rows = rows.cpu()
+        old, old_data, old_grad = self.rows, self.weight.data, self.weight.grad
+        keep = keep and old.numel() > 0
+        union = torch.unique(torch.cat([old, rows])) if keep else rows
+        if not (keep and torch.equal(union, old)):
+            fresh = union[~torch.isin(union, old)] if keep else union
+            values = self._take(fresh)
+            device, dtype = old_data.device, old_data.dtype
+            fresh_pos = torch.searchsorted(union, fresh)
+            data = torch.empty(union.numel(), old_data.shape[1], dtype=dtype, device=device)
+            data[fresh_pos.to(device)] = values.pop("weight").to(device=device, dtype=dtype)
+            other = {k: v.new_empty((union.numel(), v.shape[1])) for k, v in values.items()}
+            for k, v in values.items():
+                other[k][fresh_pos] = v
+            grad = None
+            if keep:
+                old_pos = torch.searchsorted(union, old)
+                data[old_pos.to(device)] = old_data
+                for k in other:
+                    other[k][old_pos] = self._other[k]
+                if old_grad is not None:
+                    grad = torch.zeros_like(data)
+                    grad[old_pos.to(device)] = old_grad
+            self.weight.data, self.weight.grad, self.rows, self._other = data, grad, union, other
+            self.stats["rows"] = int(union.numel())
+        return torch.searchsorted(self.rows, rows).to(self.weight.device)
+
+    def state_rows(self) -> dict[str, torch.Tensor]:
+        """The non-weight fields (master, optimizer state, step) of the resident rows, on the device, as
+        the optimizer keeps them (``step`` ``[R]``, the others ``[R, width]``)."""
+        missing = [n for n in self.store.fields if n != "weight" and n not in self._other]
+        if missing:   # fields added after these rows were read (the optimizer's, at attach)
+            self._other.update(self.store.read(self.rows, missing))
+        return {k: (v.view(-1) if k == "step" else v).to(self.weight.device) for k, v in self._other.items()}
+
+    def write_back(self, state: dict[str, torch.Tensor]) -> None:
+        """Write the resident rows (weights and ``state``, the optimizer's rows after its step) to the
+        store; the prefetched next rows that this step changed are refreshed from them."""
+        ahead = self._settle()
+        values = {"weight": self.weight.data.detach().cpu()}
+        values.update({k: v.detach().cpu().reshape(self.rows.numel(), -1) for k, v in state.items()
+                       if k in self.store.fields})
+        self.store.write(self.rows, values)
+        self._other = {k: values[k] for k in self._other}
+        if ahead is not None and self._ahead_rows is not None and self.rows.numel():
+            pos = torch.searchsorted(self.rows, self._ahead_rows).clamp_(max=self.rows.numel() - 1)
+            hit = self.rows[pos] == self._ahead_rows
+            for name in ahead:
+                ahead[name][hit] = values[name][pos[hit]].to(ahead[name].dtype)
+        self.store.release()
+
+    def close(self):
+        self._settle()
+        self._pool.shutdown(wait=True)
