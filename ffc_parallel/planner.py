@@ -13,7 +13,11 @@ computed from the same chunk, tile and cache policy the head uses
 of the backward: the cached logits are still alive when the new center gradient is allocated, on top
 of what lives through the whole step (weights, master weights, optimizer state, work buffers,
 embedding buffers). ``device="cpu"`` models the CPU head (small tiles; the cache borrows the not yet
-written gradient buffer). Formulas: ``docs/planner.md``.
+written gradient buffer). ``center_storage`` "host" or "disk" keeps the rows, their master copy and
+optimizer state off the device: the plan then counts the used and prefetched rows on the device, the
+store in host memory or on disk, and the bytes, pages and seconds a step moves (:func:`store_traffic`,
+:func:`step_time`); ``Plan.tiers`` has every tier, ``Plan.proposal`` the tier that fits. Formulas:
+``docs/planner.md``.
 """
 from __future__ import annotations
 
