@@ -85,9 +85,82 @@ def test_memory_and_communication_worked_by_hand():
                       "reduce_scatter_embedding_grads": 96, "backbone_allreduce": 3000}
     one = planner.plan(replace(cfg, gpus=1, num_classes=250))
     assert sum(one.comm.values()) == 0
-    off = planner.plan(replace(cfg, offload=True))
-    assert off.memory["master_weights"] == off.memory["optimizer_state"] == 0
-    assert off.host_memory == {"master_weights": 8000, "optimizer_state": 10000}
+    assert p.host_memory == {} and p.tiers["device"]["read_bytes_per_step"] == 0
+
+
+def test_storage_tiers_worked_by_hand():
+    # C=2000 on 2 GPUs: 1000 rows, D=256 fp32, SGD momentum: a row is weight 1024 + momentum 1024 + step 8
+    # = 2056 bytes. Per-GPU batch 2 -> B=4; rate 0.5 -> n = 500 candidates, R = max(4, 500) = 500 rows.
+    cfg = planner.HeadConfig(num_classes=2000, dim=256, gpus=2, batch=2, sample_rate=0.5, optimizer="sgd",
+                             center_storage="disk", compute_rate=1e9)
+    p = planner.plan(cfg)
+    s = p.store
+    assert (s["row_bytes"], s["prefetch_rows"], s["written_rows_per_step"]) == (2056, 500, 500)
+    assert s["store_bytes"] == s["disk_bytes"] == 1000 * 2056
+    # positives on this rank: 1000 (1 - (1 - 1/2000)^4) = 1.9985 distinct labels; half of them are not
+    # among the candidates: 0.99925 rows read synchronously
+    positives = 1000 * (1 - (1 - 1 / 2000) ** 4)
+    assert positives == pytest.approx(1.9985, abs=1e-4)
+    assert s["missing_positives"] == pytest.approx(0.99925, abs=1e-4)
+    assert s["read_bytes_per_step"] == 1_030_054                  # int((500 + 0.99925) x 2056)
+    assert s["read_bytes_per_step_max"] == (500 + 4) * 2056       # every one of B=4 positives missing
+    assert s["written_bytes_per_step"] == 500 * 2056
+    # pages: weight and momentum files are 250 pages of 4 rows; the step file 2 pages of 512 rows. A page is
+    # read unless none of its rows is: 250 (1 - 0.5^4) = 234.375 per 4-row file, both step pages.
+    prefetch_pages = 2 * 250 * (1 - 0.5**4) + 2
+    assert s["prefetch_page_read_bytes"] == int(prefetch_pages * 4096) == 1_928_192
+    assert s["page_written_bytes_per_step"] == 1_928_192          # R/C_local = 0.5 as well
+    f = (500 + s["missing_positives"]) / 1000
+    assert s["page_read_bytes_per_step"] == int((2 * 250 * (1 - (1 - f) ** 4) + 2 * (1 - (1 - f) ** 512)) * 4096)
+    # device: the 500 used rows (weight, gradient, momentum + step) and the 500 prefetched rows of the next step
+    assert {k: p.memory[k] for k in ("centers", "center_grads", "master_weights", "optimizer_state",
+                                     "prefetched_rows")} == {
+        "centers": 500 * 1024, "center_grads": 500 * 1024, "master_weights": 0,
+        "optimizer_state": 500 * 1032, "prefetched_rows": 500 * 2056}
+    assert p.host_memory == {"staging": 500 * 2056}               # pinned staging of R rows
+    host = p.tiers["host"]
+    assert host["host_bytes"] == 1000 * 2056 + 500 * 2056 and host["disk_bytes"] == 0
+    assert host["device_bytes"] == p.tiers["disk"]["device_bytes"] < p.tiers["device"]["device_bytes"]
+    # time: prefetched pages at 3 GB/s + their rows over PCIe at 25 GB/s; the missing positives and the
+    # write-back (pages at 2 GB/s + rows at 25 GB/s) are synchronous
+    t = p.tiers["disk"]
+    prefetch = 1_928_192 / 3e9 + 500 * 2056 / 25e9
+    assert t["prefetch_read_seconds"] == pytest.approx(prefetch)
+    assert t["write_seconds"] == pytest.approx(1_928_192 / 2e9 + 500 * 2056 / 25e9)
+    assert t["sync_read_seconds"] == pytest.approx((s["page_read_bytes_per_step"] - 1_928_192) / 3e9
+                                                   + (1_030_054 - 500 * 2056) / 25e9)
+    # compute: 6 B R D flops plus 2 B D R for recomputing the logits (at B=4 the [t, D] buffers take the
+    # whole budget share: nothing cached) at 1 GFLOP/s, plus R (4 x 2056 + 2 x 256 x 4) bytes of
+    # elementwise passes at 2 TB/s; it outlasts the prefetch, which it hides
+    assert p.cached_columns == 0 and t["head_flops_per_step"] == 8 * 4 * 500 * 256
+    compute = 4_096_000 / 1e9 + 500 * (4 * 2056 + 2 * 256 * 4) / 2e12
+    assert t["compute_seconds"] == pytest.approx(compute) and compute > prefetch
+    assert t["prefetch_hidden_seconds"] == pytest.approx(prefetch)
+    assert t["step_seconds"] == pytest.approx(compute + t["sync_read_seconds"] + t["write_seconds"])
+    # host tier on a GPU: PCIe only, each way
+    assert host["prefetch_read_seconds"] == pytest.approx(500 * 2056 / 25e9)
+    assert host["page_read_bytes_per_step"] == 0
+    # on a CPU the device is host memory: no staging; the peak RSS is the device peak (+ the host store)
+    cpu = planner.plan(replace(cfg, device="cpu"))
+    assert cpu.host_memory == {} and cpu.tiers["disk"]["peak_host_bytes"] == cpu.total
+    assert cpu.tiers["host"]["peak_host_bytes"] == cpu.tiers["host"]["device_bytes"] + 1000 * 2056
+    assert cpu.tiers["disk"]["transfer_seconds"] == pytest.approx(   # no PCIe hop: the disk's pages only
+        s["page_read_bytes_per_step"] / 3e9 + 1_928_192 / 2e9)
+
+
+def test_block_sampling_reads_whole_pages():
+    # the config above with blocks of 8 rows: n = ceil(500 / 8) x 8 = 504 rows in 63 blocks; a block is
+    # 8 x 1024 bytes = 2 pages of weight and of momentum, and 64 bytes = 1 page of the step file
+    cfg = planner.HeadConfig(num_classes=2000, dim=256, gpus=2, batch=2, sample_rate=0.5, optimizer="sgd",
+                             center_storage="disk", negative_sampling="block", sample_block=8)
+    s = planner.plan(cfg).store
+    assert planner.sampled_classes(cfg) == s["prefetch_rows"] == 504
+    assert s["prefetch_page_read_bytes"] == (63 * 2 + 63 * 2 + 2) * 4096   # the step file has 2 pages only
+    missing = 1000 * (1 - (1 - 1 / 2000) ** 4) * (1 - 504 / 1000)
+    assert s["read_bytes_per_step"] == int((504 + missing) * 2056)
+    assert s["page_read_bytes_per_step"] == int((254 + 3 * missing) * 4096)  # a missing positive: a page per file
+    uniform = planner.plan(replace(cfg, negative_sampling="uniform")).store
+    assert s["page_read_bytes_per_step"] < 0.6 * uniform["page_read_bytes_per_step"]
 
 
 def test_partial_fc_columns_and_no_momentum():
@@ -113,9 +186,16 @@ def test_capacity_and_suggestions_are_consistent():
     gpus = int(p.suggestions[0]["change"].split()[0])
     assert planner.plan(replace(cfg, gpus=gpus)).fits
     assert not planner.plan(replace(cfg, gpus=gpus - 1)).fits
-    offload = next(s for s in p.suggestions if s["change"].startswith("offload"))
-    assert offload["fits"] and offload["total_bytes"] == planner.plan(replace(cfg, offload=True)).total
+    host = next(s for s in p.suggestions if s["change"].startswith("--center-storage host"))
+    assert host["fits"] and host["total_bytes"] == planner.plan(replace(cfg, center_storage="host")).total
     assert planner.plan(replace(cfg, num_classes=best)).suggestions == []
+    # the host tier: 15,625,000 rows of 1024 + 2048 + 2048 + 8 = 5128 bytes in host memory
+    assert p.proposal["flag"] == "--center-storage host"
+    assert p.proposal["store_bytes"] == 15_625_000 * 5128 and p.proposal["fits"]
+    # too little host memory for the store: the disk tier
+    small = planner.plan(replace(cfg, host_memory=planner.parse_bytes("50GB")))
+    assert small.proposal["flag"] == "--center-storage disk" and small.proposal["disk_bytes"] == 15_625_000 * 5128
+    assert planner.plan(replace(cfg, center_storage="disk")).fits
 
 
 def test_ffc_plan_cli_table_json_and_errors(capsys):
@@ -130,6 +210,22 @@ def test_ffc_plan_cli_table_json_and_errors(capsys):
     assert report["memory_peak_bytes"] == planner.plan(planner.HeadConfig(
         num_classes=10**9, dim=512, gpus=64, batch=512, dtype="fp16", sample_rate=0.1, optimizer="sgd",
         device_memory=80 * 10**9, reserve=2**30)).total
+    assert report["fits"] is False and report["proposal"]["flag"] == "--center-storage host"
+    assert "proposed: --center-storage host" in text
+    # an explicit tier: its figures are the report's top-level fields
+    assert plan_main(args + ["--center-storage", "disk:/local/nvme/ffc", "--compute-rate", "200T", "--json"]) == 0
+    disk = json.loads(capsys.readouterr().out)
+    assert disk["config"]["center_storage"] == "disk" and disk["fits"] is True and disk["proposal"] is None
+    for key in ("store_bytes", "disk_bytes", "read_bytes_per_step", "written_bytes_per_step",
+                "page_read_bytes_per_step", "page_written_bytes_per_step", "transfer_seconds",
+                "prefetch_hidden_seconds", "step_seconds", "peak_host_bytes"):
+        assert disk[key] == disk["tiers"]["disk"][key] and disk[key] > 0, key
+    with pytest.raises(SystemExit):
+        plan_main(args + ["--offload"])
+    assert "--offload was removed" in (err := capsys.readouterr().err) and "--center-storage host" in err
+    with pytest.raises(SystemExit):
+        plan_main(["--num-classes", "10", "--dim", "8", "--center-storage", "nvme"])
+    assert "--center-storage must be device, host, disk" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         plan_main(["--num-classes", "lots", "--dim", "8"])
     assert "cannot read a count" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """``ffc-plan``: memory per GPU, communication per step and capacity of the class-sharded head.
 
     ffc-plan --num-classes 1e9 --dim 512 --gpus 64 --gpu-memory 80GB --dtype fp16 \\
-             --sample-rate 0.1 --optimizer sgd --batch 512 [--json]
+             --sample-rate 0.1 --optimizer sgd --batch 512 [--center-storage host] [--json]
 
 See ``docs/planner.md`` for every formula.
 """
@@ -11,7 +11,12 @@ import argparse
 import json
 import sys
 
-from ..planner import HeadConfig, format_plan, parse_bytes, parse_count, plan
+from ..planner import (DEFAULT_DISK_READ_BANDWIDTH, DEFAULT_DISK_WRITE_BANDWIDTH, DEFAULT_HOST_BANDWIDTH,
+                       DEFAULT_HOST_MEMORY, HeadConfig, format_plan, parse_bytes, parse_count, parse_rate, plan)
+
+_OFFLOAD_REMOVED = ("--offload was removed (master weights and optimizer state in host memory was never a mode of "
+                    "the head): use --center-storage host (rows, master copy and optimizer state in host memory) "
+                    "or --center-storage disk (on local NVMe)")
 
 
 def _arg(parse):
@@ -23,6 +28,25 @@ def _arg(parse):
             raise argparse.ArgumentTypeError(str(exc)) from None
     convert.__name__ = parse.__name__
     return convert
+
+
+def _storage(text: str) -> str:
+    """``device``, ``host``, ``disk`` or the head's ``disk:/local/nvme/dir`` (the directory does not matter here)."""
+    tier = text.split(":", 1)[0] if text.startswith("disk:") else text
+    if tier not in ("device", "host", "disk"):
+        raise ValueError(f"--center-storage must be device, host, disk or disk:/dir, got {text!r}")
+    return tier
+
+
+class _Removed(argparse.Action):
+    """An option that no longer exists: fail with ``message`` (which names its replacement)."""
+
+    def __init__(self, option_strings, dest, message, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help=argparse.SUPPRESS, **kwargs)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(self.message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     master.add_argument("--master-weights", dest="master_weights", action="store_true", default=None,
                         help="fp32 master copy of half centers (default for fp16/bf16)")
     master.add_argument("--no-master-weights", dest="master_weights", action="store_false")
-    p.add_argument("--offload", action="store_true", help="master weights and optimizer state in CPU memory")
+    p.add_argument("--offload", action=_Removed, message=_OFFLOAD_REMOVED)
+    p.add_argument("--center-storage", type=_arg(_storage), default="device",
+                   help="where each rank's rows, fp32 master copy and optimizer state live: device, host "
+                        "(host memory) or disk (or disk:/local/nvme/dir: local NVMe); default device")
+    p.add_argument("--negative-sampling", default="uniform", choices=["uniform", "block"],
+                   help="Partial FC negatives: uniform rows, or contiguous blocks of --sample-block rows")
+    p.add_argument("--sample-block", type=int, default=64, help="rows per block of block sampling (default 64)")
+    p.add_argument("--host-memory", type=_arg(parse_bytes), default=DEFAULT_HOST_MEMORY,
+                   help="host memory per GPU for the head (default 250GB: 2TB per 8-GPU node)")
+    p.add_argument("--host-bandwidth", type=_arg(parse_rate), default=DEFAULT_HOST_BANDWIDTH,
+                   help="host <-> device bytes/s each way (default 25GB/s, PCIe 4 x16)")
+    p.add_argument("--disk-read-bandwidth", type=_arg(parse_rate), default=DEFAULT_DISK_READ_BANDWIDTH,
+                   help="disk tier read bytes/s (default 3GB/s, NVMe)")
+    p.add_argument("--disk-write-bandwidth", type=_arg(parse_rate), default=DEFAULT_DISK_WRITE_BANDWIDTH,
+                   help="disk tier write bytes/s (default 2GB/s, NVMe)")
+    p.add_argument("--compute-rate", type=_arg(parse_count), default=None,
+                   help="effective FLOP/s of the head's matrix products per GPU, e.g. 200T or 40G "
+                        "(omit: no compute or step time)")
+    p.add_argument("--memory-bandwidth", type=_arg(parse_rate), default=None,
+                   help="bytes/s of the elementwise passes over the used rows (default 2TB/s cuda, 10GB/s cpu)")
+    p.add_argument("--backbone-flops", type=_arg(parse_count), default=0,
+                   help="backbone forward FLOPs per sample, for the step time (default 0)")
     p.add_argument("--memory-budget-mb", type=float, default=256, help="the head's memory_budget_mb")
     p.add_argument("--chunk-size", type=int, default=None, help="the head's chunk_size")
     p.add_argument("--backbone-params", type=_arg(parse_count), default=0,
@@ -63,7 +108,12 @@ def main(argv=None) -> int:
         cfg = HeadConfig(num_classes=args.num_classes, dim=args.dim, gpus=args.gpus, batch=args.batch,
                          dtype=args.dtype, sample_rate=args.sample_rate, optimizer=args.optimizer,
                          momentum=not args.no_momentum, master_weights=args.master_weights,
-                         offload=args.offload, memory_budget_mb=args.memory_budget_mb,
+                         center_storage=args.center_storage, negative_sampling=args.negative_sampling,
+                         sample_block=args.sample_block, host_memory=args.host_memory,
+                         host_bandwidth=args.host_bandwidth, disk_read_bandwidth=args.disk_read_bandwidth,
+                         disk_write_bandwidth=args.disk_write_bandwidth, compute_rate=args.compute_rate,
+                         memory_bandwidth=args.memory_bandwidth, backbone_flops=args.backbone_flops,
+                         memory_budget_mb=args.memory_budget_mb,
                          chunk_size=args.chunk_size, backbone_params=args.backbone_params,
                          grads_persist=args.grads_persist, device=args.device,
                          device_memory=args.gpu_memory, reserve=args.reserve)
