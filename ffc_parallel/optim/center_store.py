@@ -35,10 +35,16 @@ from pathlib import Path
 
 import torch
 
+from ..distributed.init import before_exit
 from .row_layout import TIERS
 
 SEGMENT_BYTES = 32 << 20   # bytes of one segment file of the weight field (copy-on-write granule)
 _FICLONE = 0x40049409      # ioctl: reflink a whole file (Linux)
+
+
+def _remove_store(directory: str) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    before_exit(directory)
 
 
 def parse_center_storage(spec) -> tuple[str, Path | None]:
@@ -88,6 +94,7 @@ class _Segment:
                 os.ftruncate(fd, nbytes)   # a sparse file: zeros until written
             access = mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ
             self._map = mmap.mmap(fd, nbytes, access=access)
+            self._map.madvise(mmap.MADV_RANDOM)   # rows are scattered: no read-ahead
         finally:
             os.close(fd)
         with warnings.catch_warnings():
@@ -223,7 +230,8 @@ class CenterStore:
             except OSError as exc:
                 raise OSError(f"center_storage='disk:{directory}': cannot create the store's directory there "
                               f"({exc}); give a writable directory on local disk") from exc
-            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.directory), True)
+            self._cleanup = weakref.finalize(self, _remove_store, str(self.directory))
+            before_exit(str(self.directory), self._cleanup)
 
     def add(self, name: str, dtype: torch.dtype, width: int) -> None:
         """A new field of zeros (sparse files on disk: they cost no space until written)."""
@@ -431,6 +439,10 @@ class ResidentRows:
             self.stats["rows"] = int(union.numel())
         return torch.searchsorted(self.rows, rows).to(self.weight.device)
 
+    def remap(self, positions: torch.Tensor, rows_before: torch.Tensor) -> torch.Tensor:
+        """Positions among ``rows_before`` -> positions of the same rows among the resident rows now."""
+        return torch.searchsorted(self.rows, rows_before[positions.cpu()]).to(positions.device)
+
     def state_rows(self) -> dict[str, torch.Tensor]:
         """The non-weight fields (master, optimizer state, step) of the resident rows, on the device, as
         the optimizer keeps them (``step`` ``[R]``, the others ``[R, width]``)."""
@@ -454,6 +466,14 @@ class ResidentRows:
             for name in ahead:
                 ahead[name][hit] = values[name][pos[hit]].to(ahead[name].dtype)
         self.store.release()
+
+    def reset(self) -> None:
+        """Forget the resident and prefetched rows (the store was rewritten, e.g. by a checkpoint load)."""
+        self._settle()
+        self._ahead, self._ahead_rows, self._other = None, None, {}
+        self.rows = torch.empty(0, dtype=torch.long)
+        self.weight.data = self.weight.data.new_empty((0, self.weight.shape[1]))
+        self.weight.grad = None
 
     def close(self):
         self._settle()

@@ -1,0 +1,75 @@
+"""Center storage off the device (host memory, memory-mapped files on disk): the stored head trains, saves,
+loads and reshards bit for bit like the head on the device (real processes, gloo, DeepSpeed CPU)."""
+import pytest
+import torch
+
+from ffc_parallel.checkpoint import reshard
+from ffc_parallel.optim.center_store import CenterStore, parse_center_storage
+from ffc_parallel.testing import run_ranks
+
+pytestmark = pytest.mark.deepspeed
+
+
+@pytest.mark.parametrize("world,storage,optimizer,gas,dtype", [
+    (1, "disk", "sgd", 1, None), (2, "disk", "adamw", 2, None), (2, "host", "sgd", 1, "bfloat16"),
+    (4, "disk", "sgd", 1, "bfloat16"), (4, "host", "adamw", 1, None)])
+def test_stored_head_trains_bit_for_bit_like_the_device_head(tmp_path, world, storage, optimizer, gas, dtype):
+    spec = f"disk:{tmp_path / 'store'}" if storage == "disk" else "host"
+    out = run_ranks("tests.cases_offload:stored_equals_device", world, timeout=240,
+                    kwargs=dict(storage=spec, optimizer=optimizer, gas=gas, head_dtype=dtype))
+    assert all(o["losses"] == out[0]["losses"] for o in out)
+    if storage == "disk":
+        assert not list((tmp_path / "store").iterdir()), "a rank's store directory outlived its head"
+
+
+def test_stored_checkpoint_links_the_store_loads_and_reshards_at_other_world_sizes(tmp_path):
+    """Saved at 2 ranks (training goes on after the save: the linked segments are copied before they are
+    written), loaded at 4, resharded offline to 3 and loaded there: every row and the training that
+    follows equal the device head's, loaded from its own checkpoint."""
+    common = dict(optimizer="sgd", gas=1, head_dtype="bfloat16", sampling="block")
+    run_ranks("tests.cases_offload:stored_equals_device", 2, timeout=240,
+              kwargs=dict(storage=f"disk:{tmp_path / 'store'}", save_dir=str(tmp_path / "ckpt"), **common))
+    shard = tmp_path / "ckpt" / "stored" / "global_step4" / "ffc_shards" / "classifier"
+    segments = sorted((shard / "shard_00000.rows").iterdir())
+    assert [p.name.split(".")[0] for p in segments[:1]] and all(p.stat().st_nlink == 1 for p in segments), \
+        "after the store's directory is gone, the checkpoint holds the only link to each segment"
+    run_ranks("tests.cases_offload:load_and_continue", 4, timeout=240,
+              kwargs=dict(storage=f"disk:{tmp_path / 'store4'}", save_dir=str(tmp_path / "ckpt"), **common))
+    for name in ("device", "stored"):
+        reshard(tmp_path / "ckpt" / name, tmp_path / "three" / name, 3, progress=False)
+    assert (tmp_path / "three" / "stored" / "global_step4" / "ffc_shards" / "classifier" / "shard_00002.rows").is_dir()
+    run_ranks("tests.cases_offload:load_and_continue", 3, timeout=240,
+              kwargs=dict(storage="host", save_dir=str(tmp_path / "three"), **common))
+
+
+def test_center_storage_option_errors_name_the_option(tmp_path):
+    with pytest.raises(ValueError, match="center_storage must be 'device', 'host' or 'disk:/local/dir'"):
+        parse_center_storage("nvme")
+    with pytest.raises(ValueError, match="center_storage"):
+        parse_center_storage("disk:")
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(OSError, match=r"center_storage='disk:.*file/sub'"):
+        CenterStore("disk", 10, blocked / "sub")
+
+
+def test_store_segments_round_trip_and_copy_on_write_after_a_snapshot(tmp_path):
+    store = CenterStore("disk", 1000, tmp_path / "s")
+    store.add("weight", torch.bfloat16, 3)
+    store.add("step", torch.int64, 1)
+    values = torch.randn(1000, 3).to(torch.bfloat16)
+    store.write_range(0, {"weight": values, "step": torch.arange(1000).unsqueeze(1)})
+    rows = torch.tensor([0, 5, 999])
+    got = store.read(rows)
+    assert torch.equal(got["weight"], values[rows]) and torch.equal(got["step"].view(-1), rows)
+    info = store.snapshot(tmp_path / "snap")
+    assert sum(info["how"].values()) == len(info["files"]) and info["how"]["copy"] == 0
+    store.write(rows, {"weight": torch.zeros(3, 3)})
+    from ffc_parallel.optim.center_store import open_snapshot
+    snap = open_snapshot(tmp_path / "snap", info["layout"])
+    assert torch.equal(snap["weight"].read_range(0, 1000), values), "the snapshot changed with the store"
+    assert torch.equal(store.read_range(0, 1000)["weight"][rows], torch.zeros(3, 3, dtype=torch.bfloat16))
+    for f in snap.values():
+        f.close()
+    store.close()
+    assert not (tmp_path / "s").exists() or not list((tmp_path / "s").iterdir())
