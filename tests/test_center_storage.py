@@ -11,12 +11,15 @@ pytestmark = pytest.mark.deepspeed
 
 
 @pytest.mark.parametrize("world,storage,optimizer,gas,dtype", [
-    (1, "disk", "sgd", 1, None), (2, "disk", "adamw", 2, None), (2, "host", "sgd", 1, "bfloat16"),
+    (1, "disk", "sgd", 1, None), (2, "disk", "adamw", 2, None), (2, "host-saved", "sgd", 1, "bfloat16"),
     (4, "disk", "sgd", 1, "bfloat16"), (4, "host", "adamw", 1, None)])
 def test_stored_head_trains_bit_for_bit_like_the_device_head(tmp_path, world, storage, optimizer, gas, dtype):
     spec = f"disk:{tmp_path / 'store'}" if storage == "disk" else "host"
+    save = str(tmp_path / "ckpt") if storage == "host-saved" else None   # the host tier writes its rows out
     out = run_ranks("tests.cases_offload:stored_equals_device", world, timeout=240,
-                    kwargs=dict(storage=spec, optimizer=optimizer, gas=gas, head_dtype=dtype))
+                    kwargs=dict(storage=spec, optimizer=optimizer, gas=gas, head_dtype=dtype, save_dir=save))
+    if save:
+        assert (tmp_path / "ckpt" / "stored" / "global_step4" / "ffc_shards" / "classifier" / "shard_00001.rows").is_dir()
     assert all(o["losses"] == out[0]["losses"] for o in out)
     if storage == "disk":
         assert not list((tmp_path / "store").iterdir()), "a rank's store directory outlived its head"

@@ -35,8 +35,12 @@ from ffc_parallel.data.loader import load_batches
 from ffc_parallel.distributed import streams
 from ffc_parallel.distributed.collectives import all_reduce_
 from ffc_parallel.distributed.lockstep import in_step
+from ffc_parallel.optim.center_store import parse_center_storage
 
 from .validation import resolve_val_targets
+
+CENTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def parse_margin(text: str | None):
     """``--margin``: "arcface", "cosface", "none" or "s,m1,m2,m3" (a :class:`~ffc_parallel.CombinedMargin`)."""
@@ -58,6 +62,13 @@ def check_options(opts) -> None:
     if opts.head == "ffc" and (used or opts.task != "classify" or opts.sample_rate < 1.0):
         raise ValueError("--head ffc trains identities through its class pool: it takes no "
                          f"{', '.join(used) or '--task instance / --sample-rate'} (use the sharded head for those)")
+    if opts.center_storage != "device":
+        parse_center_storage(opts.center_storage)   # a clear error for a bad value
+        stored = [flag for flag, on in {"--head ffc": opts.head == "ffc", "--task instance": opts.task == "instance",
+                                        "--cam-epoch": opts.cam_epoch is not None}.items() if on]
+        if stored:
+            raise ValueError(f"--center-storage {opts.center_storage} keeps the class rows off the device, but "
+                             f"{', '.join(stored)} needs them all there: use --center-storage device")
     if opts.task == "instance" and used:
         raise ValueError(f"--task instance uses its own targets (hardest-class smoothing): drop {', '.join(used)}")
     if opts.xbm_size and opts.mixup_alpha > 0:
@@ -164,7 +175,10 @@ class Recipe:
             row_loss = fp.losses.row_loss_for(opts.reweight, opts.focal_gamma)
             self.head = fp.ShardedClassifier(opts.embedding_dim, bundle.num_classes, margin=parse_margin(opts.margin),
                                              scale=opts.scale, sample_rate=opts.sample_rate, seed=opts.seed,
-                                             device=device, row_loss=row_loss)
+                                             device=device, row_loss=row_loss, center_storage=opts.center_storage,
+                                             negative_sampling=opts.negative_sampling, sample_block=opts.sample_block,
+                                             dtype=CENTER_DTYPES[opts.center_dtype],
+                                             center_master_weights=False if opts.no_center_master_weights else None)
             self._build_sampler()
         self.loss = StepLoss(mixup=self._mixup(), xbm=self._xbm(device), focal=self._sigmoid_focal(),
                              smoothing=self.smoothing, cam=self._cam(), cam_epoch=opts.cam_epoch or 0)
@@ -334,6 +348,15 @@ class Recipe:
         if self.head is not None:
             return {"head_classes": self.head.num_classes}
         return {"pool_slots": self.model.pool.pool_size}
+
+    def storage_report(self, steps: int) -> dict:
+        """Rank 0's center store after ``steps`` optimizer steps (``{}`` on the device): its bytes, bytes read
+        and written per step, and the share of the prefetch's reading hidden behind compute."""
+        stats = self.head.store_stats() if self.head is not None else {}
+        if not stats:
+            return {}
+        per_step = {f"{k}_per_step": stats[k] / max(steps, 1) for k in ("bytes_read", "bytes_written")}
+        return {"center_storage": {**stats, **per_step}}
 
     # ------------------------------------------------------------------ checkpoint state and evaluation
     def client_state(self) -> dict:

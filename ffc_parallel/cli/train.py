@@ -72,6 +72,19 @@ class TrainOptions:
     margin: str = _opt("arcface", "arcface, cosface, none, or 's,m1,m2,m3' (CombinedMargin)", "model")
     scale: float = _opt(None, "softmax scale s (default 64; FFC: 32)", "model", kind=float)
     sample_rate: float = _opt(1.0, "Partial FC: fraction of each rank's classes per step", "model")
+    center_storage: str = _opt("device", "where the class centers and their optimizer state live: device, host "
+                                         "(host memory) or disk:/local/nvme/dir (memory-mapped files; only the "
+                                         "rows of a step on the device)", "model")
+    center_dtype: str = _opt("fp32", "dtype of the class centers (bf16/fp16 keep an fp32 master copy unless "
+                                     "--no-center-master-weights)", "model", ("fp32", "bf16", "fp16"))
+    no_center_master_weights: bool = _opt(False, "bf16/fp16 centers without their fp32 master copy (4 bytes less "
+                                                 "per weight; updates smaller than the half precision are lost)",
+                                          "model")
+    negative_sampling: str = _opt("uniform", "Partial FC negatives: uniform rows, or blocks of --sample-block "
+                                             "consecutive rows (whole pages for a disk store)", "model",
+                                  ("uniform", "block"))
+    sample_block: int = _opt(None, "rows per block of --negative-sampling block (default: 64 KiB of centers)",
+                             "model", kind=int)
     task: str = _opt("classify", "classify identities, or instance classification (one class per image, "
                                  "self-supervised)", "model", ("classify", "instance"))
     head: str = _opt("sharded", "class-sharded classifier, or FFC's dynamic class pool", "model", ("sharded", "ffc"))
@@ -141,6 +154,17 @@ class TrainOptions:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory (VmHWM; None where /proc is missing)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _parse_value(name: str, value):
@@ -418,7 +442,8 @@ def train(opts: TrainOptions) -> dict | None:
             train_seconds=train_seconds, skipped_images=skipped,
             samples_per_s=float(np.mean(rows["samples_per_s"][1:] or rows["samples_per_s"])) if rows else math.nan,
             loss_first=rows["loss"][0] if rows else math.nan, loss_last=rows["loss"][-1] if rows else math.nan,
-            num_classes=bundle.num_classes, task=opts.task, head=opts.head, **recipe.sizes(), **validation.report())
+            num_classes=bundle.num_classes, task=opts.task, head=opts.head, **recipe.sizes(), **validation.report(),
+            peak_rss_bytes=peak_rss_bytes(), **recipe.storage_report(step))
     try:
         metrics, curves = recipe.evaluate(device)
     except Exception as exc:   # the checkpoint is saved; keep what training measured

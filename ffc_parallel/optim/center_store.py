@@ -272,7 +272,7 @@ class CenterStore:
 
     def read_range(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         with self.lock:
-            return {name: f.read_range(start, stop) for name, f in self.fields.items()}
+            return self.read_range_unlocked(start, stop)
 
     def write_range(self, start: int, values: dict[str, torch.Tensor]) -> None:
         with self.lock:
@@ -286,9 +286,18 @@ class CenterStore:
                 f.release()
 
     def snapshot(self, dest: Path) -> dict:
-        """Disk tier: every segment file into ``dest`` (created), reflinked or hard-linked, copied only
-        where neither works; ``{"layout": ..., "files": [relative names], "how": {reflink/link/copy: n}}``."""
+        """Every field as segment files in ``dest`` (created): for the disk tier the store's own segments,
+        flushed, then reflinked or hard-linked (copied only where neither works); for the host tier
+        written out. ``{"layout": ..., "files": [names], "how": {"reflink"/"link"/"copy": files}}``."""
         dest.mkdir(parents=True, exist_ok=True)
+        layout = self.layout()
+        if self.tier == "host":
+            step = layout["segment_rows"]
+            with self.lock:
+                blocks = ((lo, self.read_range_unlocked(lo, min(lo + step, self.num_rows)))
+                          for lo in range(0, self.num_rows, step))
+                files = write_snapshot(dest, layout, blocks)
+            return {"layout": layout, "files": files, "how": {"reflink": 0, "link": 0, "copy": len(files)}}
         how, files = {"reflink": 0, "link": 0, "copy": 0}, []
         with self.lock:
             for f in self.fields.values():
@@ -298,11 +307,15 @@ class CenterStore:
                     segment.shared = segment.shared or kind == "link"
                     how[kind] += 1
                     files.append(segment.path.name)
-        return {"layout": self.layout(), "files": files, "how": how}
+        return {"layout": layout, "files": files, "how": how}
+
+    def read_range_unlocked(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        return {name: f.read_range(start, stop) for name, f in self.fields.items()}
 
     def layout(self) -> dict:
         """What a reader needs to open a snapshot: rows, rows per segment, and each field's dtype and width."""
-        segment_rows = next((f.segment_rows for f in self.fields.values() if hasattr(f, "segment_rows")), self.num_rows)
+        weight = self.fields["weight"]
+        segment_rows = getattr(weight, "segment_rows", max(1, SEGMENT_BYTES // (weight.width * weight.dtype.itemsize)))
         return {"num_rows": self.num_rows, "segment_rows": segment_rows,
                 "fields": {n: [str(f.dtype).replace("torch.", ""), f.width] for n, f in self.fields.items()}}
 
