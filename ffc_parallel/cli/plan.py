@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(host memory) or disk (or disk:/local/nvme/dir: local NVMe); default device")
     p.add_argument("--negative-sampling", default="uniform", choices=["uniform", "block"],
                    help="Partial FC negatives: uniform rows, or contiguous blocks of --sample-block rows")
-    p.add_argument("--sample-block", type=int, default=64, help="rows per block of block sampling (default 64)")
+    p.add_argument("--sample-block", type=int, default=None,
+                   help="rows per block of block sampling (default: the head's, 64 KiB of centers)")
     p.add_argument("--host-memory", type=_arg(parse_bytes), default=DEFAULT_HOST_MEMORY,
                    help="host memory per GPU for the head (default 250GB: 2TB per 8-GPU node)")
     p.add_argument("--host-bandwidth", type=_arg(parse_rate), default=DEFAULT_HOST_BANDWIDTH,
