@@ -3,6 +3,7 @@ loads and reshards bit for bit like the head on the device (real processes, gloo
 import pytest
 import torch
 
+import ffc_parallel as fp
 from ffc_parallel.checkpoint import reshard
 from ffc_parallel.optim.center_store import CenterStore, parse_center_storage
 from ffc_parallel.testing import run_ranks
@@ -76,3 +77,38 @@ def test_store_segments_round_trip_and_copy_on_write_after_a_snapshot(tmp_path):
         f.close()
     store.close()
     assert not (tmp_path / "s").exists() or not list((tmp_path / "s").iterdir())
+
+
+def test_a_stored_head_refuses_training_without_an_engine_and_features_needing_every_row(tmp_path):
+    head = fp.ShardedClassifier(8, 50, sample_rate=0.5, center_storage=f"disk:{tmp_path}")
+    x, y = torch.randn(4, 8, requires_grad=True), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(RuntimeError, match="trains only inside a DeepSpeed engine"):
+        head(x, y)
+    with pytest.raises(ValueError, match="HardestClassSmoothing needs this head's rows on the device"):
+        fp.HardestClassSmoothing(head, k=2)
+    head.eval()
+    q = torch.randn(3, 8)
+    device = fp.ShardedClassifier(8, 50, sample_rate=0.5).eval()   # the same seed: the same rows
+    stored_top, device_top = head.predict(q, k=2), device.predict(q, k=2)   # evaluation streams the store
+    assert torch.equal(stored_top[0], device_top[0]) and torch.equal(stored_top[1], device_top[1])
+
+
+def test_ffc_train_with_a_disk_store_resumes_into_a_host_store(tmp_path):
+    """ffc-train on 2 ranks with --center-storage disk and block negatives, stopped at step 4 and resumed to
+    step 6 with the rows in host memory: metrics.json reports the store's traffic; --task instance is refused."""
+    from ffc_parallel.cli.recipe import check_options
+    from ffc_parallel.cli.train import TrainOptions
+
+    out = str(tmp_path / "run")
+    argv = ["--num-identities", "400", "--sample-rate", "0.2", "--negative-sampling", "block", "--sample-block", "4",
+            "--unseen-identities", "20", "--eval-ids-per-bucket", "10", "--batch-size", "16", "--embedding-dim", "16",
+            "--log-every", "2", "--checkpoint-every", "2", "--warmup-steps", "2", "--output-dir", out]
+    first = run_ranks("tests.cases_train:train_run", 2, timeout=200,
+                      kwargs=dict(argv=argv + ["--max-steps", "4", "--center-storage", f"disk:{tmp_path / 'store'}"]))
+    stats = first[0]["center_storage"]
+    assert stats["tier"] == "disk" and stats["bytes_read_per_step"] > 0 and stats["store_bytes"] == 200 * 16 * 4 * 2 + 200 * 8
+    second = run_ranks("tests.cases_train:train_run", 2, timeout=200,
+                       kwargs=dict(argv=argv + ["--max-steps", "6", "--center-storage", "host", "--resume"]))
+    assert second[0]["steps"] == 6 and second[0]["center_storage"]["tier"] == "host"
+    with pytest.raises(ValueError, match="--center-storage host keeps the class rows off the device, but --task instance"):
+        check_options(TrainOptions(center_storage="host", task="instance"))

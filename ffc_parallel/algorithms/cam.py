@@ -35,6 +35,7 @@ def fetch_class_centers(head, classes: torch.Tensor) -> torch.Tensor:
     """Rows ``[n, D]`` of global ``classes[n]`` from a class-sharded head (every rank of
     ``head.group`` must call with the same ``classes``): each rank fills the rows it owns, one
     all-reduce of ``[n, D]`` sums them. No rank holds more than ``n`` rows."""
+    head.require_device_rows("CAM's class centers")
     classes = torch.as_tensor(classes, dtype=torch.long, device=head.weight.device)
     start, stop = head.class_range
     own = (classes >= start) & (classes < stop)

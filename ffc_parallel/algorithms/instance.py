@@ -48,6 +48,7 @@ def contrastive_prior(backbone: nn.Module, batches, head: ShardedClassifier, pro
     features and ids are all-gathered over ``head.group`` and every rank copies the rows it owns.
     Returns the number of class rows written over all ranks (each class once if the data covers it).
     """
+    head.require_device_rows("the contrastive prior")
     group, (start, stop) = head.group, head.class_range
     device, dim = head.weight.device, head.embedding_dim
     saved = {k: v.clone() for k, v in backbone.state_dict().items()}
@@ -140,6 +141,7 @@ class HardestClassSmoothing:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
         if int(refresh_every) < 1:
             raise ValueError(f"refresh_every must be >= 1 epochs, got {refresh_every}")
+        head.require_device_rows("HardestClassSmoothing")
         self.head, self.k, self.alpha, self.refresh_every = head, int(k), float(alpha), int(refresh_every)
         self.row_chunk, self.col_chunk = row_chunk, col_chunk
         self.neighbours: torch.Tensor | None = None   # [num_local, k] global class ids

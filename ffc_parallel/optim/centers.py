@@ -145,6 +145,10 @@ class CenterTrainer:
                 bridge.unwatch(module)
             self.resolved = True
         if self.view is None:
+            if self.store is not None:
+                raise RuntimeError(f"{self.owner} keeps its rows in a center store (center_storage host/disk): it "
+                                   "trains only inside a DeepSpeed engine, which steps the rows and writes them "
+                                   "back; an optimizer given head.weight would step this step's rows only")
             return
         if self._pending and self.view.global_steps != self._window:
             self.drop()   # DeepSpeed skipped that step (fp16 overflow): so do the centers
