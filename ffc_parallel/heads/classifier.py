@@ -257,15 +257,21 @@ class ShardedClassifier(nn.Module):
                              f"{self.storage!r}: use center_storage='device' for it")
 
     def store_stats(self) -> dict:
-        """Off-device storage: store bytes, bytes read and written so far, rows of the last step, and the
-        seconds the prefetch read vs the seconds steps waited for it ({} on the device)."""
+        """Off-device storage ({} on the device): store bytes, bytes read and written so far, rows of the
+        last step, seconds spent reading ahead (``prefetch_read_s``, in the background), waiting for it,
+        reading the rows the prefetch did not have (``sync_read_s``) and writing back (``write_s``);
+        ``prefetch_hidden_fraction``: the share of the read-ahead the steps did not wait for;
+        ``transfer_hidden_fraction``: the hidden share of all store traffic time."""
         if not self.offloaded:
             return {}
         store, resident = self.centers.store, self.centers.resident
-        read, wait = resident.stats["prefetch_read_s"], resident.stats["prefetch_wait_s"]
+        st = resident.stats
+        read, wait = st["prefetch_read_s"], st["prefetch_wait_s"]
+        transfer = read + st["sync_read_s"] + st["write_s"]
         return {"tier": self.storage, "store_bytes": store.nbytes, "row_bytes": store.row_bytes,
-                "bytes_read": store.bytes_read, "bytes_written": store.bytes_written, **resident.stats,
-                "prefetch_hidden_fraction": (1.0 - wait / read) if read > 0 else None}
+                "bytes_read": store.bytes_read, "bytes_written": store.bytes_written, **st,
+                "prefetch_hidden_fraction": (1.0 - wait / read) if read > 0 else None,
+                "transfer_hidden_fraction": (read - wait) / transfer if transfer > 0 else None}
 
     def _attach_engine(self, view) -> None:  # called by deepspeed_bridge
         self.centers.attach(view)

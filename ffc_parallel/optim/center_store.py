@@ -370,8 +370,8 @@ class ResidentRows:
         self._ahead_rows = None
         self._other: dict[str, torch.Tensor] = {}
         self._ahead = None
-        self.stats = {"prefetch_read_s": 0.0, "prefetch_wait_s": 0.0, "sync_read_s": 0.0, "rows": 0,
-                      "prefetched_rows_used": 0}
+        self.stats = {"prefetch_read_s": 0.0, "prefetch_wait_s": 0.0, "sync_read_s": 0.0, "write_s": 0.0,
+                      "rows": 0, "prefetched_rows_used": 0}
 
     # ------------------------------------------------------------------ prefetch
     def prefetch(self, rows: torch.Tensor | None) -> None:
@@ -468,6 +468,7 @@ class ResidentRows:
         """Write the resident rows (weights and ``state``, the optimizer's rows after its step) to the
         store; the prefetched next rows that this step changed are refreshed from them."""
         ahead = self._settle()
+        t0 = time.perf_counter()
         values = {"weight": self.weight.data.detach().cpu()}
         values.update({k: v.detach().cpu().reshape(self.rows.numel(), -1) for k, v in state.items()
                        if k in self.store.fields})
@@ -479,6 +480,7 @@ class ResidentRows:
             for name in ahead:
                 ahead[name][hit] = values[name][pos[hit]].to(ahead[name].dtype)
         self.store.release()
+        self.stats["write_s"] += time.perf_counter() - t0
 
     def reset(self) -> None:
         """Forget the resident and prefetched rows (the store was rewritten, e.g. by a checkpoint load)."""
