@@ -15,6 +15,7 @@ from .margins import resolve_margin
 from .row_loss import CrossEntropy
 from ..distributed import streams
 from ..distributed.checks import BATCH_FIELDS, BatchSpec, agree_on_config, check_batch
+from .soft_targets import SOFT_TARGET_FIELDS, soft_target_fields, soft_target_problems
 from .sampling import NEGATIVE_SAMPLING, negative_candidates, sample_rows
 from .softmax_ce import (DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, ShardedMarginSoftmaxCE, Targets,
                          chunk_cosines, chunk_rows, stats_dtype)
@@ -44,41 +45,7 @@ def init_class_rows(start: int, stop: int, dim: int, std: float, seed: int) -> t
     return out
 
 
-SOFT_TARGET_FIELDS = ("soft_k", "soft_ok", "soft_min", "soft_max", "soft_bad")
 INPUT_CHECK_FIELDS = BATCH_FIELDS + ("k",) + SOFT_TARGET_FIELDS   # integers per rank in the head's input check
-
-
-def _soft_target_fields(soft_targets, batch: int) -> dict[str, int]:
-    """One rank's soft targets as :data:`SOFT_TARGET_FIELDS`: K (-1: none), well formed, class range,
-    whether any probability is bad."""
-    values = [-1, 1, 0, -1, 0]
-    if soft_targets is not None:
-        classes, probs = soft_targets
-        shape_ok = (classes.dim() == 2 and probs.shape == classes.shape and classes.shape[0] == batch
-                    and not classes.is_floating_point() and probs.is_floating_point())
-        if not shape_ok:
-            values = [classes.shape[-1] if classes.dim() else 0, 0, 0, -1, 0]
-        else:
-            lo, hi = (int(classes.min()), int(classes.max())) if classes.numel() else (0, -1)
-            bad = (~torch.isfinite(probs)).any() | (probs < 0).any() | (probs.sum(dim=1) > 1 + 1e-6).any()
-            values = [classes.shape[1], 1, lo, hi, int(bad)]
-    return dict(zip(SOFT_TARGET_FIELDS, values))
-
-
-def _soft_target_problems(rank: int, f: dict[str, int], k0: int, num_classes: int) -> list[str]:
-    problems = []
-    if not f["soft_ok"]:
-        problems.append(f"rank {rank}: soft_targets must be (classes[b, K] int, probs[b, K] float) "
-                        f"with b = the number of embeddings")
-    elif f["soft_k"] != k0:
-        problems.append(f"rank {rank}: soft_targets has K={f['soft_k']} but rank 0 has K={k0} "
-                        "(use the same K everywhere)")
-    elif f["soft_min"] <= f["soft_max"] and (f["soft_min"] < 0 or f["soft_max"] >= num_classes):
-        problems.append(f"rank {rank}: soft target classes must be in [0, {num_classes}), "
-                        f"got [{f['soft_min']}, {f['soft_max']}]")
-    if f["soft_bad"]:
-        problems.append(f"rank {rank}: soft target probabilities must be finite, >= 0 and sum to at most 1 per sample")
-    return problems
 
 
 class ShardedClassifier(nn.Module):
@@ -353,13 +320,13 @@ class ShardedClassifier(nn.Module):
         """
         spec = BatchSpec("ffc_parallel.ShardedClassifier", self.embedding_dim, "the head's embedding_dim",
                          label_range=(0, self.num_classes), count_nonfinite=self.check_inputs)
-        extra = {"k": int(k), **_soft_target_fields(soft_targets, embeddings.shape[0] if embeddings.dim() else -1)}
+        extra = {"k": int(k), **soft_target_fields(soft_targets, embeddings.shape[0] if embeddings.dim() else -1)}
 
         def problems(table):
             found = [f"rank {r}: k={f['k']} differs from rank 0's k={table[0]['k']}"
                      for r, f in enumerate(table) if f["k"] != table[0]["k"]]
             found += [p for r, f in enumerate(table)
-                      for p in _soft_target_problems(r, f, table[0]["soft_k"], self.num_classes)]
+                      for p in soft_target_problems(r, f, table[0]["soft_k"], self.num_classes)]
             if labels is None and not 1 <= table[0]["k"] <= self.num_classes:
                 found.append(f"k must be in [1, {self.num_classes}], got {table[0]['k']}")
             return found

@@ -32,7 +32,8 @@ import torch.distributed as dist
 
 from .. import deepspeed_bridge as bridge
 from .center_optimizer import ShardedCenterOptimizer
-from .center_store import CenterStore, ResidentRows
+from .center_store import CenterStore
+from .resident_rows import ResidentRows
 
 
 def center_grad_stats(grad: torch.Tensor | None, rows: torch.Tensor | None, group=None) -> tuple[bool, float]:
