@@ -143,6 +143,8 @@ SUMMARY_ROWS = (  # (key, label, percent?)
     ("acc_head", "  top-1 on head classes (many images)", True),
     ("acc_medium", "  top-1 on medium classes", True),
     ("acc_tail", "  top-1 on tail classes (few images)", True),
+    ("top1_test", "top-1, your test set (--eval-data-path)", True),
+    ("top5_test", "top-5, your test set (--eval-data-path)", True),
     ("tar_at_far_1e-3", "TAR @ FAR=1e-3, unseen ids", True),
     ("tar_at_far_1e-4", "TAR @ FAR=1e-4, unseen ids", True),
     ("roc_auc", "ROC AUC, unseen ids", False),
