@@ -1,8 +1,8 @@
 """Backbones: inputs ``[b, *input_shape]`` -> embeddings ``[b, embedding_dim]``.
 
 Built-in presets (no extra packages): ``"mlp"``, ``"cnn"`` and ``"cnn-wide"`` (plain CNNs, the fast choice
-for images of 8 to 64 pixels), ``"resnet"`` (a small ResNet for such images) and insightface's face-recognition backbones ``"r18"``, ``"r34"``, ``"r50"``, ``"r100"``,
-``"r200"`` and ``"mbf"`` (:mod:`ffc_parallel.backbones`). Any other name is looked up in torchvision
+for images of 8 to 64 pixels), ``"resnet"`` (a small ResNet for such images) and insightface's
+face-recognition backbones ``"r18"``, ``"r34"``, ``"r50"``, ``"r100"``, ``"r200"`` and ``"mbf"`` (:mod:`ffc_parallel.backbones`). Any other name is looked up in torchvision
 (``"torchvision:resnet18"`` or plain ``"resnet18"``) and then timm (``"timm:..."``), when those packages
 are installed; their classifier layer is sized to ``embedding_dim``.
 """

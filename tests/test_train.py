@@ -75,6 +75,17 @@ def test_reports_render_headless(tmp_path):
     assert "50.0%" in text and "0.7500" in text and "untrained" in text and len(text.splitlines()) <= 24
 
 
+def test_default_scale_is_16_below_100k_classes_and_the_face_presets_keep_64():
+    from ffc_parallel.cli.recipe import head_scale, parse_margin
+    from ffc_parallel.heads import resolve_margin
+    assert head_scale(TrainOptions(), 2844) == 16.0 and head_scale(TrainOptions(margin="cosface"), 10) == 16.0
+    assert resolve_margin("arcface", head_scale(TrainOptions(), 100_000)).s == 64.0
+    assert head_scale(TrainOptions(scale=30.0), 10) == 30.0
+    for preset in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
+        opts = parse_options(["--config", str(preset)])
+        assert head_scale(opts, 10) is None and parse_margin(opts.margin).s == 64.0, preset.name
+
+
 def test_loss_plot_draws_a_moving_average_apart_from_the_raw_loss():
     from ffc_parallel.evaluation.report import _smooth, smoothing_window
     loss = [5.0 - 0.05 * i + (0.5 if i % 2 else -0.5) for i in range(80)]   # 800 steps logged every 10

@@ -48,6 +48,18 @@ def parse_margin(text: str | None):
     return text
 
 
+SMALL_SCALE, LARGE_SCALE_CLASSES = 16.0, 100_000
+
+
+def head_scale(opts, num_classes: int) -> float | None:
+    """``--scale``, or ffc-train's default for the shorthand margins: 16 below 100,000 classes (measured on real
+    image sets of 10 and 2,844 classes: docs/benchmarks.md, "ffc-train on real images"), else the face
+    recipes' 64 (``None``: the head's default). A ``s,m1,m2,m3`` margin carries its own scale."""
+    if opts.scale is not None or "," in (opts.margin or ""):
+        return opts.scale
+    return SMALL_SCALE if num_classes < LARGE_SCALE_CLASSES else None
+
+
 def check_options(opts) -> None:
     """Raise ``ValueError`` for combinations a run cannot honour (before any process group work), and
     ``FileNotFoundError`` for a missing ``--val-targets`` file."""
@@ -173,8 +185,8 @@ class Recipe:
         else:
             row_loss = fp.losses.row_loss_for(opts.reweight, opts.focal_gamma)
             self.head = fp.ShardedClassifier(opts.embedding_dim, bundle.num_classes, margin=parse_margin(opts.margin),
-                                             scale=opts.scale, sample_rate=opts.sample_rate, seed=opts.seed,
-                                             device=device, row_loss=row_loss)
+                                             scale=head_scale(opts, bundle.num_classes), sample_rate=opts.sample_rate,
+                                             seed=opts.seed, device=device, row_loss=row_loss)
             self._build_sampler()
         self.loss = StepLoss(mixup=self._mixup(), xbm=self._xbm(device), focal=self._sigmoid_focal(),
                              smoothing=self.smoothing, cam=self._cam(), cam_epoch=opts.cam_epoch or 0)
