@@ -47,6 +47,19 @@ def test_decode_cache_gives_the_decoded_pixels_and_is_rebuilt_when_a_file_change
     assert all(torch.equal(a[0], b[0]) for a, b in zip(*loader))
 
 
+def test_decode_cache_fails_naming_an_unreadable_file_or_skips_it(tmp_path):
+    from ffc_parallel.data import UnreadableImage
+    _folder(tmp_path / "train", ["a", "b"], 3)
+    bad = tmp_path / "train" / "b" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(UnreadableImage, match=f"unreadable image {bad}"):
+        DecodedImages(ImageFolder(tmp_path / "train", 7, 3), tmp_path / "cache", workers=2)
+    assert not list((tmp_path / "cache").glob("*.npy*"))         # no half-written array is left behind
+    files = ImageFolder(tmp_path / "train", 7, 3, on_bad_image="skip")
+    cached = DecodedImages(files, tmp_path / "cache", workers=2)
+    assert files.bad_images.skipped == 1 and torch.equal(cached[4][0], files[5][0])   # the next image of "b"
+
+
 def test_eval_data_path_matches_classes_by_name_and_drops_held_out_classes(tmp_path):
     _folder(tmp_path / "train", ["cat", "dog", "emu", "fox", "gnu"], 3)
     _folder(tmp_path / "test", ["fox", "cat"], 2, seed=1)

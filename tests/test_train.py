@@ -75,11 +75,11 @@ def test_reports_render_headless(tmp_path):
     assert "50.0%" in text and "0.7500" in text and "untrained" in text and len(text.splitlines()) <= 24
 
 
-def test_default_scale_is_16_below_100k_classes_and_the_face_presets_keep_64():
+def test_default_scale_is_16_below_10k_classes_and_the_face_presets_keep_64():
     from ffc_parallel.cli.recipe import head_scale, parse_margin
     from ffc_parallel.heads import resolve_margin
     assert head_scale(TrainOptions(), 2844) == 16.0 and head_scale(TrainOptions(margin="cosface"), 10) == 16.0
-    assert resolve_margin("arcface", head_scale(TrainOptions(), 100_000)).s == 64.0
+    assert resolve_margin("arcface", head_scale(TrainOptions(), 10_000)).s == 64.0   # the quickstart's identities
     assert head_scale(TrainOptions(scale=30.0), 10) == 30.0
     for preset in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
         opts = parse_options(["--config", str(preset)])

@@ -77,7 +77,7 @@ class TrainOptions:
                                                "activation memory, about one more forward of compute)", "model")
     embedding_dim: int = _opt(128, "embedding (and class center) dimension", "model")
     margin: str = _opt("arcface", "arcface, cosface, none, or 's,m1,m2,m3' (CombinedMargin)", "model")
-    scale: float = _opt(None, "softmax scale s (default: 16 below 100,000 classes, else 64; FFC: 32)", "model",
+    scale: float = _opt(None, "softmax scale s (default: 16 below 10,000 classes, else 64; FFC: 32)", "model",
                         kind=float)
     sample_rate: float = _opt(1.0, "Partial FC: fraction of each rank's classes per step", "model")
     task: str = _opt("classify", "classify identities, or instance classification (one class per image, "

@@ -68,6 +68,9 @@ def _build(source, path: Path, shape, workers: int) -> None:
         else:
             for chunk in chunks:
                 _decode_rows(chunk)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         _WORK.clear()
     os.replace(tmp, path)
