@@ -1,5 +1,4 @@
 """Real image files end to end: the packaged sets, the decode cache, --eval-data-path, the cnn presets."""
-import io
 import json
 import os
 from pathlib import Path
