@@ -11,7 +11,7 @@ Options come from (last wins) the defaults below, a YAML/JSON ``--config`` file 
 (underscores), and command-line flags. The DeepSpeed config (``--deepspeed-config``) supplies
 precision, ZeRO and clipping; ``ffc-train`` sets its batch size, accumulation, optimizer and schedule
 from the options. Writes under ``--output-dir``: ``metrics.json``, ``metrics.csv`` (the training log),
-``tensorboard/``, ``plots/*.png``, ``checkpoints/``.
+``tensorboard/``, ``plots/*.png``, ``checkpoints/``, and ``decoded/`` (image files decoded once, ``--decode-cache``).
 """
 from __future__ import annotations
 
