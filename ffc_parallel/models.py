@@ -1,8 +1,8 @@
 """Backbones: inputs ``[b, *input_shape]`` -> embeddings ``[b, embedding_dim]``.
 
-Built-in presets (no extra packages): ``"mlp"``, ``"resnet"`` (a small ResNet for images of 8 to 64
-pixels) and insightface's face-recognition backbones ``"r18"``, ``"r34"``, ``"r50"``, ``"r100"``,
-``"r200"`` and ``"mbf"`` (:mod:`ffc_parallel.backbones`). Any other name is looked up in torchvision
+Built-in presets (no extra packages): ``"mlp"``, ``"cnn"`` and ``"cnn-wide"`` (plain CNNs, the fast choice
+for images of 8 to 64 pixels), ``"resnet"`` (a small ResNet for such images) and insightface's
+face-recognition backbones ``"r18"``, ``"r34"``, ``"r50"``, ``"r100"``, ``"r200"`` and ``"mbf"`` (:mod:`ffc_parallel.backbones`). Any other name is looked up in torchvision
 (``"torchvision:resnet18"`` or plain ``"resnet18"``) and then timm (``"timm:..."``), when those packages
 are installed; their classifier layer is sized to ``embedding_dim``.
 """
@@ -15,7 +15,7 @@ from torch import nn
 
 from .backbones import FACE_BACKBONES, build_face_backbone
 
-PRESETS = ("mlp", "resnet", *FACE_BACKBONES)
+PRESETS = ("mlp", "cnn", "cnn-wide", "resnet", *FACE_BACKBONES)
 
 
 class MLP(nn.Module):
@@ -82,6 +82,32 @@ class SmallResNet(nn.Module):
         return (bn.weight / torch.sqrt(bn.running_var + bn.eps))[:, None] * linear.weight
 
 
+CNN_WIDTHS = {"cnn": (32, 64, 128), "cnn-wide": (48, 96, 192)}
+
+
+class SmallCNN(nn.Module):
+    """The plain CNN for small images ``[C, H, W]`` (8 to 64 pixels): three stages of conv3x3 - BatchNorm -
+    ReLU - max-pool 2, flatten (the ``H/8 x W/8`` map keeps where a stroke is), Linear -> BatchNorm to
+    ``embedding_dim``. ``cnn`` (widths 32, 64, 128) costs 20 MFLOP per 32 x 32 grey image, a fifth of ``resnet``."""
+
+    def __init__(self, input_shape, embedding_dim: int, widths=CNN_WIDTHS["cnn"]):
+        super().__init__()
+        if len(input_shape) != 3 or min(input_shape[1:]) < 8:
+            raise ValueError(f"the cnn backbones need images [C, H, W] of at least 8 x 8 pixels, got input shape "
+                             f"{tuple(input_shape)}; use the mlp backbone for feature vectors")
+        layers, c = [], input_shape[0]
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c = w
+        side = 2 ** len(widths)
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.embed = nn.Sequential(nn.Linear(c * (input_shape[1] // side) * (input_shape[2] // side), embedding_dim),
+                                   nn.BatchNorm1d(embedding_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.features(x))
+
+
 class _RepeatChannels(nn.Module):
     """Feeds greyscale images ``[b, 1, H, W]`` to a model that expects ``channels`` channels."""
 
@@ -112,6 +138,8 @@ def build_backbone(name: str, input_shape, embedding_dim: int, **options) -> nn.
     input_shape = tuple(input_shape)
     if name == "mlp":
         return MLP(input_shape, embedding_dim, **options)
+    if name in CNN_WIDTHS:
+        return SmallCNN(input_shape, embedding_dim, **{"widths": CNN_WIDTHS[name], **options})
     if name == "resnet":
         return SmallResNet(input_shape, embedding_dim, **options)
     if name in FACE_BACKBONES:

@@ -112,7 +112,8 @@ def test_unreadable_image_stops_every_rank_naming_the_file(tmp_path):
     bad = _training_item()
     folder = _folder(tmp_path / "faces", bad=bad)
     bad_path = folder / f"id{LABELS[bad]}" / f"{bad}.png"
-    run = _launch(tmp_path, ["--data", "imagefolder", "--data-path", str(folder)])
+    # decoded on access (the decode cache would find it at start on every rank: tests/test_image_sets.py)
+    run = _launch(tmp_path, ["--data", "imagefolder", "--data-path", str(folder), "--decode-cache", "none"])
     _report("unreadable image, --on-bad-image fail", run)
     assert run["rc"] != 0 and len(run["logs"]) == 2, run["launcher"][-3000:]
     # The rank that read it raises its own error; the other one learns it at the same step.

@@ -21,7 +21,7 @@ def test_presets_map_inputs_to_embeddings_and_train(name, shape):
 def test_unknown_names_and_shapes_give_clear_errors():
     with pytest.raises(ValueError, match="feature vectors"):
         build_backbone("resnet", (64,), 8)
-    with pytest.raises(ValueError, match="presets are mlp, resnet"):
+    with pytest.raises(ValueError, match="presets are mlp, cnn, cnn-wide, resnet"):
         build_backbone("no_such_model_xyz", (3, 32, 32), 8)
     with pytest.raises(ValueError, match="unknown backbone library"):
         build_backbone("keras:resnet", (3, 32, 32), 8)

@@ -75,6 +75,27 @@ def test_reports_render_headless(tmp_path):
     assert "50.0%" in text and "0.7500" in text and "untrained" in text and len(text.splitlines()) <= 24
 
 
+def test_default_scale_is_16_below_10k_classes_and_the_face_presets_keep_64():
+    from ffc_parallel.cli.recipe import head_scale, parse_margin
+    from ffc_parallel.heads import resolve_margin
+    assert head_scale(TrainOptions(), 2844) == 16.0 and head_scale(TrainOptions(margin="cosface"), 10) == 16.0
+    assert resolve_margin("arcface", head_scale(TrainOptions(), 10_000)).s == 64.0   # the quickstart's identities
+    assert head_scale(TrainOptions(scale=30.0), 10) == 30.0
+    for preset in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
+        opts = parse_options(["--config", str(preset)])
+        assert head_scale(opts, 10) is None and parse_margin(opts.margin).s == 64.0, preset.name
+
+
+def test_loss_plot_draws_a_moving_average_apart_from_the_raw_loss():
+    from ffc_parallel.evaluation.report import _smooth, smoothing_window
+    loss = [5.0 - 0.05 * i + (0.5 if i % 2 else -0.5) for i in range(80)]   # 800 steps logged every 10
+    window = smoothing_window(len(loss))
+    assert window == 8 and smoothing_window(2) == 0
+    average = _smooth(loss, window)
+    assert max(abs(a - b) for a, b in zip(average, loss)) > 0.4          # two lines, not one on top of the other
+    assert average[-1] == pytest.approx(sum(loss[-8:]) / 8)
+
+
 @pytest.mark.timeout(450)  # includes DeepSpeed's one-time JIT build of its CPU comm op on a fresh machine
 def test_deepspeed_launcher_two_ranks_learn_digits(tmp_path):
     """The real command line under the DeepSpeed launcher: 2 ranks learn sklearn digits far above chance."""

@@ -21,6 +21,7 @@ import dataclasses
 import math
 import sys
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ import ffc_parallel as fp
 from ffc_parallel.algorithms import StepLoss
 from ffc_parallel.backbones import IRESNET_LAYERS
 from ffc_parallel.data import RankLoader, frequency_buckets, labels_of
-from ffc_parallel.data.augment import RandomFlip
+from ffc_parallel.data.augment import random_flip
 from ffc_parallel.data.loader import load_batches
 from ffc_parallel.distributed import streams
 from ffc_parallel.distributed.collectives import all_reduce_
@@ -51,10 +52,32 @@ def parse_margin(text: str | None):
     return text
 
 
+SMALL_SCALE, LARGE_SCALE_CLASSES = 16.0, 10_000
+
+
+def head_scale(opts, num_classes: int) -> float | None:
+    """``--scale``, or ffc-train's default for the shorthand margins: 16 below 10,000 classes (better on real
+    image sets of 10 and 2,844 classes, worse on the built-in 10,000 identities: docs/benchmarks.md, "ffc-train
+    on real images"), else the face recipes' 64 (``None``: the head's default). A ``s,m1,m2,m3`` margin
+    carries its own scale."""
+    if opts.scale is not None or "," in (opts.margin or ""):
+        return opts.scale
+    return SMALL_SCALE if num_classes < LARGE_SCALE_CLASSES else None
+
+
 def check_options(opts) -> None:
     """Raise ``ValueError`` for combinations a run cannot honour (before any process group work), and
     ``FileNotFoundError`` for a missing ``--val-targets`` file."""
     resolve_val_targets(opts)
+    if opts.eval_data_path is not None:
+        if opts.data not in ("imagefolder", "recordio"):
+            raise ValueError(f"--eval-data-path is a test set of image files like --data-path: it takes --data "
+                             f"imagefolder or recordio, not {opts.data}")
+        if opts.task != "classify" or opts.head == "ffc":
+            raise ValueError("--eval-data-path is classified through the sharded head: it takes --task classify "
+                             "and --head sharded")
+        if not Path(opts.eval_data_path).exists():
+            raise FileNotFoundError(f"--eval-data-path {opts.eval_data_path} does not exist")
     tricks = {"--reweight": opts.reweight != "ce", "--sampler": opts.sampler != "instance",
               "--cam-epoch": opts.cam_epoch is not None,
               "--mixup-alpha": opts.mixup_alpha > 0, "--xbm-size": opts.xbm_size > 0}
@@ -148,7 +171,7 @@ class Recipe:
 
         self.opts, self.bundle, self.rank, self.world, self.device = opts, bundle, rank, world, device
         # image files: a random horizontal flip of every training image (--no-flip: none)
-        self.flip = RandomFlip(bundle.train, opts.seed) if bundle.bad_images is not None and not opts.no_flip else None
+        self.flip = random_flip(bundle.train, opts.seed) if bundle.bad_images is not None and not opts.no_flip else None
         self.source = self.flip if self.flip is not None else bundle.train
         self.sampler = self.drs = self.drw = self.smoothing = self.xbm = None
         self.head = self.dual = self.loss = None   # loss: the HybridModel's StepLoss (None under FFC)
@@ -174,8 +197,9 @@ class Recipe:
         else:
             row_loss = fp.losses.row_loss_for(opts.reweight, opts.focal_gamma)
             self.head = fp.ShardedClassifier(opts.embedding_dim, bundle.num_classes, margin=parse_margin(opts.margin),
-                                             scale=opts.scale, sample_rate=opts.sample_rate, seed=opts.seed,
-                                             device=device, row_loss=row_loss, center_storage=opts.center_storage,
+                                             scale=head_scale(opts, bundle.num_classes), sample_rate=opts.sample_rate,
+                                             seed=opts.seed, device=device, row_loss=row_loss,
+                                             center_storage=opts.center_storage,
                                              negative_sampling=opts.negative_sampling, sample_block=opts.sample_block,
                                              dtype=CENTER_DTYPES[opts.center_dtype],
                                              center_master_weights=False if opts.no_center_master_weights else None)
@@ -382,12 +406,15 @@ class Recipe:
     def evaluate(self, device):
         """``(metrics, curves)``: the head's seen-class accuracy (classification), verification and
         retrieval on unseen identities, and kNN / linear probe of held-out labelled images."""
-        from ffc_parallel.evaluation import evaluate, feature_probes
+        from ffc_parallel.evaluation import classify, evaluate, feature_probes
         opts, bundle, backbone = self.opts, self.bundle, self.eval_backbone
         head = self.head if opts.task == "classify" and opts.head != "ffc" else None
         buckets = frequency_buckets(bundle.class_counts, tuple(opts.bucket_edges))
         metrics, curves = evaluate(backbone, head, bundle.seen, bundle.unseen, buckets,
                                    batch_size=opts.eval_batch_size, device=device)
+        if bundle.test is not None:   # --eval-data-path (check_options: a classifier of training ids)
+            metrics.update(classify(backbone, head, bundle.test, name="test", batch_size=opts.eval_batch_size,
+                                    device=device))
         if head is None and self.rank == 0:   # only rank 0 reports; the probes need no other rank
             metrics.update(feature_probes(backbone, bundle.seen, opts.eval_batch_size, device))
         return metrics, curves

@@ -11,7 +11,7 @@ Options come from (last wins) the defaults below, a YAML/JSON ``--config`` file 
 (underscores), and command-line flags. The DeepSpeed config (``--deepspeed-config``) supplies
 precision, ZeRO and clipping; ``ffc-train`` sets its batch size, accumulation, optimizer and schedule
 from the options. Writes under ``--output-dir``: ``metrics.json``, ``metrics.csv`` (the training log),
-``tensorboard/``, ``plots/*.png``, ``checkpoints/``.
+``tensorboard/``, ``plots/*.png``, ``checkpoints/``, and ``decoded/`` (image files decoded once, ``--decode-cache``).
 """
 from __future__ import annotations
 
@@ -59,7 +59,14 @@ class TrainOptions:
     unseen_fraction: float = _opt(0.1, "real data: fraction of classes kept out of training", "data")
     max_eval_images: int = _opt(4000, "real data: cap on each evaluation set", "data")
     bucket_edges: list = _opt((20, 100), "class-frequency buckets: tail < a <= medium <= b < head", "data")
-    num_workers: int = _opt(0, "DataLoader workers per rank for decoded images", "data")
+    num_workers: int = _opt(None, "DataLoader workers per rank decoding image files (default: 0 below 4 CPUs per "
+                                  "rank, else CPUs per rank - 2, at most 8)", "data", kind=int)
+    decode_cache: str = _opt("auto", "image files: a directory where they are decoded once into a uint8 memory-mapped "
+                                     "array read by every epoch; none: decode on every access; auto: "
+                                     "<output-dir>/decoded when the array takes at most 4 GiB", "data")
+    eval_data_path: str = _opt(None, "image files: your test set (ImageFolder root or RecordIO of the same kind as "
+                                     "--data-path, class names matching training); top-1/top-5 in metrics.json as "
+                                     "top1_test / top5_test", "data")
     no_flip: bool = _opt(False, "image files: no random horizontal flip of the training images (default: half)", "data")
     on_bad_image: str = _opt("fail", "an image file that does not decode: fail (every rank stops, the file named) or "
                              "skip (another image of its class instead, counted in the log)", "data", ("fail", "skip"))
@@ -70,7 +77,8 @@ class TrainOptions:
                                                "activation memory, about one more forward of compute)", "model")
     embedding_dim: int = _opt(128, "embedding (and class center) dimension", "model")
     margin: str = _opt("arcface", "arcface, cosface, none, or 's,m1,m2,m3' (CombinedMargin)", "model")
-    scale: float = _opt(None, "softmax scale s (default 64; FFC: 32)", "model", kind=float)
+    scale: float = _opt(None, "softmax scale s (default: 16 below 10,000 classes, else 64; FFC: 32)", "model",
+                        kind=float)
     sample_rate: float = _opt(1.0, "Partial FC: fraction of each rank's classes per step", "model")
     center_storage: str = _opt("device", "where the class centers and their optimizer state live: device, host "
                                          "(host memory) or disk:/local/nvme/dir (memory-mapped files; only the "
@@ -241,6 +249,15 @@ def parse_options(argv=None) -> TrainOptions:
     return TrainOptions(**{k: _parse_value(k, v) for k, v in values.items()})
 
 
+def decode_cache(opts: TrainOptions) -> dict:
+    """``build_data``'s decode-cache arguments of ``--decode-cache``."""
+    if opts.decode_cache == "none":
+        return {}
+    if opts.decode_cache == "auto":
+        return {"decode_cache": Path(opts.output_dir) / "decoded", "decode_cache_limit": 4 << 30}
+    return {"decode_cache": Path(opts.decode_cache)}
+
+
 # ---------------------------------------------------------------------- DeepSpeed config
 def deepspeed_config(opts: TrainOptions, total_steps: int) -> dict:
     """The user's DeepSpeed config (or fp32 / stage 0) with batch, optimizer and schedule from ``opts``."""
@@ -348,7 +365,8 @@ def train(opts: TrainOptions) -> dict | None:
                         feature_dim=opts.feature_dim, label_noise=opts.label_noise, max_images=opts.max_images,
                         eval_ids_per_bucket=opts.eval_ids_per_bucket, unseen_identities=opts.unseen_identities,
                         unseen_fraction=opts.unseen_fraction, max_eval_images=opts.max_eval_images,
-                        bucket_edges=tuple(opts.bucket_edges), on_bad_image=opts.on_bad_image, seed=opts.seed)
+                        bucket_edges=tuple(opts.bucket_edges), on_bad_image=opts.on_bad_image,
+                        eval_path=opts.eval_data_path, seed=opts.seed, **decode_cache(opts))
     if rank == 0:
         print(f"ffc-train: {bundle.description}", file=sys.stderr, flush=True)
     recipe = Recipe(opts, bundle, rank, world, device)
@@ -397,7 +415,7 @@ def train(opts: TrainOptions) -> dict | None:
         for x, y in recipe.batches(epoch, step_in_epoch * gas):
             if recipe.loss is not None:
                 recipe.loss.step = step * gas + micro % gas  # global micro-batch index: mixup's draws
-            loss = engine(x.to(device=device, dtype=dtype), y.to(device))
+            loss = engine(x.to(device=device, dtype=dtype, non_blocking=True), y.to(device, non_blocking=True))
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach())  # no device sync per step

@@ -1,6 +1,7 @@
 """Data: the built-in synthetic long-tailed identities, ImageFolder, insightface RecordIO, sklearn digits,
 identity splits for evaluation, per-rank epoch batches; distributed samplers and FFC's dual loader."""
 from ..compat import moved_names
+from .decoded import DecodedImages
 from .digits import TensorData, load_digits_tensors
 from .imagefolder import BadImages, ImageFolder, UnreadableImage, decode_image
 from .loader import EpochBatches, FeistelPermutation, RankLoader
@@ -15,7 +16,7 @@ from .dual_loader import DualBatchSampler, dual_loader, labels_of  # noqa: F401
 
 __all__ = ["AmbiguousLabel", "BadImages", "build_data", "build_sampler", "class_probabilities", "ClassIndex",
            "ClassProbabilitySampler",
-           "DataBundle", "decode_image", "DEFAULT_BUCKET_EDGES", "DeferredResampling", "dual_loader",
+           "DataBundle", "decode_image", "DecodedImages", "DEFAULT_BUCKET_EDGES", "DeferredResampling", "dual_loader",
            "DualBatchSampler", "EpochBatches", "FeistelPermutation",
            "frequency_buckets", "IdentitySplit", "ImageFolder", "InstanceBalancedSampler", "labels_of",
            "load_digits_tensors", "RandomOverSampler", "RandomUnderSampler", "RankLoader",

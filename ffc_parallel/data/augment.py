@@ -27,3 +27,18 @@ class RandomFlip(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         image, label = self.source[i]
         return (image.flip(-1) if self.flipped(int(i)) else image), label
+
+
+class BatchFlip(RandomFlip):
+    """:class:`RandomFlip` of a source with a vectorised ``batch(indices)`` (decoded images): ``batch`` too."""
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.source.batch(indices)
+        flip = torch.from_numpy(self.flipped(indices))
+        x[flip] = x[flip].flip(-1)
+        return x, y
+
+
+def random_flip(source, seed: int) -> RandomFlip:
+    """A :class:`BatchFlip` when ``source`` has ``batch(indices)``, else a :class:`RandomFlip`."""
+    return (BatchFlip if hasattr(source, "batch") else RandomFlip)(source, seed)

@@ -90,8 +90,23 @@ class Subset(torch.utils.data.Dataset):
         return self.base[int(self.indices[i])][0], int(self.labels[i])
 
 
+class BatchSubset(Subset):
+    """A :class:`Subset` of a base with a vectorised ``batch(indices)`` (decoded images): ``batch`` too."""
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        return self.base.batch(self.indices[idx])[0], torch.from_numpy(self.labels[idx])
+
+
+def subset(base, indices: np.ndarray, labels: np.ndarray) -> Subset:
+    """A :class:`BatchSubset` when ``base`` has ``batch(indices)``, else a :class:`Subset`."""
+    return (BatchSubset if hasattr(base, "batch") else Subset)(base, indices, labels)
+
+
 def stack_inputs(base, indices) -> torch.Tensor:
     """The inputs of items ``indices`` of ``base`` stacked into one tensor ``[n, ...]``."""
+    if hasattr(base, "batch") and len(indices):
+        return base.batch(np.asarray(indices, dtype=np.int64))[0]
     return torch.stack([torch.as_tensor(base[int(i)][0]) for i in indices]) if len(indices) else torch.empty(0)
 
 

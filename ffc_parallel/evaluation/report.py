@@ -76,6 +76,11 @@ def read_log(csv_path) -> dict[str, list[float]]:
     return {c: [float(r[c]) if r[c] not in ("", None) else math.nan for r in rows] for c in cols}
 
 
+def smoothing_window(rows: int) -> int:
+    """Log rows averaged by loss.png's moving average: a tenth of the rows, at least 3 (fewer rows: none)."""
+    return 0 if rows < 3 else max(3, rows // 10)
+
+
 def _smooth(values: list[float], window: int) -> list[float]:
     out, acc = [], 0.0
     for i, v in enumerate(values):
@@ -105,8 +110,12 @@ def write_plots(out_dir, log: dict[str, list[float]], metrics: dict, curves: dic
     steps = log.get("step", [])
     if steps:
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        ax.plot(steps, log["loss"], alpha=0.35, lw=0.8, label="loss")
-        ax.plot(steps, _smooth(log["loss"], max(1, len(steps) // 50)), lw=1.6, label="moving average")
+        window = smoothing_window(len(steps))
+        if window:   # under the raw line, wide and pale, so both show
+            ax.plot(steps, _smooth(log["loss"], window), lw=3.0, alpha=0.45, color="tab:orange",
+                    label=f"moving average of {window} log rows")
+        ax.plot(steps, log["loss"], lw=0.9, marker="." if len(steps) <= 200 else None, ms=3, color="tab:blue",
+                label="loss (each log row: mean over --log-every steps)")
         ax.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
         ax.legend()
         save(fig, "loss.png")
@@ -143,6 +152,8 @@ SUMMARY_ROWS = (  # (key, label, percent?)
     ("acc_head", "  top-1 on head classes (many images)", True),
     ("acc_medium", "  top-1 on medium classes", True),
     ("acc_tail", "  top-1 on tail classes (few images)", True),
+    ("top1_test", "top-1, your test set (--eval-data-path)", True),
+    ("top5_test", "top-5, your test set (--eval-data-path)", True),
     ("tar_at_far_1e-3", "TAR @ FAR=1e-3, unseen ids", True),
     ("tar_at_far_1e-4", "TAR @ FAR=1e-4, unseen ids", True),
     ("roc_auc", "ROC AUC, unseen ids", False),

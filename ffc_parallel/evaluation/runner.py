@@ -54,7 +54,8 @@ def evaluate(backbone, head, seen, unseen, class_buckets, *, batch_size: int = 5
     metrics, curves = {}, {}
     try:
         if head is not None:
-            metrics.update(_classify_seen(backbone, head, seen, class_buckets, batch_size, device, group))
+            metrics.update(classify(backbone, head, seen, class_buckets, batch_size=batch_size, device=device,
+                                        group=group))
         x, identities = unseen
         part, sizes = _my_slice(len(x), rank, world)
         emb = gather_rows(embed(backbone, x[part], batch_size, device).to(device), sizes, group).cpu()
@@ -75,10 +76,13 @@ def evaluate(backbone, head, seen, unseen, class_buckets, *, batch_size: int = 5
     return metrics, curves
 
 
-def _classify_seen(backbone, head, seen, class_buckets, batch_size, device, group) -> dict:
-    """``top1_seen``, ``top5_seen``, ``acc_<bucket>`` of ``seen`` through the head's distributed top-k."""
+def classify(backbone, head, data, class_buckets=None, *, name: str = "seen", batch_size: int = 512, device="cpu",
+             group=None) -> dict:
+    """``top1_<name>``, ``top5_<name>``, ``<name>_images`` of ``data = (inputs[n, ...], labels[n])`` through the
+    head's distributed top-k (every rank of ``group`` calls it with the same data), and ``acc_<bucket>`` when
+    ``class_buckets[C]`` is given."""
     rank, world = get_rank(group), get_world_size(group)
-    x, labels = seen
+    x, labels = data
     part, sizes = _my_slice(len(x), rank, world)
     emb = embed(backbone, x[part], batch_size, device)
     k = min(5, head.num_classes)
@@ -88,11 +92,13 @@ def _classify_seen(backbone, head, seen, class_buckets, batch_size, device, grou
         predicted.append(ids.cpu())
     predicted = gather_rows(torch.cat(predicted), sizes, group).cpu()
     top = topk_accuracy(predicted, labels, ks=(1, 5))
-    metrics = {"top1_seen": top[1], "top5_seen": top[5]}
-    for name, acc in bucket_accuracy((predicted[:, 0] == labels).numpy(), labels.numpy(), class_buckets).items():
-        metrics[f"acc_{name}"] = acc
-    metrics["seen_images"] = len(x)
+    metrics = {f"top1_{name}": top[1], f"top5_{name}": top[5]}
+    if class_buckets is not None:
+        for bucket, acc in bucket_accuracy((predicted[:, 0] == labels).numpy(), labels.numpy(),
+                                           class_buckets).items():
+            metrics[f"acc_{bucket}"] = acc
+    metrics[f"{name}_images"] = len(x)
     return metrics
 
 
-__all__ = ["BUCKET_NAMES", "embed", "evaluate"]
+__all__ = ["BUCKET_NAMES", "classify", "embed", "evaluate"]
