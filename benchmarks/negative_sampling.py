@@ -2,7 +2,7 @@
 
     python -m benchmarks.negative_sampling [--num-identities 10000] [--sample-rate 0.1] [--seeds 0,1]
         [--variants uniform,block,block:512] [--ranks 2] [--epochs 2] [--work /tmp/ffc-negsampling]
-        [--out benchmarks/results/negative_sampling.json] [-- extra ffc-train options]
+        [--out benchmarks/results/negative_sampling.json] [--reuse] [-- extra ffc-train options]
 
 Each variant is ``uniform`` (rows drawn uniformly), ``block`` (``--negative-sampling block`` with the
 default ``--sample-block``: 64 KiB of centers, 128 rows at fp32 D 128) or ``block:N`` (blocks of N rows).
@@ -11,6 +11,8 @@ DeepSpeed launcher (``--ranks`` ranks, one thread each), centers on the device (
 every storage tier). Its ``metrics.json`` gives top-1 / top-5 on held-out images of training identities,
 top-1 per frequency bucket (head / medium / tail), TAR@FAR 1e-3 / 1e-4 and Recall@1 on unseen identities.
 JSON (every run, and the mean and spread over seeds per variant) to ``--out``, a table on stdout.
+``--reuse`` reads the runs already in ``--work`` (e.g. seeds run one invocation at a time) instead of
+training them again.
 """
 from __future__ import annotations
 
@@ -57,9 +59,13 @@ def run(variant: str, seed: int, a, extra: list[str]) -> dict:
            *variant_args(variant), *extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
+    done = out_dir / "metrics.json"
+    if a.reuse and done.exists() and json.loads((out_dir / "options.json").read_text()).get("seed") == seed:
+        proc = None   # --reuse: an earlier run of the same variant and seed (its wall time is not known here)
+    else:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0 if proc is not None else None
+    if proc is not None and proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"ffc-train failed ({variant}, seed {seed})")
     m = json.loads((out_dir / "metrics.json").read_text())
@@ -82,6 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--work", default="/tmp/ffc-negsampling")
     p.add_argument("--out", default=str(RESULTS / "negative_sampling.json"))
+    p.add_argument("--reuse", action="store_true", help="read the metrics of runs already in --work")
     a = p.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
     runs = [run(v, s, a, extra) for s in seeds for v in a.variants.split(",")]
