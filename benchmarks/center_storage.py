@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,11 +46,11 @@ def _io_read_bytes() -> int:
     return 0
 
 
-def _rss_bytes() -> int:
+def _rss_bytes(field: str = "VmRSS:") -> int:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -124,7 +125,8 @@ def run_one(classes: int, dim: int, rate: float, batch: int, steps: int, warmup:
     out = {"classes": classes, "dim": dim, "rate": rate, "batch": batch, "tier": tier, "sampling": sampling,
            "init_s": init_s, "step_s_median": statistics.median(times), "step_s_min": min(times),
            "step_s_all": times, "disk_read_bytes_per_step": statistics.mean(io),
-           "rss_growth_bytes": _rss_bytes() - rss0, "last_loss": float(loss.item()),
+           "rss_growth_bytes": _rss_bytes() - rss0,
+           "peak_rss_bytes": _rss_bytes("VmHWM:"), "last_loss": float(loss.item()),
            "rows_per_step": None}
     if head.offloaded:
         st = head.store_stats()
@@ -151,16 +153,33 @@ def main(argv=None) -> int:
     p.add_argument("--sampling", default="uniform,block")
     p.add_argument("--disk-dir", default="/work/ffc-bench-store")
     p.add_argument("--out", default=str(RESULTS / "center_storage.json"))
+    p.add_argument("--one", help=argparse.SUPPRESS)   # "classes,sampling,tier": one measurement, JSON on the last line
     a = p.parse_args(argv)
     import torch
 
-    _init_dist()
+    if a.one:
+        c, sampling, tier = a.one.split(",")
+        _init_dist()
+        print(json.dumps(run_one(int(c), a.dim, a.rate, a.batch, a.steps, a.warmup, tier, sampling, a.disk_dir)))
+        return 0
     rows = []
     for c in [int(float(v)) for v in a.classes.split(",")]:
         for sampling in a.sampling.split(","):
             device_s = None
             for tier in a.tiers.split(","):
-                r = run_one(c, a.dim, a.rate, a.batch, a.steps, a.warmup, tier, sampling, a.disk_dir)
+                # each measurement in a process of its own: a 1e7-class device head (weight, momentum and the
+                # dense gradient: 15.5 GB) is not freed for the next one by deleting the engine
+                cmd = [sys.executable, "-m", "benchmarks.center_storage", "--one", f"{c},{sampling},{tier}",
+                       "--dim", str(a.dim), "--rate", str(a.rate), "--batch", str(a.batch), "--steps", str(a.steps),
+                       "--warmup", str(a.warmup), "--disk-dir", a.disk_dir]
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+                if proc.returncode != 0:
+                    sys.stderr.write(proc.stderr[-3000:])
+                    r = {"classes": c, "sampling": sampling, "tier": tier, "failed": proc.returncode}
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
                 if tier == "device":
                     device_s = r["step_s_median"]
                 r["ratio_vs_device"] = r["step_s_median"] / device_s if device_s else None
@@ -176,10 +195,13 @@ def main(argv=None) -> int:
     print(f"\n{'classes':>10} {'sampling':>8} {'tier':>6} {'init s':>8} {'step s':>8} {'x device':>8} "
           f"{'MB read/step':>12} {'MB written/step':>15} {'hidden':>7}")
     for r in rows:
+        if "failed" in r:
+            print(f"{r['classes']:>10.0e} {r['sampling']:>8} {r['tier']:>6} failed (exit {r['failed']})")
+            continue
         mb = lambda v: f"{v / 1e6:.1f}" if v is not None else "-"
         hid = r.get("prefetch_hidden_fraction")
         print(f"{r['classes']:>10.0e} {r['sampling']:>8} {r['tier']:>6} {r['init_s']:>8.2f} {r['step_s_median']:>8.3f} "
-              f"{r['ratio_vs_device']:>8.2f} {mb(r.get('bytes_read_per_step')):>12} "
+              f"{(r['ratio_vs_device'] or float('nan')):>8.2f} {mb(r.get('bytes_read_per_step')):>12} "
               f"{mb(r.get('bytes_written_per_step')):>15} {(f'{hid:.2f}' if hid is not None else '-'):>7}")
     print(f"wrote {a.out}")
     return 0
