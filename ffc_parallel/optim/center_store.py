@@ -113,6 +113,23 @@ class _Segment:
             self._open()
         self.touched = True
 
+    def willneed(self, local: torch.Tensor) -> None:
+        """Start reading the pages of sorted local rows ``local`` (``MADV_WILLNEED``, one call per run of
+        adjacent pages). Under ``MADV_RANDOM`` each page otherwise faults in alone: one synchronous 4 KiB
+        read at a time, which on a disk of a few thousand IOPS made a step's 132 MB of blocks take seconds."""
+        if local.numel() == 0:
+            return
+        row, page = self.width * self.dtype.itemsize, mmap.PAGESIZE
+        first = torch.div(local * row, page, rounding_mode="floor")
+        last = torch.div(local * row + (row - 1), page, rounding_mode="floor")
+        start = torch.ones_like(first, dtype=torch.bool)
+        start[1:] = first[1:] > last[:-1] + 1
+        at = start.nonzero().flatten()
+        ends = torch.cat([last[at[1:] - 1], last[-1:]])
+        size = len(self._map)
+        for a, b in zip(first[at].tolist(), ends.tolist()):
+            self._map.madvise(mmap.MADV_WILLNEED, a * page, min((b + 1) * page, size) - a * page)
+
     def release(self):
         """Unmap the pages touched since the last call from this process (the data stays in the file)."""
         if self.touched:
@@ -142,7 +159,10 @@ class _DiskField:
                 yield self.segments[k], slice(a, b), rows[a:b] - k * self.segment_rows
 
     def read(self, rows: torch.Tensor, out: torch.Tensor) -> None:
-        for segment, part, local in self._split(rows):
+        parts = list(self._split(rows))
+        for segment, part, local in parts:
+            segment.willneed(local)     # every segment's reads in flight before the first copy waits
+        for segment, part, local in parts:
             segment.touched = True
             torch.index_select(segment.tensor, 0, local, out=out[part])
 
@@ -156,6 +176,7 @@ class _DiskField:
         for k in range(start // self.segment_rows, -(-stop // self.segment_rows)):
             segment, lo = self.segments[k], k * self.segment_rows
             a, b = max(start, lo), min(stop, lo + segment.rows)
+            segment.willneed(torch.arange(a - lo, b - lo))
             out[a - start: b - start] = segment.tensor[a - lo: b - lo]
             segment.touched = True
         return out
