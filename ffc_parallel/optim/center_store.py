@@ -137,6 +137,20 @@ class _Segment:
             self.touched = False
 
 
+def _transfer(call, path: Path, flags: int, buffer, offset: int) -> None:
+    """``os.preadv`` / ``os.pwritev`` all of ``buffer`` at ``offset`` of the file ``path``."""
+    fd = os.open(path, flags)
+    try:
+        view, done = memoryview(buffer).cast("B"), 0
+        while done < len(view):
+            n = call(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"{path}: short {'read' if call is os.preadv else 'write'} at byte {offset + done}")
+            done += n
+    finally:
+        os.close(fd)
+
+
 class _DiskField:
     """A field ``[num_rows, width]`` as segment files ``<dir>/<name>.<k>`` of ``segment_rows`` rows."""
 
@@ -171,23 +185,28 @@ class _DiskField:
             segment.before_write()
             segment.tensor.index_copy_(0, local, values[part])
 
-    def read_range(self, start: int, stop: int) -> torch.Tensor:
-        out = torch.empty(stop - start, self.width, dtype=self.dtype)
+    def _ranges(self, start: int, stop: int):
+        """``(segment, first local row, rows)`` of the segments holding rows ``[start, stop)``."""
         for k in range(start // self.segment_rows, -(-stop // self.segment_rows)):
             segment, lo = self.segments[k], k * self.segment_rows
             a, b = max(start, lo), min(stop, lo + segment.rows)
-            segment.willneed(torch.arange(a - lo, b - lo))
-            out[a - start: b - start] = segment.tensor[a - lo: b - lo]
-            segment.touched = True
+            yield segment, a - lo, a - start, b - a
+
+    def read_range(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` by ``preadv`` (whole runs of pages, no page faults of the mapping)."""
+        out = torch.empty(stop - start, self.width, dtype=self.dtype)
+        raw, row = out.view(-1).view(torch.uint8).numpy(), self.width * self.dtype.itemsize
+        for segment, local, at, n in self._ranges(start, stop):
+            _transfer(os.preadv, segment.path, os.O_RDONLY, raw[at * row:(at + n) * row], local * row)
         return out
 
     def write_range(self, start: int, values: torch.Tensor) -> None:
-        stop = start + values.shape[0]
-        for k in range(start // self.segment_rows, -(-stop // self.segment_rows)):
-            segment, lo = self.segments[k], k * self.segment_rows
-            a, b = max(start, lo), min(stop, lo + segment.rows)
+        """Rows ``[start, start + len(values))`` by ``pwritev`` (after copy-on-write of linked segments)."""
+        values = values.contiguous()
+        raw, row = values.view(-1).view(torch.uint8).numpy(), self.width * self.dtype.itemsize
+        for segment, local, at, n in self._ranges(start, start + values.shape[0]):
             segment.before_write()
-            segment.tensor[a - lo: b - lo] = values[a - start: b - start]
+            _transfer(os.pwritev, segment.path, os.O_WRONLY, raw[at * row:(at + n) * row], local * row)
 
     def release(self):
         for segment in self.segments:
