@@ -11,6 +11,8 @@ world size, from and into any storage tier; stored heads are loaded and resharde
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -75,8 +77,10 @@ def save_stored_head(head, path: Path, writes: Writes) -> None:
         try:
             snapshot = store.snapshot(rows_dir)
             layout = snapshot["layout"]
-            for name in snapshot["files"]:
-                writes.files[(rows_dir / name).relative_to(writes.tag_dir).as_posix()] = hash_file(rows_dir / name)
+            segments = [rows_dir / name for name in snapshot["files"]]
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:   # sha256 frees the GIL
+                for segment, entry in zip(segments, pool.map(hash_file, segments)):
+                    writes.files[segment.relative_to(writes.tag_dir).as_posix()] = entry
             writes.bytes += store.nbytes if snapshot["how"]["copy"] else 0
         except Exception as exc:
             writes.fail(f"could not snapshot the center store of rank {rank_world()[0]} into {rows_dir}: {describe(exc)}",
