@@ -8,7 +8,7 @@ from ffc_parallel.checkpoint import reshard
 from ffc_parallel.optim.center_store import CenterStore, parse_center_storage
 from ffc_parallel.testing import run_ranks
 
-# the DeepSpeed marker (also run against the oldest supported DeepSpeed) on one training case and the checkpoints
+# the DeepSpeed marker (also run against the oldest supported DeepSpeed) on one training case: CI's budget
 @pytest.mark.parametrize("world,storage,optimizer,gas,dtype", [
     (1, "disk", "sgd", 1, None), pytest.param(2, "disk", "adamw", 2, None, marks=pytest.mark.deepspeed),
     (2, "host-saved", "sgd", 1, "bfloat16"),
@@ -25,7 +25,6 @@ def test_stored_head_trains_bit_for_bit_like_the_device_head(tmp_path, world, st
         assert not list((tmp_path / "store").iterdir()), "a rank's store directory outlived its head"
 
 
-@pytest.mark.deepspeed
 def test_stored_checkpoint_links_the_store_loads_and_reshards_at_other_world_sizes(tmp_path):
     """Saved at 2 ranks (training goes on after the save: the linked segments are copied before they are
     written), loaded at 4, resharded offline to 3 and loaded there: every row and the training that
