@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from ffc_parallel.cli.train import status_bytes
+
 RESULTS = Path(__file__).resolve().parent / "results"
 IN_DIM = 64
 
@@ -41,17 +43,6 @@ def _io_read_bytes() -> int:
             for line in f:
                 if line.startswith("read_bytes:"):
                     return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _rss_bytes(field: str = "VmRSS:") -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
@@ -97,7 +88,7 @@ def run_one(classes: int, dim: int, rate: float, batch: int, steps: int, warmup:
         def forward(self, x, labels):
             return self.classifier(self.features(x), labels)
 
-    rss0 = _rss_bytes()
+    rss0 = status_bytes("VmRSS")
     t0 = time.perf_counter()
     net = Net()
     init_s = time.perf_counter() - t0
@@ -125,8 +116,8 @@ def run_one(classes: int, dim: int, rate: float, batch: int, steps: int, warmup:
     out = {"classes": classes, "dim": dim, "rate": rate, "batch": batch, "tier": tier, "sampling": sampling,
            "init_s": init_s, "step_s_median": statistics.median(times), "step_s_min": min(times),
            "step_s_all": times, "disk_read_bytes_per_step": statistics.mean(io),
-           "rss_growth_bytes": _rss_bytes() - rss0,
-           "peak_rss_bytes": _rss_bytes("VmHWM:"), "last_loss": float(loss.item()),
+           "rss_growth_bytes": status_bytes("VmRSS") - rss0,
+           "peak_rss_bytes": status_bytes("VmHWM"), "last_loss": float(loss.item()),
            "rows_per_step": None}
     if head.offloaded:
         st = head.store_stats()

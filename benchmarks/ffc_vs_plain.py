@@ -17,24 +17,17 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from ffc_parallel.distributed.init import _free_port
 
 
 def ffc_train(train, test, steps, backbone, cache, out, extra=()) -> dict:
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(_port()), "--module", "ffc_parallel.cli.train",
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "ffc_parallel.cli.train",
            "--data", "imagefolder", "--data-path", train, "--eval-data-path", test, "--image-size", "32",
            "--channels", "1", "--backbone", backbone, "--no-flip", "--batch-size", "128", "--max-steps", str(steps),
            "--decode-cache", cache, "--output-dir", out, *extra]

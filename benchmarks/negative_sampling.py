@@ -19,25 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from ffc_parallel.distributed.init import _free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("top1_seen", "top5_seen", "acc_head", "acc_medium", "acc_tail", "tar_at_far_1e-3", "tar_at_far_1e-4",
            "recall_at_1", "loss_last", "samples_per_s")
-
-
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def variant_args(variant: str) -> list[str]:
@@ -53,7 +46,7 @@ def variant_args(variant: str) -> list[str]:
 def run(variant: str, seed: int, a, extra: list[str]) -> dict:
     out_dir = Path(a.work) / f"{variant.replace(':', '_')}_seed{seed}"
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", str(a.ranks), "--master_port", str(_port()), "--module",
+    cmd = [str(deepspeed), "--num_gpus", str(a.ranks), "--master_port", str(_free_port()), "--module",
            "ffc_parallel.cli.train", "--num-identities", str(a.num_identities), "--sample-rate", str(a.sample_rate),
            "--epochs", str(a.epochs), "--seed", str(seed), "--output-dir", str(out_dir), "--log-every", "50",
            *variant_args(variant), *extra]

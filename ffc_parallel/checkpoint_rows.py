@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint_files import CheckpointError, Writes, atomic_torch_save, describe, hash_file, no_space, rank_world
-from .optim.center_store import SEGMENT_BYTES, open_snapshot, write_snapshot
+from .optim.center_store import open_snapshot, segment_rows_for, write_snapshot
 
 
 def shard_name(rank: int) -> str:
@@ -128,7 +128,6 @@ def _load_stored_head(head, part_dir: Path, entry: dict, with_optimizer: bool, b
         if "master" in store.fields and "master" not in values:
             values["master"] = rows["weight"].float()
         store.write_range(lo - start, values)
-        store.release()
     if optimizer is not None and with_optimizer and hyper is not None:
         optimizer.load_state_dict(dict(hyper, state={}))
     head.centers.resident.reset()
@@ -140,8 +139,7 @@ def reshard_stored_rows(src_dir: Path, entry: dict, lo: int, hi: int, path: Path
     first = read_rows(src_dir, entry, lo, min(hi, lo + 1))
     fields = {"weight": first["weight"], **first["state"]}
     width = {k: (v.shape[1] if v.dim() == 2 else 1) for k, v in fields.items()}
-    weight_row = width["weight"] * fields["weight"].dtype.itemsize
-    layout = {"num_rows": hi - lo, "segment_rows": max(1, SEGMENT_BYTES // weight_row),
+    layout = {"num_rows": hi - lo, "segment_rows": segment_rows_for(width["weight"], fields["weight"].dtype),
               "fields": {k: [str(v.dtype).replace("torch.", ""), width[k]] for k, v in fields.items()}}
 
     def blocks():

@@ -31,7 +31,7 @@ from .heads.classifier import INPUT_CHECK_FIELDS
 from .heads.sampling import _DENSE_FRACTION
 from .heads.borrowed_grad import borrowed_columns, borrows_gradient
 from .heads.chunking import DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, work_bytes
-from .optim.row_layout import PAGE_BYTES, TIERS, row_layout
+from .optim.row_layout import PAGE_BYTES, TIERS, default_sample_block, row_layout
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -163,7 +163,7 @@ class HeadConfig:
     @property
     def block(self) -> int:
         """Rows per block of block sampling: ``sample_block``, or the head's default (64 KiB of weights)."""
-        return self.sample_block or max(1, 16 * PAGE_BYTES // (self.dim * DTYPE_BYTES[self.dtype]))
+        return self.sample_block or default_sample_block(self.dim, DTYPE_BYTES[self.dtype])
 
     @property
     def global_batch(self) -> int:

@@ -164,12 +164,14 @@ class TrainOptions:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
 
 
-def peak_rss_bytes() -> int | None:
-    """This process's peak resident memory (VmHWM; None where /proc is missing)."""
+def status_bytes(field: str = "VmHWM") -> int | None:
+    """A memory figure of this process from ``/proc/self/status`` in bytes: ``VmHWM`` (peak resident
+    memory), ``VmRSS`` (resident now); None where /proc is missing."""
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
@@ -461,7 +463,7 @@ def train(opts: TrainOptions) -> dict | None:
             samples_per_s=float(np.mean(rows["samples_per_s"][1:] or rows["samples_per_s"])) if rows else math.nan,
             loss_first=rows["loss"][0] if rows else math.nan, loss_last=rows["loss"][-1] if rows else math.nan,
             num_classes=bundle.num_classes, task=opts.task, head=opts.head, **recipe.sizes(), **validation.report(),
-            peak_rss_bytes=peak_rss_bytes(), **recipe.storage_report(step))
+            peak_rss_bytes=status_bytes("VmHWM"), **recipe.storage_report(step))
     try:
         metrics, curves = recipe.evaluate(device)
     except Exception as exc:   # the checkpoint is saved; keep what training measured

@@ -9,7 +9,7 @@ from torch import nn
 from ..distributed.collectives import PieceLayout, gather_rows
 from ..distributed.init import get_rank, get_world_size, init_distributed, launched_world_size
 from ..optim.center_store import CenterStore, parse_center_storage
-from ..optim.row_layout import PAGE_BYTES
+from ..optim.row_layout import default_sample_block
 from ..optim.centers import CenterTrainer
 from .margins import resolve_margin
 from .row_loss import CrossEntropy
@@ -143,9 +143,8 @@ class ShardedClassifier(nn.Module):
         if negative_sampling not in NEGATIVE_SAMPLING:
             raise ValueError(f"negative_sampling must be one of {NEGATIVE_SAMPLING}, got {negative_sampling!r}")
         dtype = dtype or torch.get_default_dtype()
-        row_weight_bytes = int(embedding_dim) * dtype.itemsize
         self.negative_sampling = negative_sampling
-        self.sample_block = int(sample_block) if sample_block else max(1, 16 * PAGE_BYTES // row_weight_bytes)
+        self.sample_block = int(sample_block) if sample_block else default_sample_block(int(embedding_dim), dtype.itemsize)
         if self.sample_block < 1:
             raise ValueError(f"sample_block must be >= 1, got {sample_block}")
         if not dist.is_initialized() and launched_world_size() > 1:
@@ -194,7 +193,6 @@ class ShardedClassifier(nn.Module):
             hi = min(lo + _INIT_BLOCK, stop)
             rows = init_class_rows(lo, hi, self.embedding_dim, init_std, self.seed).to(dtype)
             store.write_range(lo - start, {"weight": rows, **({"master": rows.float()} if "master" in store.fields else {})})
-            store.release()
         return store
 
     @property
@@ -213,9 +211,7 @@ class ShardedClassifier(nn.Module):
         they are stored (a copy for a store)."""
         if not self.offloaded:
             return self.weight.detach()[start:stop]
-        rows = self.centers.store.read_range(start, stop)["weight"]
-        self.centers.store.release()
-        return rows.to(self.weight.device)
+        return self.centers.store.read_range(start, stop)["weight"].to(self.weight.device)
 
     def require_device_rows(self, feature: str) -> None:
         """Raise for ``feature`` that needs the whole shard on the device when the rows are stored off it."""

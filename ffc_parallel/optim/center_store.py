@@ -39,6 +39,11 @@ SEGMENT_BYTES = 32 << 20   # bytes of one segment file of the weight field (copy
 _FICLONE = 0x40049409      # ioctl: reflink a whole file (Linux)
 
 
+def segment_rows_for(width: int, dtype: torch.dtype) -> int:
+    """Rows per segment file: :data:`SEGMENT_BYTES` of the weight field (every field uses the weight's count)."""
+    return max(1, SEGMENT_BYTES // (width * dtype.itemsize))
+
+
 def _remove_store(directory: str) -> None:
     shutil.rmtree(directory, ignore_errors=True)
     before_exit(directory)
@@ -111,7 +116,6 @@ class _Segment:
             os.replace(tmp, self.path)
             self.shared = False
             self._open()
-        self.touched = True
 
     def willneed(self, local: torch.Tensor) -> None:
         """Start reading the pages of sorted local rows ``local`` (``MADV_WILLNEED``, one call per run of
@@ -183,6 +187,7 @@ class _DiskField:
     def write(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         for segment, part, local in self._split(rows):
             segment.before_write()
+            segment.touched = True
             segment.tensor.index_copy_(0, local, values[part])
 
     def _ranges(self, start: int, stop: int):
@@ -278,7 +283,7 @@ class CenterStore:
             self.fields[name] = _HostField(self.num_rows, width, dtype, self.pin)
         else:
             weight = self.fields.get("weight")
-            segment_rows = weight.segment_rows if weight is not None else max(1, SEGMENT_BYTES // (width * dtype.itemsize))
+            segment_rows = weight.segment_rows if weight is not None else segment_rows_for(width, dtype)
             self.fields[name] = _DiskField(self.directory, name, self.num_rows, width, dtype, segment_rows)
 
     @property
@@ -352,7 +357,7 @@ class CenterStore:
     def layout(self) -> dict:
         """What a reader needs to open a snapshot: rows, rows per segment, and each field's dtype and width."""
         weight = self.fields["weight"]
-        segment_rows = getattr(weight, "segment_rows", max(1, SEGMENT_BYTES // (weight.width * weight.dtype.itemsize)))
+        segment_rows = getattr(weight, "segment_rows", segment_rows_for(weight.width, weight.dtype))
         return {"num_rows": self.num_rows, "segment_rows": segment_rows,
                 "fields": {n: [str(f.dtype).replace("torch.", ""), f.width] for n, f in self.fields.items()}}
 
@@ -381,7 +386,6 @@ def write_snapshot(directory: Path, layout: dict, blocks) -> list[str]:
         for start, values in blocks:
             for name, value in values.items():
                 fields[name].write_range(start, value.to(fields[name].dtype).reshape(value.shape[0], -1))
-                fields[name].release()
         return [s.path.name for f in fields.values() for s in f.segments]
     finally:
         for f in fields.values():

@@ -14,6 +14,11 @@ TIERS = ("device", "host", "disk")
 PAGE_BYTES = 4096  # the unit a disk tier reads and writes (one memory page)
 
 
+def default_sample_block(dim: int, center_dtype_bytes: int) -> int:
+    """Rows per block of block negative sampling by default: the rows of 64 KiB of weights (16 pages)."""
+    return max(1, 16 * PAGE_BYTES // (dim * center_dtype_bytes))
+
+
 def state_dtype(center_dtype: torch.dtype) -> torch.dtype:
     """The dtype of the optimizer state (and the update arithmetic) of ``center_dtype`` centers."""
     return torch.float32 if center_dtype in (torch.float16, torch.bfloat16) else center_dtype
