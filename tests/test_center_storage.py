@@ -78,6 +78,41 @@ def test_store_segments_round_trip_and_copy_on_write_after_a_snapshot(tmp_path):
     assert not (tmp_path / "s").exists() or not list((tmp_path / "s").iterdir())
 
 
+def test_scattered_reads_and_writes_equal_a_dense_tensor_through_runs_and_the_mapping(tmp_path, monkeypatch):
+    """Rows in runs of adjacent rows (by preadv/pwritev), lone rows (through the mapping) and both in one
+    segment, across segment boundaries and after a snapshot (copy-on-write): the store acts as a dense tensor."""
+    from ffc_parallel.optim import center_store
+    monkeypatch.setattr(center_store, "SEGMENT_BYTES", 2000 * 64 * 2)
+    n, seg = 5000, center_store.segment_rows_for(64, torch.bfloat16)
+    assert seg < n < 3 * seg, "the rows must span segments for this test"
+    store = CenterStore("disk", n, tmp_path / "s")
+    store.add("weight", torch.bfloat16, 64)     # a run of 16 rows = RUN_BYTES
+    store.add("step", torch.int64, 1)           # a run of 256 rows = RUN_BYTES
+    dense = {"weight": torch.randn(n, 64).to(torch.bfloat16), "step": torch.arange(n).unsqueeze(1) * 7}
+    store.write_range(0, dense)
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(6):
+        blocks = [torch.arange(a, min(a + 300, n)) for a in torch.randint(0, n, (4,), generator=gen).tolist()]
+        blocks += [torch.arange(seg - 20, seg + 20)]                    # a run across the segment boundary
+        rows = torch.unique(torch.cat(blocks + [torch.randint(0, n, (40,), generator=gen)]))
+        got = store.read(rows)
+        assert all(torch.equal(got[k].view(-1, dense[k].shape[1]), dense[k][rows]) for k in dense), trial
+        new = {"weight": torch.randn(rows.numel(), 64).to(torch.bfloat16), "step": -rows.unsqueeze(1) * trial}
+        if trial == 3:
+            snap = store.snapshot(tmp_path / "snap")
+        store.write(rows, new)
+        for k in dense:
+            dense[k][rows] = new[k]
+        store.release()
+        assert all(torch.equal(store.read_range(0, n)[k], dense[k]) for k in dense), trial
+    from ffc_parallel.optim.center_store import open_snapshot
+    frozen = open_snapshot(tmp_path / "snap", snap["layout"])
+    assert frozen["weight"].read_range(0, n).shape == (n, 64)
+    for f in frozen.values():
+        f.close()
+    store.close()
+
+
 def test_a_stored_head_refuses_training_without_an_engine_and_features_needing_every_row(tmp_path):
     head = fp.ShardedClassifier(8, 50, sample_rate=0.5, center_storage=f"disk:{tmp_path}")
     x, y = torch.randn(4, 8, requires_grad=True), torch.tensor([0, 1, 2, 3])

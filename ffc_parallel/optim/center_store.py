@@ -36,6 +36,7 @@ from ..distributed.init import before_exit
 from .row_layout import TIERS
 
 SEGMENT_BYTES = 32 << 20   # bytes of one segment file of the weight field (copy-on-write granule)
+RUN_BYTES = 2048           # runs of adjacent rows this long or longer move by preadv/pwritev, not the mapping
 _FICLONE = 0x40049409      # ioctl: reflink a whole file (Linux)
 
 
@@ -141,18 +142,31 @@ class _Segment:
             self.touched = False
 
 
-def _transfer(call, path: Path, flags: int, buffer, offset: int) -> None:
-    """``os.preadv`` / ``os.pwritev`` all of ``buffer`` at ``offset`` of the file ``path``."""
-    fd = os.open(path, flags)
-    try:
-        view, done = memoryview(buffer).cast("B"), 0
-        while done < len(view):
-            n = call(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise OSError(f"{path}: short {'read' if call is os.preadv else 'write'} at byte {offset + done}")
-            done += n
-    finally:
-        os.close(fd)
+def _transfer(call, fd: int, path: Path, buffer, offset: int) -> None:
+    """``os.preadv`` / ``os.pwritev`` all of ``buffer`` at ``offset`` of the open file ``fd`` (``path``)."""
+    view, done = memoryview(buffer).cast("B"), 0
+    while done < len(view):
+        n = call(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"{path}: short {'read' if call is os.preadv else 'write'} at byte {offset + done}")
+        done += n
+
+
+def _runs(local: torch.Tensor, row: int) -> tuple[list[tuple[int, int, int]], torch.Tensor | None]:
+    """Sorted unique local rows of ``row`` bytes -> ``([(first, stop, byte offset in the file)] of the runs
+    of adjacent rows of at least RUN_BYTES, mask of the rows outside them or None when there are none)``."""
+    n = local.numel()
+    start = torch.ones(n, dtype=torch.bool)
+    start[1:] = local[1:] != local[:-1] + 1
+    firsts = start.nonzero().flatten()
+    lengths = torch.diff(firsts, append=torch.tensor([n]))
+    long = lengths * row >= RUN_BYTES
+    if not bool(long.any()):
+        return [], torch.ones(n, dtype=torch.bool)
+    short = ~torch.repeat_interleave(long, lengths)
+    firsts, lengths = firsts[long], lengths[long]
+    runs = list(zip(firsts.tolist(), (firsts + lengths).tolist(), (local[firsts] * row).tolist()))
+    return runs, (short if bool(short.any()) else None)
 
 
 class _DiskField:
@@ -177,18 +191,48 @@ class _DiskField:
                 yield self.segments[k], slice(a, b), rows[a:b] - k * self.segment_rows
 
     def read(self, rows: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[i] = field[rows[i]]`` for sorted unique ``rows``: runs of adjacent rows by ``preadv``
+        straight into ``out``, the other rows through the mapping (``index_select``)."""
         parts = list(self._split(rows))
         for segment, part, local in parts:
             segment.willneed(local)     # every segment's reads in flight before the first copy waits
+        row = self.width * self.dtype.itemsize
         for segment, part, local in parts:
-            segment.touched = True
-            torch.index_select(segment.tensor, 0, local, out=out[part])
+            runs, short = _runs(local, row)
+            target = out[part]
+            if runs:
+                raw = target.view(torch.uint8).numpy()
+                fd = os.open(segment.path, os.O_RDONLY)
+                try:
+                    for a, b, offset in runs:
+                        _transfer(os.preadv, fd, segment.path, raw[a:b], offset)
+                finally:
+                    os.close(fd)
+            if short is not None:
+                segment.touched = True
+                if runs:
+                    target[short] = segment.tensor.index_select(0, local[short])
+                else:
+                    torch.index_select(segment.tensor, 0, local, out=target)
 
     def write(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """``field[rows[i]] = values[i]``: runs by ``pwritev``, the other rows through the mapping."""
+        values, row = values.contiguous(), self.width * self.dtype.itemsize
         for segment, part, local in self._split(rows):
             segment.before_write()
-            segment.touched = True
-            segment.tensor.index_copy_(0, local, values[part])
+            runs, short = _runs(local, row)
+            source = values[part]
+            if runs:
+                raw = source.view(torch.uint8).numpy()
+                fd = os.open(segment.path, os.O_WRONLY)
+                try:
+                    for a, b, offset in runs:
+                        _transfer(os.pwritev, fd, segment.path, raw[a:b], offset)
+                finally:
+                    os.close(fd)
+            if short is not None:
+                segment.touched = True
+                segment.tensor.index_copy_(0, local[short] if runs else local, source[short] if runs else source)
 
     def _ranges(self, start: int, stop: int):
         """``(segment, first local row, rows)`` of the segments holding rows ``[start, stop)``."""
@@ -202,7 +246,11 @@ class _DiskField:
         out = torch.empty(stop - start, self.width, dtype=self.dtype)
         raw, row = out.view(-1).view(torch.uint8).numpy(), self.width * self.dtype.itemsize
         for segment, local, at, n in self._ranges(start, stop):
-            _transfer(os.preadv, segment.path, os.O_RDONLY, raw[at * row:(at + n) * row], local * row)
+            fd = os.open(segment.path, os.O_RDONLY)
+            try:
+                _transfer(os.preadv, fd, segment.path, raw[at * row:(at + n) * row], local * row)
+            finally:
+                os.close(fd)
         return out
 
     def write_range(self, start: int, values: torch.Tensor) -> None:
@@ -211,7 +259,11 @@ class _DiskField:
         raw, row = values.view(-1).view(torch.uint8).numpy(), self.width * self.dtype.itemsize
         for segment, local, at, n in self._ranges(start, start + values.shape[0]):
             segment.before_write()
-            _transfer(os.pwritev, segment.path, os.O_WRONLY, raw[at * row:(at + n) * row], local * row)
+            fd = os.open(segment.path, os.O_WRONLY)
+            try:
+                _transfer(os.pwritev, fd, segment.path, raw[at * row:(at + n) * row], local * row)
+            finally:
+                os.close(fd)
 
     def release(self):
         for segment in self.segments:
