@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from ffc_parallel.heads.sampling import negative_candidates
-from ffc_parallel.optim import center_store
+from ffc_parallel.optim import center_store, row_layout
 from ffc_parallel.optim.row_layout import PAGE_BYTES
 from ffc_parallel.planner import DTYPE_BYTES, TORCH_DTYPES, HeadConfig, loss_layout, parse_count
 
@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
     print(f"compute {compute / 1e9:.1f} GFLOP/s (tile {tile}); gather + scatter {bandwidth / 1e9:.2f} GB/s", flush=True)
     root = Path(args.dir)
     store = center_store.CenterStore("disk", rows, root)
-    results, default_run_bytes = [], center_store.RUN_BYTES
+    results, default_run_bytes = [], row_layout.RUN_BYTES
     try:
         store.add("weight", TORCH_DTYPES[args.dtype], args.dim)
         store.add("step", torch.int64, 1)
@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
                                    "step": torch.zeros(n, 1, dtype=torch.long)})
         for sampling in ("block", "uniform"):
             for path in ("runs", "mapping"):
-                center_store.RUN_BYTES = default_run_bytes if path == "runs" else 1 << 62
+                row_layout.RUN_BYTES = default_run_bytes if path == "runs" else 1 << 62
                 for cache in ("warm", "cold"):
                     r = measure_store(store, step_rows, sampling, args.block, args.steps, cache == "cold")
                     results.append({"sampling": sampling, "path": path, "cache": cache, **r})
@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
                           f"{r['flush_wall_s']:.3f} s; {r['mapped_pages']} mapped pages, {r['runs']} runs, "
                           f"{r['bytes'] / 1e6:.1f} MB", flush=True)
     finally:
-        center_store.RUN_BYTES = default_run_bytes
+        row_layout.RUN_BYTES = default_run_bytes
         store.close()
         shutil.rmtree(root, ignore_errors=True)
 

@@ -31,7 +31,7 @@ from .heads.classifier import INPUT_CHECK_FIELDS
 from .heads.sampling import _DENSE_FRACTION
 from .heads.borrowed_grad import borrowed_columns, borrows_gradient
 from .heads.chunking import DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, work_bytes
-from .optim.row_layout import PAGE_BYTES, TIERS, default_sample_block, row_layout
+from .optim.row_layout import PAGE_BYTES, RUN_BYTES, TIERS, default_sample_block, row_layout
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -42,6 +42,12 @@ DEFAULT_HOST_BANDWIDTH = 25e9            # host <-> device, each way: PCIe 4 x16
 DEFAULT_DISK_READ_BANDWIDTH = 3e9        # local NVMe
 DEFAULT_DISK_WRITE_BANDWIDTH = 2e9
 DEFAULT_MEMORY_BANDWIDTH = {"cuda": 2e12, "cpu": 10e9}   # the elementwise passes over the used rows
+# CPU of the disk store per 4 KiB page through its mapping (fault + copy, each way) and per preadv/pwritev
+# call beyond its copy: measured by benchmarks/planner_rates.py (docs/benchmarks.md); measure your host's
+DEFAULT_PAGE_CPU_SECONDS = 5e-6
+DEFAULT_RUN_CPU_SECONDS = 10e-6
+RATE_FIELDS = ("compute_rate", "memory_bandwidth", "disk_read_bandwidth", "disk_write_bandwidth",
+               "page_cpu_seconds", "run_cpu_seconds")   # what ffc-plan --rates reads from that benchmark's JSON
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -98,7 +104,9 @@ class HeadConfig:
             bytes/s of the disk tier's local disk.
         compute_rate: effective FLOP/s of the head's matrix products on the device (None: no step time).
         memory_bandwidth: bytes/s of the elementwise passes over the used rows (None: 2e12 on ``cuda``,
-            10e9 on ``cpu``). backbone_flops: forward FLOPs of the backbone per sample (step time only).
+            10e9 on ``cpu``); on ``cpu`` also the store's copies (10e9 for them on ``cuda``: host memory).
+        page_cpu_seconds / run_cpu_seconds: CPU of the disk store per page through its mapping (each way)
+            and per ``preadv``/``pwritev`` call of a run of rows (``benchmarks/planner_rates.py``). backbone_flops: forward FLOPs of the backbone per sample (step time only).
         memory_budget_mb / chunk_size: the head's settings (see ``ShardedClassifier``).
         backbone_params: the backbone's parameter count, for its gradient all-reduce volume.
         grads_persist: center gradients are kept between steps (``zero_grad(set_to_none=False)``,
@@ -128,6 +136,8 @@ class HeadConfig:
     disk_write_bandwidth: float = DEFAULT_DISK_WRITE_BANDWIDTH
     compute_rate: float | None = None
     memory_bandwidth: float | None = None
+    page_cpu_seconds: float = DEFAULT_PAGE_CPU_SECONDS
+    run_cpu_seconds: float = DEFAULT_RUN_CPU_SECONDS
     backbone_flops: float = 0.0
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB
     chunk_size: int | None = None
@@ -159,6 +169,9 @@ class HeadConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+        for name in ("page_cpu_seconds", "run_cpu_seconds"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def block(self) -> int:
@@ -370,9 +383,30 @@ def expected_positives(cfg: HeadConfig) -> float:
         if cfg.num_classes > 1 else 1.0
 
 
+def _disk_moves(cfg: HeadConfig, rows: float, lone: float, fraction: float) -> tuple[float, float, float]:
+    """``(pages, mapped pages, calls)`` of moving ``rows`` rows (a fraction ``fraction`` of the shard, in
+    blocks under block sampling) plus ``lone`` single rows, over every tensor file of a row: pages for the
+    disk, pages through the mapping and ``preadv``/``pwritev`` calls for the CPU (a run of adjacent rows of
+    at least ``RUN_BYTES`` is one call, other rows go through the mapping)."""
+    pages = mapped = calls = 0.0
+    for t in row_tensors(cfg).values():
+        lone_pages = lone * math.ceil(t / PAGE_BYTES)
+        if cfg.negative_sampling == "block":
+            blocks = rows / cfg.block
+            block_pages = min(math.ceil(cfg.num_local * t / PAGE_BYTES), blocks * math.ceil(cfg.block * t / PAGE_BYTES))
+            runs = cfg.block * t >= RUN_BYTES
+        else:
+            blocks, block_pages, runs = rows, _pages(cfg.num_local, t, fraction), t >= RUN_BYTES
+        pages += block_pages + lone_pages
+        lone_runs = t >= RUN_BYTES
+        calls += (blocks if runs else 0.0) + (lone if lone_runs else 0.0)
+        mapped += (0.0 if runs else block_pages) + (0.0 if lone_runs else lone_pages)
+    return pages, mapped, calls
+
+
 def store_traffic(cfg: HeadConfig) -> dict:
     """Rows and bytes one optimizer step moves between the store and the device (zeros on the device
-    tier), logical and, on the disk tier, in whole pages."""
+    tier), logical and, on the disk tier, in whole pages, pages through the mapping and I/O calls."""
     n_local, cols, cand = cfg.num_local, sampled_classes(cfg), candidate_rows(cfg)
     row = row_tensors(cfg)
     rb = sum(row.values())
@@ -380,8 +414,10 @@ def store_traffic(cfg: HeadConfig) -> dict:
            "disk_bytes": n_local * rb if cfg.center_storage == "disk" else 0,
            "prefetch_rows": 0, "missing_positives": 0.0, "read_rows_per_step": 0.0, "written_rows_per_step": 0,
            "read_bytes_per_step": 0, "read_bytes_per_step_max": 0, "written_bytes_per_step": 0,
-           "page_read_bytes_per_step": 0, "page_written_bytes_per_step": 0,
-           "prefetch_page_read_bytes": 0}
+           "page_read_bytes_per_step": 0, "page_written_bytes_per_step": 0, "prefetch_page_read_bytes": 0,
+           "mapped_pages_per_step": 0.0, "io_calls_per_step": 0.0, "prefetch_mapped_pages": 0.0,
+           "prefetch_io_calls": 0.0, "read_mapped_pages": 0.0, "read_io_calls": 0.0, "write_mapped_pages": 0.0,
+           "write_io_calls": 0.0}
     if not cfg.offloaded:
         return out
     outside = 1.0 - cand / n_local
@@ -391,42 +427,62 @@ def store_traffic(cfg: HeadConfig) -> dict:
                 "written_rows_per_step": cols, "read_bytes_per_step": int((cand + missing) * rb),
                 "read_bytes_per_step_max": (cand + worst) * rb, "written_bytes_per_step": cols * rb})
     if cfg.center_storage == "disk":
-        if cfg.negative_sampling == "block":
-            blocks = cand / cfg.block
-            prefetch = sum(min(math.ceil(n_local * t / PAGE_BYTES),
-                               blocks * math.ceil(cfg.block * t / PAGE_BYTES)) for t in row.values())
-            read = written = prefetch + missing * sum(math.ceil(t / PAGE_BYTES) for t in row.values())
+        prefetch = _disk_moves(cfg, cand, 0.0, cand / n_local)
+        if cfg.negative_sampling == "block":   # the positives outside the blocks are single rows
+            read = _disk_moves(cfg, cand, missing, cand / n_local)
+            written = read
         else:
-            prefetch = sum(_pages(n_local, t, cand / n_local) for t in row.values())
-            read = sum(_pages(n_local, t, (cand + missing) / n_local) for t in row.values())
-            written = sum(_pages(n_local, t, cols / n_local) for t in row.values())
-        out.update({"page_read_bytes_per_step": int(read * PAGE_BYTES),
-                    "page_written_bytes_per_step": int(written * PAGE_BYTES),
-                    "prefetch_page_read_bytes": int(prefetch * PAGE_BYTES)})
+            read = _disk_moves(cfg, cand + missing, 0.0, (cand + missing) / n_local)
+            written = _disk_moves(cfg, cols, 0.0, cols / n_local)
+        out.update({"page_read_bytes_per_step": int(read[0] * PAGE_BYTES),
+                    "page_written_bytes_per_step": int(written[0] * PAGE_BYTES),
+                    "prefetch_page_read_bytes": int(prefetch[0] * PAGE_BYTES),
+                    "mapped_pages_per_step": read[1] + written[1], "io_calls_per_step": read[2] + written[2],
+                    "prefetch_mapped_pages": prefetch[1], "prefetch_io_calls": prefetch[2],
+                    "read_mapped_pages": read[1], "read_io_calls": read[2],
+                    "write_mapped_pages": written[1], "write_io_calls": written[2]})
     return out
 
 
 def step_time(cfg: HeadConfig, traffic: dict, cached_columns: int) -> dict:
-    """Seconds per step: the transfers at the stated bandwidths, the part one-step-ahead prefetch hides
-    (the prefetched reads, under the previous step's compute), and, with ``compute_rate``, the step.
+    """Seconds per step: the store's transfers at the stated bandwidths and its CPU work, the part
+    one-step-ahead prefetch hides (the prefetched reads, under the previous step's compute), and, with
+    ``compute_rate``, the step.
+
+    Store CPU: pages through the mapping x ``page_cpu_seconds`` + I/O calls x ``run_cpu_seconds`` + the
+    rows' bytes copied at the host's copy rate. Disk: pages over ``disk_read_bandwidth``; written pages go
+    back to the disk in the background, so ``disk_write_bandwidth`` bounds the step from below. On a GPU
+    the rows also cross PCIe (``host_bandwidth``) and the prefetch (CPU and disk) hides under the compute;
+    on ``cpu`` the compute keeps the rank's cores busy, so only the prefetch's disk wait hides.
 
     Compute: ``(6 B R D + 2 B D (R - cached) + 3 b backbone_flops) / compute_rate`` (the three matrix
     products of the used columns, the recomputed logits of the uncached ones, the backbone) plus
     ``R (4 row_bytes + 2 D e) / memory_bandwidth`` (optimizer, working-set gather, gradient zeroing)."""
     disk, link = cfg.center_storage == "disk", cfg.device == "cuda"
+    bandwidth = cfg.memory_bandwidth or DEFAULT_MEMORY_BANDWIDTH[cfg.device]
+    copy_rate = bandwidth if cfg.device == "cpu" else DEFAULT_MEMORY_BANDWIDTH["cpu"]
+    rb, cand = traffic["row_bytes"], traffic["prefetch_rows"]
 
-    def moving(logical, pages, bandwidth_disk):
+    def cpu(logical, mapped, calls):
+        return (mapped * cfg.page_cpu_seconds + calls * cfg.run_cpu_seconds if disk else 0.0) + logical / copy_rate
+
+    def wait(logical, pages, bandwidth_disk):
         return (pages / bandwidth_disk if disk else 0.0) + (logical / cfg.host_bandwidth if link else 0.0)
 
-    rb, cand = traffic["row_bytes"], traffic["prefetch_rows"]
-    prefetch = moving(cand * rb, traffic["prefetch_page_read_bytes"], cfg.disk_read_bandwidth)
-    sync_read = moving(traffic["read_bytes_per_step"] - cand * rb,
-                       traffic["page_read_bytes_per_step"] - traffic["prefetch_page_read_bytes"],
-                       cfg.disk_read_bandwidth)
-    write = moving(traffic["written_bytes_per_step"], traffic["page_written_bytes_per_step"],
-                   cfg.disk_write_bandwidth)
+    t = traffic
+    prefetch_cpu = cpu(cand * rb, t["prefetch_mapped_pages"], t["prefetch_io_calls"])
+    sync_cpu = cpu(t["read_bytes_per_step"] - cand * rb, t["read_mapped_pages"] - t["prefetch_mapped_pages"],
+                   t["read_io_calls"] - t["prefetch_io_calls"])
+    write_cpu = cpu(t["written_bytes_per_step"], t["write_mapped_pages"], t["write_io_calls"])
+    prefetch_wait = wait(cand * rb, t["prefetch_page_read_bytes"], cfg.disk_read_bandwidth)
+    sync_wait = wait(t["read_bytes_per_step"] - cand * rb,
+                     t["page_read_bytes_per_step"] - t["prefetch_page_read_bytes"], cfg.disk_read_bandwidth)
+    write_wait = t["written_bytes_per_step"] / cfg.host_bandwidth if link else 0.0
+    writeback = t["page_written_bytes_per_step"] / cfg.disk_write_bandwidth if disk else 0.0
+    prefetch, sync_read, write = prefetch_cpu + prefetch_wait, sync_cpu + sync_wait, write_cpu + write_wait
     out = {"transfer_seconds": prefetch + sync_read + write, "prefetch_read_seconds": prefetch,
            "sync_read_seconds": sync_read, "write_seconds": write,
+           "store_cpu_seconds": prefetch_cpu + sync_cpu + write_cpu, "writeback_seconds": writeback,
            "head_flops_per_step": None, "compute_seconds": None, "prefetch_hidden_seconds": None,
            "step_seconds": None}
     if cfg.compute_rate is None:
@@ -434,11 +490,10 @@ def step_time(cfg: HeadConfig, traffic: dict, cached_columns: int) -> dict:
     big_b, cols, d = cfg.global_batch, sampled_classes(cfg), cfg.dim
     flops = 6 * big_b * cols * d + 2 * big_b * d * (cols - cached_columns)
     passes = cols * (4 * rb + 2 * d * DTYPE_BYTES[cfg.dtype])
-    bandwidth = cfg.memory_bandwidth or DEFAULT_MEMORY_BANDWIDTH[cfg.device]
     compute = (flops + 3 * cfg.batch * cfg.backbone_flops) / cfg.compute_rate + passes / bandwidth
-    hidden = min(prefetch, compute)
+    hidden = min(prefetch if link else prefetch_wait, compute)
     out.update({"head_flops_per_step": flops, "compute_seconds": compute, "prefetch_hidden_seconds": hidden,
-                "step_seconds": compute + out["transfer_seconds"] - hidden})
+                "step_seconds": max(compute + out["transfer_seconds"] - hidden, writeback)})
     return out
 
 

@@ -121,31 +121,41 @@ def test_storage_tiers_worked_by_hand():
     host = p.tiers["host"]
     assert host["host_bytes"] == 1000 * 2056 + 500 * 2056 and host["disk_bytes"] == 0
     assert host["device_bytes"] == p.tiers["disk"]["device_bytes"] < p.tiers["device"]["device_bytes"]
-    # time: prefetched pages at 3 GB/s + their rows over PCIe at 25 GB/s; the missing positives and the
-    # write-back (pages at 2 GB/s + rows at 25 GB/s) are synchronous
+    # time: the prefetched pages at 3 GB/s + their rows over PCIe at 25 GB/s + the store's CPU: no row of these
+    # files is a 2 KiB run, so every page goes through the mapping (5 us each) and the rows' bytes are copied
+    # in host memory at 10 GB/s. The missing positives and the write-back are synchronous; the written pages
+    # go to the disk (2 GB/s) in the background.
+    assert s["prefetch_io_calls"] == s["io_calls_per_step"] == 0 and s["prefetch_mapped_pages"] == prefetch_pages
     t = p.tiers["disk"]
-    prefetch = 1_928_192 / 3e9 + 500 * 2056 / 25e9
+    prefetch = 1_928_192 / 3e9 + 500 * 2056 / 25e9 + prefetch_pages * 5e-6 + 500 * 2056 / 10e9
     assert t["prefetch_read_seconds"] == pytest.approx(prefetch)
-    assert t["write_seconds"] == pytest.approx(1_928_192 / 2e9 + 500 * 2056 / 25e9)
+    assert t["write_seconds"] == pytest.approx(prefetch_pages * 5e-6 + 500 * 2056 / 10e9 + 500 * 2056 / 25e9)
+    assert t["writeback_seconds"] == pytest.approx(1_928_192 / 2e9)
+    sync_pages = s["page_read_bytes_per_step"] / 4096 - prefetch_pages
     assert t["sync_read_seconds"] == pytest.approx((s["page_read_bytes_per_step"] - 1_928_192) / 3e9
-                                                   + (1_030_054 - 500 * 2056) / 25e9)
+                                                   + (1_030_054 - 500 * 2056) * (1 / 25e9 + 1 / 10e9)
+                                                   + sync_pages * 5e-6, rel=1e-3)   # whole bytes
     # compute: 6 B R D flops plus 2 B D R for recomputing the logits (at B=4 the [t, D] buffers take the
     # whole budget share: nothing cached) at 1 GFLOP/s, plus R (4 x 2056 + 2 x 256 x 4) bytes of
-    # elementwise passes at 2 TB/s; it outlasts the prefetch, which it hides
+    # elementwise passes at 2 TB/s; it outlasts the prefetch, which it hides (on a GPU: disk and CPU)
     assert p.cached_columns == 0 and t["head_flops_per_step"] == 8 * 4 * 500 * 256
     compute = 4_096_000 / 1e9 + 500 * (4 * 2056 + 2 * 256 * 4) / 2e12
     assert t["compute_seconds"] == pytest.approx(compute) and compute > prefetch
     assert t["prefetch_hidden_seconds"] == pytest.approx(prefetch)
     assert t["step_seconds"] == pytest.approx(compute + t["sync_read_seconds"] + t["write_seconds"])
-    # host tier on a GPU: PCIe only, each way
-    assert host["prefetch_read_seconds"] == pytest.approx(500 * 2056 / 25e9)
+    # host tier on a GPU: PCIe each way and the gather's copy, no pages
+    assert host["prefetch_read_seconds"] == pytest.approx(500 * 2056 / 25e9 + 500 * 2056 / 10e9)
     assert host["page_read_bytes_per_step"] == 0
     # on a CPU the device is host memory: no staging; the peak RSS is the device peak (+ the host store)
     cpu = planner.plan(replace(cfg, device="cpu"))
     assert cpu.host_memory == {} and cpu.tiers["disk"]["peak_host_bytes"] == cpu.total
     assert cpu.tiers["host"]["peak_host_bytes"] == cpu.tiers["host"]["device_bytes"] + 1000 * 2056
-    assert cpu.tiers["disk"]["transfer_seconds"] == pytest.approx(   # no PCIe hop: the disk's pages only
-        s["page_read_bytes_per_step"] / 3e9 + 1_928_192 / 2e9)
+    # no PCIe hop: the disk's pages read, and the CPU of every page through the mapping and of the copies
+    # (at memory_bandwidth, 10 GB/s by default on a CPU); on a CPU only the prefetch's disk wait is hidden
+    c = cpu.tiers["disk"]
+    assert c["transfer_seconds"] == pytest.approx(s["page_read_bytes_per_step"] / 3e9 + s["mapped_pages_per_step"] * 5e-6
+                                                  + (1_030_054 + 500 * 2056) / 10e9)
+    assert c["prefetch_hidden_seconds"] == pytest.approx(1_928_192 / 3e9)
 
 
 def test_block_sampling_reads_whole_pages():
@@ -159,6 +169,11 @@ def test_block_sampling_reads_whole_pages():
     missing = 1000 * (1 - (1 - 1 / 2000) ** 4) * (1 - 504 / 1000)
     assert s["read_bytes_per_step"] == int((504 + missing) * 2056)
     assert s["page_read_bytes_per_step"] == int((254 + 3 * missing) * 4096)  # a missing positive: a page per file
+    # the CPU's view: a block of weight or momentum is 8 KiB, one preadv each (2 x 63 calls); the step file's
+    # 64-byte blocks and every missing positive (1 KiB rows) go through the mapping; writes mirror the reads
+    assert s["prefetch_io_calls"] == 126 and s["prefetch_mapped_pages"] == 2
+    assert s["read_io_calls"] == s["write_io_calls"] == 126
+    assert s["read_mapped_pages"] == pytest.approx(2 + 3 * missing) and s["mapped_pages_per_step"] == pytest.approx(4 + 6 * missing)
     uniform = planner.plan(replace(cfg, negative_sampling="uniform")).store
     assert s["page_read_bytes_per_step"] < 0.6 * uniform["page_read_bytes_per_step"]
 

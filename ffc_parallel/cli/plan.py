@@ -11,8 +11,9 @@ import argparse
 import json
 import sys
 
-from ..planner import (DEFAULT_DISK_READ_BANDWIDTH, DEFAULT_DISK_WRITE_BANDWIDTH, DEFAULT_HOST_BANDWIDTH,
-                       DEFAULT_HOST_MEMORY, HeadConfig, format_plan, parse_bytes, parse_count, parse_rate, plan)
+from ..planner import (DEFAULT_HOST_BANDWIDTH, DEFAULT_HOST_MEMORY, DEFAULT_PAGE_CPU_SECONDS,
+                       DEFAULT_RUN_CPU_SECONDS, RATE_FIELDS, HeadConfig, format_plan, parse_bytes, parse_count,
+                       parse_rate, plan)
 
 _OFFLOAD_REMOVED = ("--offload was removed (master weights and optimizer state in host memory was never a mode of "
                     "the head): use --center-storage host (rows, master copy and optimizer state in host memory) "
@@ -36,6 +37,20 @@ def _storage(text: str) -> str:
     if tier not in ("device", "host", "disk"):
         raise ValueError(f"--center-storage must be device, host, disk or disk:/dir, got {text!r}")
     return tier
+
+
+def _rates(path: str) -> dict:
+    """The measured rates of a ``benchmarks/planner_rates.py`` JSON file (its top-level ``RATE_FIELDS``)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--rates {path}: cannot read it as JSON ({exc})") from None
+    rates = {k: float(data[k]) for k in RATE_FIELDS if isinstance(data, dict) and k in data}
+    if not rates:
+        raise ValueError(f"--rates {path}: none of {', '.join(RATE_FIELDS)} in it; write it with "
+                         f"python -m benchmarks.planner_rates")
+    return rates
 
 
 class _Removed(argparse.Action):
@@ -77,15 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host memory per GPU for the head (default 250GB: 2TB per 8-GPU node)")
     p.add_argument("--host-bandwidth", type=_arg(parse_rate), default=DEFAULT_HOST_BANDWIDTH,
                    help="host <-> device bytes/s each way (default 25GB/s, PCIe 4 x16)")
-    p.add_argument("--disk-read-bandwidth", type=_arg(parse_rate), default=DEFAULT_DISK_READ_BANDWIDTH,
+    p.add_argument("--rates", type=_arg(_rates), default={},
+                   help="a JSON file of measured rates (python -m benchmarks.planner_rates writes one): "
+                        f"{', '.join(RATE_FIELDS)}; the options below override it")
+    p.add_argument("--disk-read-bandwidth", type=_arg(parse_rate), default=None,
                    help="disk tier read bytes/s (default 3GB/s, NVMe)")
-    p.add_argument("--disk-write-bandwidth", type=_arg(parse_rate), default=DEFAULT_DISK_WRITE_BANDWIDTH,
+    p.add_argument("--disk-write-bandwidth", type=_arg(parse_rate), default=None,
                    help="disk tier write bytes/s (default 2GB/s, NVMe)")
     p.add_argument("--compute-rate", type=_arg(parse_count), default=None,
                    help="effective FLOP/s of the head's matrix products per GPU, e.g. 200T or 40G "
                         "(omit: no compute or step time)")
     p.add_argument("--memory-bandwidth", type=_arg(parse_rate), default=None,
                    help="bytes/s of the elementwise passes over the used rows (default 2TB/s cuda, 10GB/s cpu)")
+    p.add_argument("--page-cpu-seconds", type=float, default=None,
+                   help=f"disk store: CPU seconds per page through its mapping, each way "
+                        f"(default {DEFAULT_PAGE_CPU_SECONDS:g})")
+    p.add_argument("--run-cpu-seconds", type=float, default=None,
+                   help=f"disk store: CPU seconds per preadv/pwritev call of a run of rows "
+                        f"(default {DEFAULT_RUN_CPU_SECONDS:g})")
     p.add_argument("--backbone-flops", type=_arg(parse_count), default=0,
                    help="backbone forward FLOPs per sample, for the step time (default 0)")
     p.add_argument("--memory-budget-mb", type=float, default=256, help="the head's memory_budget_mb")
@@ -105,19 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    rates = {k: getattr(args, k) if getattr(args, k) is not None else args.rates.get(k) for k in RATE_FIELDS}
     try:
         cfg = HeadConfig(num_classes=args.num_classes, dim=args.dim, gpus=args.gpus, batch=args.batch,
                          dtype=args.dtype, sample_rate=args.sample_rate, optimizer=args.optimizer,
                          momentum=not args.no_momentum, master_weights=args.master_weights,
                          center_storage=args.center_storage, negative_sampling=args.negative_sampling,
                          sample_block=args.sample_block, host_memory=args.host_memory,
-                         host_bandwidth=args.host_bandwidth, disk_read_bandwidth=args.disk_read_bandwidth,
-                         disk_write_bandwidth=args.disk_write_bandwidth, compute_rate=args.compute_rate,
-                         memory_bandwidth=args.memory_bandwidth, backbone_flops=args.backbone_flops,
+                         host_bandwidth=args.host_bandwidth, backbone_flops=args.backbone_flops,
                          memory_budget_mb=args.memory_budget_mb,
                          chunk_size=args.chunk_size, backbone_params=args.backbone_params,
                          grads_persist=args.grads_persist, device=args.device,
-                         device_memory=args.gpu_memory, reserve=args.reserve)
+                         device_memory=args.gpu_memory, reserve=args.reserve,
+                         **{k: v for k, v in rates.items() if v is not None})
     except ValueError as exc:
         print(f"ffc-plan: {exc}", file=sys.stderr)
         return 2

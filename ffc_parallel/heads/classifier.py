@@ -211,7 +211,7 @@ class ShardedClassifier(nn.Module):
         they are stored (a copy for a store)."""
         if not self.offloaded:
             return self.weight.detach()[start:stop]
-        return self.centers.store.read_range(start, stop)["weight"].to(self.weight.device)
+        return self.centers.store.read_range(start, stop, ["weight"])["weight"].to(self.weight.device)
 
     def require_device_rows(self, feature: str) -> None:
         """Raise for ``feature`` that needs the whole shard on the device when the rows are stored off it."""

@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from ..distributed.init import before_exit
+from . import row_layout
 from .row_layout import TIERS
 
 SEGMENT_BYTES = 32 << 20   # bytes of one segment file of the weight field (copy-on-write granule)
-RUN_BYTES = 2048           # runs of adjacent rows this long or longer move by preadv/pwritev, not the mapping
 # Bulk writes (init, checkpoint loads, copy-on-write) go to the file a page per call. Linux (6.x: ext4, XFS)
 # caches one large write as large folios, and a later 64 KiB write into a 2 MiB folio dirties, and writes
 # back, the whole folio: in the 1e8 scale run the disk wrote 1.9 GB per step and rank for 132 MB of rows.
@@ -204,15 +204,15 @@ class _DiskField:
 
     def runs(self, rows: torch.Tensor) -> tuple[list[tuple[int, int, int, int]], torch.Tensor | None]:
         """Sorted unique ``rows`` -> ``(runs, rest)``: ``runs`` are ``(segment, first, stop, byte offset)``
-        of the runs of adjacent rows within a segment of at least RUN_BYTES (positions ``first:stop`` of
-        ``rows``); ``rest`` the positions of the other rows (None if there are none)."""
+        of the runs of adjacent rows within a segment of at least ``row_layout.RUN_BYTES`` (positions
+        ``first:stop`` of ``rows``); ``rest`` the positions of the other rows (None if there are none)."""
         n, row, size = rows.numel(), self.width * self.dtype.itemsize, self.segment_rows
         seg = torch.div(rows, size, rounding_mode="floor")
         start = torch.ones(n, dtype=torch.bool)
         start[1:] = (rows[1:] != rows[:-1] + 1) | (seg[1:] != seg[:-1])
         firsts = start.nonzero().flatten()
         lengths = torch.diff(firsts, append=torch.tensor([n]))
-        long = lengths * row >= RUN_BYTES
+        long = lengths * row >= row_layout.RUN_BYTES
         rest = (~torch.repeat_interleave(long, lengths)).nonzero().flatten()
         firsts, lengths = firsts[long], lengths[long]
         runs = list(zip(seg[firsts].tolist(), firsts.tolist(), (firsts + lengths).tolist(),
@@ -400,9 +400,10 @@ class CenterStore:
                 self.fields[name].write(rows, value.to(device="cpu", dtype=self.fields[name].dtype).reshape(rows.numel(), -1))
                 self.bytes_written += value.nbytes
 
-    def read_range(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+    def read_range(self, start: int, stop: int, names=None) -> dict[str, torch.Tensor]:
+        """``{field: rows [start, stop)}`` of the fields ``names`` (default: every field)."""
         with self.lock:
-            return self.read_range_unlocked(start, stop)
+            return self.read_range_unlocked(start, stop, names)
 
     def write_range(self, start: int, values: dict[str, torch.Tensor]) -> None:
         with self.lock:
@@ -439,8 +440,8 @@ class CenterStore:
                     files.append(segment.path.name)
         return {"layout": layout, "files": files, "how": how}
 
-    def read_range_unlocked(self, start: int, stop: int) -> dict[str, torch.Tensor]:
-        return {name: f.read_range(start, stop) for name, f in self.fields.items()}
+    def read_range_unlocked(self, start: int, stop: int, names=None) -> dict[str, torch.Tensor]:
+        return {name: self.fields[name].read_range(start, stop) for name in names or self.fields}
 
     def layout(self) -> dict:
         """What a reader needs to open a snapshot: rows, rows per segment, and each field's dtype and width."""

@@ -211,7 +211,11 @@ class CenterTrainer:
             self._rows = rows if self._rows is None else torch.unique(torch.cat([self._rows, rows]))
 
     def pending_rows(self) -> torch.Tensor | None:
+        """The rows (sorted, unique) with a pending gradient; None when that is every row (a stored head's
+        resident rows, usually): the optimizer and the norm then walk the tensors in place, no gather."""
         rows = None if self._all_rows else self._rows
+        if rows is not None and rows.numel() == self.weight.shape[0]:
+            return None
         if rows is not None and self.weight.grad is not None:
             rows = rows.to(self.weight.grad.device)
         return rows

@@ -71,14 +71,15 @@ class ResidentRows:
         if ahead is not None and self._ahead_rows is not None and self._ahead_rows.numel():
             pos = torch.searchsorted(self._ahead_rows, rows).clamp_(max=self._ahead_rows.numel() - 1)
             have = self._ahead_rows[pos] == rows
+            at = have.nonzero().flatten()   # index ops: a boolean-mask copy of [R, D] is several times slower
             for name, value in ahead.items():
-                out[name][have] = value[pos[have]]
-            self.stats["prefetched_rows_used"] += int(have.sum())
-        missing = rows[~have]
-        if missing.numel():
+                out[name].index_copy_(0, at, value.index_select(0, pos[at]))
+            self.stats["prefetched_rows_used"] += at.numel()
+        at = (~have).nonzero().flatten()
+        if at.numel():
             t0 = time.perf_counter()
-            for name, value in self.store.read(missing).items():
-                out[name][~have] = value
+            for name, value in self.store.read(rows[at]).items():
+                out[name].index_copy_(0, at, value)
             self.stats["sync_read_s"] += time.perf_counter() - t0
         self._ahead, self._ahead_rows = None, None
         return out

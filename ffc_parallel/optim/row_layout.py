@@ -12,6 +12,7 @@ import torch
 
 TIERS = ("device", "host", "disk")
 PAGE_BYTES = 4096  # the unit a disk tier reads and writes (one memory page)
+RUN_BYTES = 2048   # a disk store moves runs of adjacent rows this long by preadv/pwritev, the rest via its mapping
 
 
 def default_sample_block(dim: int, center_dtype_bytes: int) -> int:
