@@ -6,8 +6,10 @@
 
 One process, one thread (``torch.set_num_threads(1)``, as each rank of a CPU run), no head, no DeepSpeed:
 
-* ``compute_rate``: FLOP/s of the head's three matrix products on one tile (``[B, D] x [D, T]``, its
-  transpose products; ``T`` the tile ``planner.loss_layout`` gives for ``B`` and ``D`` on the CPU), best of 5.
+* ``compute_rate``: the head's effective FLOP/s: its forward + backward over ``--step-rows`` classes at
+  global batch ``B`` (the planner's FLOP count over the seconds: the logits' elementwise passes are in it);
+  ``gemm_rate``, for comparison, its three matrix products on one tile alone (``[B, D] x [D, T]``; ``T``
+  the tile ``planner.loss_layout`` gives on the CPU), best of 5.
 * ``memory_bandwidth``: row bytes per second of a gather and a scatter of ``--step-rows`` rows of ``[rows, D]``
   (``index_select`` into a new buffer, ``index_copy_`` back), the elementwise passes the planner counts.
 * The disk store (``optim/center_store.py``) with the 1e8 scale run's row layout (``dtype`` weights and the
@@ -121,6 +123,26 @@ def gemm_rate(batch: int, dim: int, dtype: str) -> tuple[float, int]:
     return 6 * batch * tile * dim / best, tile
 
 
+def head_rate(batch: int, dim: int, dtype: str, columns: int) -> float:
+    """Effective FLOP/s of the head itself: forward + backward of ``ShardedClassifier`` (ArcFace, one
+    process, every one of ``columns`` classes used) counted as the planner counts them,
+    ``6 B R D + 2 B D (R - cached)``; the logits' elementwise passes are in it. Best of 3."""
+    import ffc_parallel as fp
+    cfg = HeadConfig(num_classes=columns, dim=dim, batch=batch, dtype=dtype, device="cpu")
+    flops = 6 * batch * columns * dim + 2 * batch * dim * (columns - loss_layout(cfg).cached)
+    head = fp.ShardedClassifier(dim, columns, margin="arcface", dtype=TORCH_DTYPES[dtype])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, dim, generator=gen).to(TORCH_DTYPES[dtype]).requires_grad_()
+    y = torch.randint(columns, (batch,), generator=gen)
+    best = float("inf")
+    for _ in range(4):
+        head.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        head(x, y).backward()
+        best = min(best, time.perf_counter() - t0)
+    return flops / best
+
+
 def gather_rate(rows: int, step_rows: int, dim: int, dtype: str) -> float:
     """Row bytes per second of an ``index_select`` and an ``index_copy_`` of ``step_rows`` sorted rows."""
     table = torch.randn(rows, dim).to(TORCH_DTYPES[dtype])
@@ -148,9 +170,11 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows, step_rows = parse_count(args.rows), parse_count(args.step_rows)
-    compute, tile = gemm_rate(args.batch, args.dim, args.dtype)
+    gemm, tile = gemm_rate(args.batch, args.dim, args.dtype)
+    compute = head_rate(args.batch, args.dim, args.dtype, step_rows)
     bandwidth = gather_rate(rows, step_rows, args.dim, args.dtype)
-    print(f"compute {compute / 1e9:.1f} GFLOP/s (tile {tile}); gather + scatter {bandwidth / 1e9:.2f} GB/s", flush=True)
+    print(f"GEMM {gemm / 1e9:.1f} GFLOP/s (tile {tile}); the head {compute / 1e9:.1f} GFLOP/s at {step_rows} columns; "
+          f"gather + scatter {bandwidth / 1e9:.2f} GB/s", flush=True)
     root = Path(args.dir)
     store = center_store.CenterStore("disk", rows, root)
     results, default_run_bytes = [], row_layout.RUN_BYTES
@@ -189,7 +213,7 @@ def main(argv=None) -> dict:
     cold = pick("block", "runs", "cold")
     disk_read = cold["bytes"] / max(1e-6, cold["read_wall_s"] - runs["read_cpu_s"])
     disk_write = cold["bytes"] / max(1e-6, cold["write_wall_s"] + cold["flush_wall_s"] - cold["write_cpu_s"])
-    out = {"compute_rate": compute, "memory_bandwidth": bandwidth, "page_cpu_seconds": page,
+    out = {"compute_rate": compute, "gemm_rate": gemm, "memory_bandwidth": bandwidth, "page_cpu_seconds": page,
            "run_cpu_seconds": run, "disk_read_bandwidth": disk_read, "disk_write_bandwidth": disk_write,
            "command": "python -m benchmarks.planner_rates " + " ".join(argv if argv is not None else []),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),

@@ -362,7 +362,8 @@ def peak_bytes(items: dict, cfg: HeadConfig) -> int:
     """Peak of a step from :func:`memory_items`: the start of the backward, when the cached logits
     and the new center gradient are both alive, so every item counts; plus the kept gradient when
     gradients persist between steps and the head returns a new dense gradient (full softmax; Partial
-    FC adds its rows straight into the kept one)."""
+    FC adds its rows straight into the kept one). The centers' step comes later and holds less: its
+    fp32 working copies are made a block of rows at a time (``optim/center_optimizer.py``)."""
     second = cfg.grads_persist and cfg.sample_rate >= 1.0 and not cfg.offloaded
     return sum(items.values()) + (items["center_grads"] if second else 0)
 

@@ -78,6 +78,29 @@ def test_store_segments_round_trip_and_copy_on_write_after_a_snapshot(tmp_path):
     assert not (tmp_path / "s").exists() or not list((tmp_path / "s").iterdir())
 
 
+def test_a_new_store_removes_the_stores_of_killed_processes_and_keeps_live_ones(tmp_path):
+    import subprocess
+    import sys
+    import warnings
+    from ffc_parallel.optim.center_store import _OWNER, _owner
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host, _, _ = _owner().split()
+    stale, live, foreign = (tmp_path / f"ffc-centers-rank0-{k}" for k in ("a", "b", "c"))
+    for path, owner in ((stale, f"{host} {gone.pid} 12345"), (live, _owner()), (foreign, None)):
+        path.mkdir()
+        (path / "weight.00000").write_bytes(b"x" * 4096)
+        if owner:
+            (path / _OWNER).write_text(owner)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = CenterStore("disk", 10, tmp_path)
+    assert not stale.exists() and live.exists() and foreign.exists()
+    assert any(str(stale) in str(w.message) and "is gone" in str(w.message) for w in caught)
+    store.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, foreign.name])   # its own is gone
+
+
 def test_scattered_reads_and_writes_equal_a_dense_tensor_through_runs_and_the_mapping(tmp_path, monkeypatch):
     """Rows in runs of adjacent rows (by preadv/pwritev), lone rows (through the mapping) and both in one
     segment, across segment boundaries and after a snapshot (copy-on-write): the store acts as a dense tensor."""

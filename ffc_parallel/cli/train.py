@@ -177,6 +177,17 @@ def status_bytes(field: str = "VmHWM") -> int | None:
     return None
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's ``VmHWM`` again from its current RSS (Linux >= 4.0: ``/proc/self/clear_refs``),
+    so that the next peak is the training's, not the setup's; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _parse_value(name: str, value):
     f = FIELDS[name]
     if value is None:
@@ -407,6 +418,8 @@ def train(opts: TrainOptions) -> dict | None:
         before, _ = recipe.evaluate(device)
 
     samples_per_step = opts.batch_size * world * gas
+    setup_peak, rss_before = status_bytes("VmHWM"), status_bytes("VmRSS")
+    training_peak_known = reset_peak_rss()
     t_start, window_t, window_steps, train_seconds = time.monotonic(), time.monotonic(), 0, 0.0
     losses = []
     engine.train()
@@ -463,7 +476,10 @@ def train(opts: TrainOptions) -> dict | None:
             samples_per_s=float(np.mean(rows["samples_per_s"][1:] or rows["samples_per_s"])) if rows else math.nan,
             loss_first=rows["loss"][0] if rows else math.nan, loss_last=rows["loss"][-1] if rows else math.nan,
             num_classes=bundle.num_classes, task=opts.task, head=opts.head, **recipe.sizes(), **validation.report(),
-            peak_rss_bytes=status_bytes("VmHWM"), **recipe.storage_report(step))
+            peak_rss_bytes=max(filter(None, (setup_peak, status_bytes("VmHWM"))), default=None),
+            rss_before_training_bytes=rss_before,
+            peak_rss_training_bytes=status_bytes("VmHWM") if training_peak_known else None,
+            **recipe.storage_report(step))
     try:
         metrics, curves = recipe.evaluate(device)
     except Exception as exc:   # the checkpoint is saved; keep what training measured

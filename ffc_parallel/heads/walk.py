@@ -247,6 +247,7 @@ class CenterGradient:
 
     def __init__(self, weight, rows, scale, s, width, direct, param, borrow):
         self.rows, self.scale, self.s, self.param, self.direct = rows, scale, s, param, direct
+        self.every_row = rows is not None and rows.numel() == weight.shape[0]   # sorted unique: 0..n-1
         buffer = borrow.hand_over() if borrow is not None else None
         self.borrow = borrow if buffer is not None else None
         if param is not None and param.grad is not None and buffer is None:
@@ -266,8 +267,10 @@ class CenterGradient:
         overlapped = self.borrow is not None and self.borrow.overlaps(start, stop)   # by its own cache entry
         h = self.grad[start:stop] if self.direct and not overlapped else self.h_buf[: stop - start]
         center_grad_(torch.mm(g.t(), xn_p, out=h), tile.v, self.scale[start:stop], self.s, self.tmp)
-        if self.rows is not None:
+        if self.rows is not None and not self.every_row:
             self.grad.index_add_(0, self.rows[start:stop], h)
+        elif self.rows is not None:    # the rows are 0..n-1 (a stored head's resident rows): add in place
+            self.grad[start:stop] += h
         elif overlapped:
             self.grad[start:stop] = h
         elif not self.direct:

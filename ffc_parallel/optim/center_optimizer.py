@@ -31,6 +31,9 @@ from torch.optim.sgd import sgd as _torch_sgd
 
 SUPPORTED = ("sgd", "adam", "adamw")
 _MAX_FUSED_GROUPS = 256  # fused calls per step at most (groups of rows at one step count), else unfused
+# values per block of an in-place step (its fp32 copies of half weights and gradients): on a CPU they stay in
+# cache and no fresh [R, D] buffer faults in; on an accelerator a block bounds them to 2 x 256 MB
+_CPU_BLOCK_ELEMENTS, _ACCELERATOR_BLOCK_ELEMENTS = 1 << 20, 1 << 26
 
 
 class ShardedCenterOptimizer:
@@ -131,14 +134,21 @@ class ShardedCenterOptimizer:
             key = (steps > 0).to(torch.uint8) if self.momentum else torch.zeros_like(steps, dtype=torch.uint8)
         low, high = torch.aminmax(key)
         sdt = self._state_dtype()
-        if rows is None and int(low) == int(high):  # full softmax: every row in place
+        if rows is None and int(low) == int(high):  # every row in place, a block of rows at a time
             master = self.state.get("master")  # else the centers, or an fp32 copy of half-precision ones
-            p = master if master is not None else self.weight.data.to(sdt)
-            g = grad.to(sdt).mul_(grad_scale) if grad_scale != 1.0 else grad.to(sdt)
-            self._fused_kernel(p, g, {k: v for k, v in self.state.items() if k not in ("step", "master")},
-                               int(low))
-            if p is not self.weight.data:
-                self.weight.data.copy_(p)
+            state = {k: v for k, v in self.state.items() if k not in ("step", "master")}
+            n = self.weight.shape[0]
+            per_block = _CPU_BLOCK_ELEMENTS if self.weight.device.type == "cpu" else _ACCELERATOR_BLOCK_ELEMENTS
+            block = max(1, per_block // max(1, self.weight.shape[1]))
+            for a in range(0, n, block):
+                w = self.weight.data[a:a + block]
+                p = master[a:a + block] if master is not None else w.to(sdt)
+                g = grad[a:a + block].to(sdt)   # the gradient itself when fp32: may be overwritten
+                if grad_scale != 1.0:
+                    g.mul_(grad_scale)
+                self._fused_kernel(p, g, {k: v[a:a + block] for k, v in state.items()}, int(low))
+                if p.data_ptr() != w.data_ptr():
+                    w.copy_(p)
             steps += 1
             self.fused_steps += 1
             return True

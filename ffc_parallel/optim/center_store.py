@@ -24,6 +24,7 @@ import fcntl
 import mmap
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import warnings
@@ -52,6 +53,43 @@ def segment_rows_for(width: int, dtype: torch.dtype) -> int:
 def _remove_store(directory: str) -> None:
     shutil.rmtree(directory, ignore_errors=True)
     before_exit(directory)
+
+
+_OWNER = "owner"   # in a store's directory: "<host> <pid> <process start time>" of the process that made it
+
+
+def _start_time(pid: int) -> str | None:
+    """Start time (clock ticks since boot) of process ``pid``, None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()} {os.getpid()} {_start_time(os.getpid())}"
+
+
+def remove_stale_stores(directory: Path) -> list[str]:
+    """Remove the store directories in ``directory`` left by processes of this host that are gone (a
+    killed run: its finalizers never ran), so that a restarted run does not need the disk twice. A
+    directory without an owner file, or of another host, is left alone. Returns the removed paths."""
+    removed = []
+    host = socket.gethostname()
+    for path in directory.glob("ffc-centers-*"):
+        try:
+            owner_host, pid, started = (path / _OWNER).read_text().split()
+        except (OSError, ValueError):
+            continue
+        if owner_host != host or _start_time(int(pid)) == started:
+            continue
+        size = sum(f.stat().st_blocks * 512 for f in path.iterdir() if f.is_file())
+        shutil.rmtree(path, ignore_errors=True)
+        warnings.warn(f"center_storage: removed {path} ({size / 1e9:.2f} GB), the store of process {pid}, which "
+                      f"is gone (killed before it could remove it)", stacklevel=3)
+        removed.append(str(path))
+    return removed
 
 
 def parse_center_storage(spec) -> tuple[str, Path | None]:
@@ -356,7 +394,9 @@ class CenterStore:
         if tier == "disk":
             try:
                 directory.mkdir(parents=True, exist_ok=True)
+                remove_stale_stores(directory)
                 self.directory = Path(tempfile.mkdtemp(prefix=f"ffc-centers-{label}-", dir=directory))
+                (self.directory / _OWNER).write_text(_owner())
             except OSError as exc:
                 raise OSError(f"center_storage='disk:{directory}': cannot create the store's directory there "
                               f"({exc}); give a writable directory on local disk") from exc
