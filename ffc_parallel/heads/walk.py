@@ -136,7 +136,11 @@ class TileWalk:
         self.spans = tiles(self.num_cols, self.width)
         self.edges = [start for start, _ in self.spans] + [self.num_cols]
         layout = options.layout
-        self.direct = rows is None and (layout is None or layout.pieces == 1)  # one pass over all classes
+        one_piece = layout is None or layout.pieces == 1
+        self.direct = rows is None and one_piece  # one pass over all classes
+        # each row's gradient is written once: also when ``rows`` are every row of the weight (sorted, so
+        # 0..n-1: a stored head's resident rows), with no index_add_ into a zeroed gradient
+        self.writes_once = (rows is None or rows.numel() == weight.shape[0]) and one_piece
         self.v_buf = weight.new_empty((min(self.width, self.num_cols), weight.shape[1]))
         self._work = torch.empty(0, dtype=self.sdt, device=xn.device)
         self.timer, self._scatter, self._grad_x, self._want_x = CommTimer(), None, None, False
@@ -199,7 +203,7 @@ class TileWalk:
 
     def center_gradient(self, borrow=None) -> "CenterGradient":
         """The writer of this backward's center gradient (``borrow``: the buffer the cache borrowed)."""
-        return CenterGradient(self.weight, self.rows, self.scale, self.options.margin.s, self.width, self.direct,
+        return CenterGradient(self.weight, self.rows, self.scale, self.options.margin.s, self.width, self.writes_once,
                               self.weight if self.options.accumulate else None, borrow)
 
     def add_grads(self, piece: Piece, tile: Tile, grad, center: "CenterGradient | None") -> None:
@@ -240,8 +244,8 @@ class CenterGradient:
     With ``param`` (the weight, in the head's training mode) the gradient goes into ``param.grad``:
     added in place where that exists, Partial FC rows added into zeros where it does not, else a
     buffer of its own becomes it; without, it is returned through autograd. With one pass over all
-    classes (``direct``) each tile's rows are written once, in place, into a buffer never
-    zero-filled; otherwise tiles (or ``rows``) are added. ``borrow``: the buffer the logit cache
+    classes, or over every row of the weight (``direct``), each tile's rows are written once, in place,
+    into a buffer never zero-filled; otherwise tiles (or ``rows``) are added. ``borrow``: the buffer the logit cache
     borrowed (``borrowed_grad.py``), which becomes the gradient.
     """
 
@@ -252,7 +256,7 @@ class CenterGradient:
         self.borrow = borrow if buffer is not None else None
         if param is not None and param.grad is not None and buffer is None:
             self.grad, self.direct = param.grad, False              # add into the gradient there is
-        elif param is not None and rows is not None:                 # Partial FC: rows into a zero gradient
+        elif param is not None and rows is not None and not direct:  # Partial FC: rows into a zero gradient
             param.grad = self.grad = torch.zeros_like(param)
         elif buffer is not None:
             self.grad = buffer                                       # holds cache entries until they are used
@@ -269,8 +273,6 @@ class CenterGradient:
         center_grad_(torch.mm(g.t(), xn_p, out=h), tile.v, self.scale[start:stop], self.s, self.tmp)
         if self.rows is not None and not self.every_row:
             self.grad.index_add_(0, self.rows[start:stop], h)
-        elif self.rows is not None:    # the rows are 0..n-1 (a stored head's resident rows): add in place
-            self.grad[start:stop] += h
         elif overlapped:
             self.grad[start:stop] = h
         elif not self.direct:

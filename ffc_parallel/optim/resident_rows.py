@@ -73,7 +73,10 @@ class ResidentRows:
             have = self._ahead_rows[pos] == rows
             at = have.nonzero().flatten()   # index ops: a boolean-mask copy of [R, D] is several times slower
             for name, value in ahead.items():
-                out[name].index_copy_(0, at, value.index_select(0, pos[at]))
+                if at.numel() == rows.numel():   # every row was read ahead (the rule): one copy
+                    out[name] = value.index_select(0, pos)
+                else:
+                    out[name].index_copy_(0, at, value.index_select(0, pos[at]))
             self.stats["prefetched_rows_used"] += at.numel()
         at = (~have).nonzero().flatten()
         if at.numel():
