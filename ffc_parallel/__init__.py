@@ -11,15 +11,7 @@ optimizer; ``fp.save_checkpoint`` / ``fp.load_checkpoint`` replace ``engine.save
 (``docs/architecture.md``): ``data`` -> ``models`` -> ``distributed`` -> ``heads`` -> ``losses`` /
 ``algorithms`` -> ``optim`` and the engine; ``evaluation``, ``checkpoint``, ``planner``, ``cli``.
 """
-import os
-
-# PyTorch's CPU allocator puts tensors of 2 MB and more on transparent huge pages when this is set before
-# torch's first allocation (it is read once). A rank's large per-step buffers (the rows of a step, their
-# fp32 copies, the loss's tiles) are allocated afresh each step, and each 4 KiB page of them faults in:
-# on a CPU head about 5x the time of the copy itself (docs/benchmarks.md). Set it to 0 to opt out.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-from .compat import moved_names  # noqa: E402
+from .compat import moved_names
 from .distributed import DistributedInfo, exit_distributed, get_rank, get_world_size, init_distributed
 from .heads import CombinedMargin, ShardedClassifier, shard_range
 from . import algorithms, data, evaluation, losses, models, planner

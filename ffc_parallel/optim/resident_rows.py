@@ -100,12 +100,15 @@ class ResidentRows:
             fresh = union[~torch.isin(union, old)] if keep else union
             values = self._take(fresh)
             device, dtype = old_data.device, old_data.dtype
-            fresh_pos = torch.searchsorted(union, fresh)
-            data = torch.empty(union.numel(), old_data.shape[1], dtype=dtype, device=device)
-            data[fresh_pos.to(device)] = values.pop("weight").to(device=device, dtype=dtype)
-            other = {k: v.new_empty((union.numel(), v.shape[1])) for k, v in values.items()}
-            for k, v in values.items():
-                other[k][fresh_pos] = v
+            if not keep:   # every row is fresh, in order: the rows read are the resident rows
+                data, other = values.pop("weight").to(device=device, dtype=dtype), values
+            else:
+                fresh_pos = torch.searchsorted(union, fresh)
+                data = torch.empty(union.numel(), old_data.shape[1], dtype=dtype, device=device)
+                data[fresh_pos.to(device)] = values.pop("weight").to(device=device, dtype=dtype)
+                other = {k: v.new_empty((union.numel(), v.shape[1])) for k, v in values.items()}
+                for k, v in values.items():
+                    other[k][fresh_pos] = v
             grad = None
             if keep:
                 old_pos = torch.searchsorted(union, old)
