@@ -85,3 +85,26 @@ def test_center_optimizer_benchmark_writes_its_table(tmp_path):
     report = json.loads(out.read_text())
     assert [r["optimizer"] for r in report["results"]] == ["sgd_momentum", "adamw"]
     assert all(r["fused_s"] > 0 and r["unfused_s"] > 0 for r in report["results"])
+
+
+def test_planner_rates_writes_what_ffc_plan_reads(tmp_path, capsys):
+    """A tiny run of benchmarks/planner_rates.py: its JSON's rates are the plan's (explicit options win)."""
+    from benchmarks import planner_rates
+    from ffc_parallel.cli.plan import main as plan_main
+    out = tmp_path / "rates.json"
+    rates = planner_rates.main(["--rows", "20000", "--step-rows", "4000", "--steps", "1", "--block", "64",
+                                "--dir", str(tmp_path / "store"), "--out", str(out)])
+    assert json.loads(out.read_text())["compute_rate"] == rates["compute_rate"] > 0
+    assert {r["path"] for r in rates["store"]} == {"runs", "mapping"} and not (tmp_path / "store").exists()
+    args = ["--num-classes", "1e6", "--dim", "128", "--gpus", "2", "--sample-rate", "0.1", "--device", "cpu",
+            "--center-storage", "disk", "--negative-sampling", "block", "--rates", str(out), "--json"]
+    capsys.readouterr()
+    assert plan_main(args) == 0
+    config = json.loads(capsys.readouterr().out)["config"]
+    assert config["compute_rate"] == rates["compute_rate"] and config["page_cpu_seconds"] == rates["page_cpu_seconds"]
+    assert plan_main(args + ["--page-cpu-seconds", "1e-3"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["page_cpu_seconds"] == 1e-3
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        plan_main(args[:-3] + ["--rates", str(tmp_path / "bad.json")])
+    assert "none of compute_rate" in capsys.readouterr().err
