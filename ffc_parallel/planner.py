@@ -43,7 +43,8 @@ DEFAULT_DISK_READ_BANDWIDTH = 3e9        # local NVMe
 DEFAULT_DISK_WRITE_BANDWIDTH = 2e9
 DEFAULT_MEMORY_BANDWIDTH = {"cuda": 2e12, "cpu": 10e9}   # the elementwise passes over the used rows
 # CPU of the disk store per 4 KiB page through its mapping (fault + copy, each way) and per preadv/pwritev
-# call beyond its copy: measured by benchmarks/planner_rates.py (docs/benchmarks.md); measure your host's
+# call beyond its copy: round figures above what benchmarks/planner_rates.py measured on the 2-core VM
+# (2.2-3.3 us per page, 0.6-2.3 us per call: docs/benchmarks.md); measure your host's and pass --rates
 DEFAULT_PAGE_CPU_SECONDS = 5e-6
 DEFAULT_RUN_CPU_SECONDS = 10e-6
 RATE_FIELDS = ("compute_rate", "memory_bandwidth", "disk_read_bandwidth", "disk_write_bandwidth",
@@ -106,7 +107,8 @@ class HeadConfig:
         memory_bandwidth: bytes/s of the elementwise passes over the used rows (None: 2e12 on ``cuda``,
             10e9 on ``cpu``); on ``cpu`` also the store's copies (10e9 for them on ``cuda``: host memory).
         page_cpu_seconds / run_cpu_seconds: CPU of the disk store per page through its mapping (each way)
-            and per ``preadv``/``pwritev`` call of a run of rows (``benchmarks/planner_rates.py``). backbone_flops: forward FLOPs of the backbone per sample (step time only).
+            and per ``preadv``/``pwritev`` call of a run of rows (``benchmarks/planner_rates.py``).
+        backbone_flops: forward FLOPs of the backbone per sample (step time only).
         memory_budget_mb / chunk_size: the head's settings (see ``ShardedClassifier``).
         backbone_params: the backbone's parameter count, for its gradient all-reduce volume.
         grads_persist: center gradients are kept between steps (``zero_grad(set_to_none=False)``,

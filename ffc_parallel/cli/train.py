@@ -470,15 +470,16 @@ def train(opts: TrainOptions) -> dict | None:
     training = None
     if rank == 0:
         rows = read_log(out_dir / "metrics.csv")
+        training_peak = status_bytes("VmHWM")   # since reset_peak_rss() where that worked, else the run's
         training = dict(
             description=bundle.description, world_size=world, steps=step, epochs=round(plan.epochs_done(step), 3),
             train_seconds=train_seconds, skipped_images=skipped,
             samples_per_s=float(np.mean(rows["samples_per_s"][1:] or rows["samples_per_s"])) if rows else math.nan,
             loss_first=rows["loss"][0] if rows else math.nan, loss_last=rows["loss"][-1] if rows else math.nan,
             num_classes=bundle.num_classes, task=opts.task, head=opts.head, **recipe.sizes(), **validation.report(),
-            peak_rss_bytes=max(filter(None, (setup_peak, status_bytes("VmHWM"))), default=None),
+            peak_rss_bytes=max(filter(None, (setup_peak, training_peak)), default=None),
             rss_before_training_bytes=rss_before,
-            peak_rss_training_bytes=status_bytes("VmHWM") if training_peak_known else None,
+            peak_rss_training_bytes=training_peak if training_peak_known else None,
             **recipe.storage_report(step))
     try:
         metrics, curves = recipe.evaluate(device)

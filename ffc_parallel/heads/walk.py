@@ -245,8 +245,8 @@ class CenterGradient:
     added in place where that exists, Partial FC rows added into zeros where it does not, else a
     buffer of its own becomes it; without, it is returned through autograd. With one pass over all
     classes, or over every row of the weight (``direct``), each tile's rows are written once, in place,
-    into a buffer never zero-filled; otherwise tiles (or ``rows``) are added. ``borrow``: the buffer the logit cache
-    borrowed (``borrowed_grad.py``), which becomes the gradient.
+    into a buffer never zero-filled; otherwise tiles (or ``rows``) are added. ``borrow``: the buffer the
+    logit cache borrowed (``borrowed_grad.py``), which becomes the gradient.
     """
 
     def __init__(self, weight, rows, scale, s, width, direct, param, borrow):

@@ -204,19 +204,20 @@ def _transfer(call, fd: int, path: Path, buffer, offset: int, piece: int | None 
         done += n
 
 
+def _transfer_file(call, path: Path, buffer, offset: int, piece: int | None = None) -> None:
+    """:func:`_transfer` on the file ``path``, opened for this call only."""
+    fd = os.open(path, os.O_RDONLY if call is os.preadv else os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        _transfer(call, fd, path, buffer, offset, piece)
+    finally:
+        os.close(fd)
+
+
 def _copy_segment(src: Path, dst: Path) -> None:
-    """Copy a segment file in page-sized writes (:data:`PAGE_PIECES`), through ``dst``'s own new file."""
+    """Copy a segment file in page-sized writes (:data:`PAGE_PIECES`) to the new file ``dst``."""
     data = bytearray(os.path.getsize(src))
-    fd = os.open(src, os.O_RDONLY)
-    try:
-        _transfer(os.preadv, fd, src, data, 0)
-    finally:
-        os.close(fd)
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        _transfer(os.pwritev, fd, dst, data, 0, PAGE_PIECES)
-    finally:
-        os.close(fd)
+    _transfer_file(os.preadv, src, data, 0)
+    _transfer_file(os.pwritev, dst, data, 0, PAGE_PIECES)
 
 
 class _DiskField:
@@ -259,14 +260,13 @@ class _DiskField:
 
     def _move(self, call, runs, raw) -> None:
         """``preadv``/``pwritev`` each run ``(segment, first, stop, offset)`` of ``raw`` (rows ``[n, row bytes]``)."""
-        fd, at = None, None
+        fd, at = None, None   # one open file per segment: the runs come sorted
         try:
             for k, a, b, offset in runs:
                 if k != at:
                     if fd is not None:
                         os.close(fd)
-                    fd, at = None, k
-                    fd = os.open(self.segments[k].path, os.O_RDONLY if call is os.preadv else os.O_WRONLY)
+                    fd, at = os.open(self.segments[k].path, os.O_RDONLY if call is os.preadv else os.O_WRONLY), k
                 _transfer(call, fd, self.segments[k].path, raw[a:b], offset)
         finally:
             if fd is not None:
@@ -319,11 +319,7 @@ class _DiskField:
         out = torch.empty(stop - start, self.width, dtype=self.dtype)
         raw, row = out.view(-1).view(torch.uint8).numpy(), self.width * self.dtype.itemsize
         for segment, local, at, n in self._ranges(start, stop):
-            fd = os.open(segment.path, os.O_RDONLY)
-            try:
-                _transfer(os.preadv, fd, segment.path, raw[at * row:(at + n) * row], local * row)
-            finally:
-                os.close(fd)
+            _transfer_file(os.preadv, segment.path, raw[at * row:(at + n) * row], local * row)
         return out
 
     def write_range(self, start: int, values: torch.Tensor, piece: int | None = PAGE_PIECES) -> None:
@@ -333,11 +329,7 @@ class _DiskField:
         raw, row = values.view(-1).view(torch.uint8).numpy(), self.width * self.dtype.itemsize
         for segment, local, at, n in self._ranges(start, start + values.shape[0]):
             segment.before_write()
-            fd = os.open(segment.path, os.O_WRONLY)
-            try:
-                _transfer(os.pwritev, fd, segment.path, raw[at * row:(at + n) * row], local * row, piece)
-            finally:
-                os.close(fd)
+            _transfer_file(os.pwritev, segment.path, raw[at * row:(at + n) * row], local * row, piece)
 
     def release(self):
         for segment in self.segments:
