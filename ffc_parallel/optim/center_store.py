@@ -366,6 +366,16 @@ class _HostField:
         self.tensor = None
 
 
+def reusable_buffer(buffers: dict | None, name: str, shape: tuple, dtype: torch.dtype,
+                    pinned: bool = False) -> torch.Tensor | None:
+    """``buffers[name]`` when it is a contiguous CPU tensor of ``shape`` and ``dtype`` (and pinned, if
+    ``pinned``), else None."""
+    t = (buffers or {}).get(name)
+    if t is None or t.device.type != "cpu" or tuple(t.shape) != shape or t.dtype != dtype:
+        return None
+    return t if t.is_contiguous() and (not pinned or t.is_pinned()) else None
+
+
 class CenterStore:
     """``num_rows`` rows of named fields (``optim/row_layout.py``) on tier ``"host"`` or ``"disk"``.
 
@@ -415,13 +425,17 @@ class CenterStore:
     def row_bytes(self) -> int:
         return sum(f.width * f.dtype.itemsize for f in self.fields.values())
 
-    def read(self, rows: torch.Tensor, names=None) -> dict[str, torch.Tensor]:
-        """``{field: [R, width]}`` (CPU, pinned for a GPU head) of ``rows``."""
+    def read(self, rows: torch.Tensor, names=None, into: dict | None = None) -> dict[str, torch.Tensor]:
+        """``{field: [R, width]}`` (CPU, pinned for a GPU head) of ``rows``; a field's rows go into
+        ``into[field]`` where that is a CPU tensor of this shape and dtype (a buffer reused: its pages
+        are mapped already), else into a new tensor."""
         out = {}
         with self.lock:
             for name in names or self.fields:
                 f = self.fields[name]
-                out[name] = torch.empty(rows.numel(), f.width, dtype=f.dtype, pin_memory=self.pin)
+                buffer = reusable_buffer(into, name, (rows.numel(), f.width), f.dtype, self.pin)
+                out[name] = buffer if buffer is not None else \
+                    torch.empty(rows.numel(), f.width, dtype=f.dtype, pin_memory=self.pin)
                 f.read(rows, out[name])
                 self.bytes_read += out[name].nbytes
         return out

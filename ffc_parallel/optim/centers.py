@@ -42,15 +42,15 @@ _STATS_ELEMENTS = 1 << 20   # gradient values per fp64 pass of center_grad_stats
 def center_grad_stats(grad: torch.Tensor | None, rows: torch.Tensor | None, group=None) -> tuple[bool, float]:
     """``(any rank non-finite, global squared norm)`` of the center gradients ``[num_local, D]``
     restricted to ``rows`` (None = all), agreed over ``group`` with one all-reduce of 2 numbers. Summed
-    in fp64 a block of rows at a time: a half-precision ``[R, D]`` gradient would otherwise make an fp64
-    copy 4x its size (at 5e5 rows of D 128, 1 GB and a quarter of the step)."""
+    in fp64 a block of rows at a time, each block's norm accumulated in fp64 by ``vector_norm`` (an fp64
+    copy of a half-precision ``[R, D]`` gradient is 4x its size: at 5e5 rows of D 128, 1 GB)."""
     stats = torch.zeros(2, dtype=torch.float64, device=grad.device if grad is not None else "cpu")
     if grad is not None:
         sq = torch.zeros((), dtype=torch.float64, device=grad.device)
         step = max(1, _STATS_ELEMENTS // max(1, grad.shape[-1]))
         for lo in range(0, grad.shape[0] if rows is None else rows.numel(), step):
             part = grad[lo:lo + step] if rows is None else grad.index_select(0, rows[lo:lo + step])
-            sq += part.double().pow(2).sum()
+            sq += torch.linalg.vector_norm(part, dtype=torch.float64).square()   # no fp64 copy of the part
         stats[0] = float(not torch.isfinite(sq))
         stats[1] = sq if torch.isfinite(sq) else 0.0
     if dist.is_initialized() and dist.get_world_size(group) > 1:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .center_store import CenterStore
+from .center_store import CenterStore, reusable_buffer
 
 
 class ResidentRows:
@@ -33,21 +33,24 @@ class ResidentRows:
         self._ahead_rows = None
         self._other: dict[str, torch.Tensor] = {}
         self._ahead = None
+        self._spare = None   # the last prefetch's buffers, once its rows were taken: the next one reads into them
         self.stats = {"prefetch_read_s": 0.0, "prefetch_wait_s": 0.0, "sync_read_s": 0.0, "write_s": 0.0,
                       "rows": 0, "prefetched_rows_used": 0}
 
     # ------------------------------------------------------------------ prefetch
     def prefetch(self, rows: torch.Tensor | None) -> None:
-        """Start reading ``rows`` (sorted; the next step's candidates) of every field in the background."""
-        self._settle()
-        self._ahead, self._ahead_rows = None, None
+        """Start reading ``rows`` (sorted; the next step's candidates) of every field in the background,
+        into the buffers of the last prefetch where they fit (their pages are mapped already)."""
+        unused = self._settle()
+        spare = self._spare if unused is None else unused
+        self._ahead, self._ahead_rows, self._spare = None, None, None
         if rows is None or rows.numel() == 0:
             return
         self._ahead_rows = rows
 
         def read():
             t0 = time.perf_counter()
-            values = self.store.read(rows)
+            values = self.store.read(rows, into=spare)
             return values, time.perf_counter() - t0
 
         self._future = self._pool.submit(read)
@@ -63,28 +66,34 @@ class ResidentRows:
         self._future, self._ahead = None, values
         return values
 
-    def _take(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every field of ``rows``: from the prefetched rows where there, the rest read now."""
-        ahead = self._settle()
-        out = {name: torch.empty(rows.numel(), f.width, dtype=f.dtype) for name, f in self.store.fields.items()}
-        have = torch.zeros(rows.numel(), dtype=torch.bool)
-        if ahead is not None and self._ahead_rows is not None and self._ahead_rows.numel():
-            pos = torch.searchsorted(self._ahead_rows, rows).clamp_(max=self._ahead_rows.numel() - 1)
-            have = self._ahead_rows[pos] == rows
-            at = have.nonzero().flatten()   # index ops: a boolean-mask copy of [R, D] is several times slower
-            for name, value in ahead.items():
-                if at.numel() == rows.numel():   # every row was read ahead (the rule): one copy
-                    out[name] = value.index_select(0, pos)
-                else:
-                    out[name].index_copy_(0, at, value.index_select(0, pos[at]))
-            self.stats["prefetched_rows_used"] += at.numel()
-        at = (~have).nonzero().flatten()
-        if at.numel():
-            t0 = time.perf_counter()
-            for name, value in self.store.read(rows[at]).items():
-                out[name].index_copy_(0, at, value)
-            self.stats["sync_read_s"] += time.perf_counter() - t0
+    def _take(self, rows: torch.Tensor, into: dict | None = None) -> dict[str, torch.Tensor]:
+        """Every field of ``rows`` (sorted), into the buffers ``into`` where they fit: from the prefetched
+        rows where there (one gather per field), the rest read now. The prefetch's buffers become spare."""
+        ahead, ahead_rows = self._settle(), self._ahead_rows
         self._ahead, self._ahead_rows = None, None
+        if ahead is None or ahead_rows is None or not ahead_rows.numel():
+            t0 = time.perf_counter()
+            out = self.store.read(rows, into=into)
+            self.stats["sync_read_s"] += time.perf_counter() - t0
+            return out
+        pos = torch.searchsorted(ahead_rows, rows).clamp_(max=ahead_rows.numel() - 1)
+        late = (ahead_rows[pos] != rows).nonzero().flatten()   # rows not read ahead (lone positives)
+        out = {}
+        for name, value in ahead.items():
+            buffer = reusable_buffer(into, name, (rows.numel(), value.shape[1]), value.dtype, self.store.pin)
+            # every row gathered, a row not read ahead from a wrong place: replaced below
+            out[name] = torch.index_select(value, 0, pos, out=buffer) if buffer is not None else value.index_select(0, pos)
+        self._spare = ahead
+        self.stats["prefetched_rows_used"] += rows.numel() - late.numel()
+        t0 = time.perf_counter()
+        added = [n for n in self.store.fields if n not in out]   # fields added after the prefetch began
+        if added:
+            out.update(self.store.read(rows, added, into=into))
+        if late.numel():
+            for name, value in self.store.read(rows[late], list(ahead)).items():
+                out[name].index_copy_(0, late, value)
+        if added or late.numel():
+            self.stats["sync_read_s"] += time.perf_counter() - t0
         return out
 
     # ------------------------------------------------------------------ the step's rows
@@ -98,7 +107,8 @@ class ResidentRows:
         union = torch.unique(torch.cat([old, rows])) if keep else rows
         if not (keep and torch.equal(union, old)):
             fresh = union[~torch.isin(union, old)] if keep else union
-            values = self._take(fresh)
+            # without keep the resident buffers are done with (written back): the new rows go into them
+            values = self._take(fresh, None if keep else {"weight": old_data, **self._other})
             device, dtype = old_data.device, old_data.dtype
             if not keep:   # every row is fresh, in order: the rows read are the resident rows
                 data, other = values.pop("weight").to(device=device, dtype=dtype), values
@@ -155,7 +165,7 @@ class ResidentRows:
     def reset(self) -> None:
         """Forget the resident and prefetched rows (the store was rewritten, e.g. by a checkpoint load)."""
         self._settle()
-        self._ahead, self._ahead_rows, self._other = None, None, {}
+        self._ahead, self._ahead_rows, self._other, self._spare = None, None, {}, None
         self.rows = torch.empty(0, dtype=torch.long)
         self.weight.data = self.weight.data.new_empty((0, self.weight.shape[1]))
         self.weight.grad = None
