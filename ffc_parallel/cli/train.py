@@ -16,6 +16,7 @@ from the options. Writes under ``--output-dir``: ``metrics.json``, ``metrics.csv
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import math
@@ -175,6 +176,16 @@ def status_bytes(field: str = "VmHWM") -> int | None:
     except OSError:
         pass
     return None
+
+
+def release_free_heap() -> None:
+    """Hand the memory glibc keeps free back to the system (``malloc_trim``; nothing elsewhere), so that the
+    RSS read next is the live memory: the setup's freed blocks, which training reuses without the RSS
+    growing, moved the RSS before training by 0.13 GB between runs of one command."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc
+        pass
 
 
 def reset_peak_rss() -> bool:
@@ -418,7 +429,9 @@ def train(opts: TrainOptions) -> dict | None:
         before, _ = recipe.evaluate(device)
 
     samples_per_step = opts.batch_size * world * gas
-    setup_peak, rss_before = status_bytes("VmHWM"), status_bytes("VmRSS")
+    setup_peak = status_bytes("VmHWM")
+    release_free_heap()
+    rss_before = status_bytes("VmRSS")
     training_peak_known = reset_peak_rss()
     t_start, window_t, window_steps, train_seconds = time.monotonic(), time.monotonic(), 0, 0.0
     losses = []
