@@ -103,7 +103,8 @@ def test_a_new_store_removes_the_stores_of_killed_processes_and_keeps_live_ones(
 
 def test_scattered_reads_and_writes_equal_a_dense_tensor_through_runs_and_the_mapping(tmp_path, monkeypatch):
     """Rows in runs of adjacent rows (by preadv/pwritev), lone rows (through the mapping) and both in one
-    segment, across segment boundaries and after a snapshot (copy-on-write): the store acts as a dense tensor."""
+    segment, across segment boundaries and after a snapshot (copy-on-write), into new tensors or reused
+    buffers: the store acts as a dense tensor."""
     from ffc_parallel.optim import center_store
     monkeypatch.setattr(center_store, "SEGMENT_BYTES", 2000 * 64 * 2)
     n, seg = 5000, center_store.segment_rows_for(64, torch.bfloat16)
@@ -128,6 +129,10 @@ def test_scattered_reads_and_writes_equal_a_dense_tensor_through_runs_and_the_ma
             dense[k][rows] = new[k]
         store.release()
         assert all(torch.equal(store.read_range(0, n)[k], dense[k]) for k in dense), trial
+        again = store.read(rows, into=got)     # into the last read's buffers: the same tensors, the new rows
+        assert all(again[k].data_ptr() == got[k].data_ptr() and torch.equal(again[k], dense[k][rows]) for k in dense)
+        fewer = store.read(rows[1:], into=got)  # another shape: new tensors, the buffers left alone
+        assert all(fewer[k].data_ptr() != got[k].data_ptr() and torch.equal(got[k], dense[k][rows]) for k in dense)
     from ffc_parallel.optim.center_store import open_snapshot
     frozen = open_snapshot(tmp_path / "snap", snap["layout"])
     assert frozen["weight"].read_range(0, n).shape == (n, 64)
