@@ -205,3 +205,50 @@ def test_partial_fc_adds_only_sampled_rows_into_existing_grad():
     assert (head.weight.grad[untouched] == 7.0).all()
     assert torch.allclose(head.weight.grad[rows], 7.0 + twin.weight.grad[rows], rtol=0, atol=1e-12)
     assert not twin.weight.grad[untouched].any()
+
+
+def test_cpu_logit_cache_arena_is_reused_lent_once_and_changes_no_value():
+    """The head's cache arena: the same losses and gradients as tiles of their own over several steps; one
+    buffer from step to step; a second forward before the first's backward allocates its own tiles; a graph
+    dropped without its backward lends the arena back."""
+    import gc
+
+    def run(head, steps=3):
+        torch.manual_seed(1)
+        x, y = torch.randn(32, 16, requires_grad=True), torch.randint(3000, (32,))
+        out = []
+        for _ in range(steps):
+            head.zero_grad(set_to_none=True)
+            x.grad = None
+            loss = head(x, y)
+            loss.backward()
+            out.append((loss.item(), x.grad.clone(), head.weight.grad.clone()))
+        return out
+
+    torch.manual_seed(0)
+    with_arena = fp.ShardedClassifier(16, 3000, margin="arcface")
+    without = fp.ShardedClassifier(16, 3000, margin="arcface")
+    assert torch.equal(with_arena.weight, without.weight)   # rows drawn from the head's seed
+    without._cache_arena = None
+    a, b = run(with_arena), run(without)
+    assert all(p[0] == q[0] and torch.equal(p[1], q[1]) and torch.equal(p[2], q[2]) for p, q in zip(a, b))
+    arena = with_arena._cache_arena
+    first = arena._buffer
+    assert first is not None and first.numel() > 0 and not arena._lent
+    run(with_arena, 1)
+    assert arena._buffer is first, "the arena was allocated again"
+    x, y = torch.randn(32, 16, requires_grad=True), torch.randint(3000, (32,))
+    l1 = with_arena(x, y)
+    assert arena._lent
+    l2 = with_arena(x * 2, y)             # the arena is lent: this cache's tiles are its own
+    (l1 + l2).backward()
+    ref = x.grad.clone()
+    x.grad = None
+    m1, m2 = without(x, y), without(x * 2, y)
+    (m1 + m2).backward()
+    assert torch.equal(ref, x.grad) and not arena._lent
+    dropped = with_arena(x, y)
+    assert arena._lent
+    del dropped
+    gc.collect()
+    assert not arena._lent, "a graph dropped without its backward kept the arena"

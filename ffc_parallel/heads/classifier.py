@@ -19,6 +19,7 @@ from .soft_targets import SOFT_TARGET_FIELDS, soft_target_fields, soft_target_pr
 from .sampling import NEGATIVE_SAMPLING, negative_candidates, sample_rows
 from .softmax_ce import (DEFAULT_MEMORY_BUDGET_MB, ChunkPlan, ShardedMarginSoftmaxCE, Targets,
                          chunk_cosines, chunk_rows, stats_dtype)
+from .logit_cache import CacheArena
 from .walk import LossOptions, Step
 
 _INIT_BLOCK = 1 << 16  # rows drawn per seeded block: the init of a class never depends on sharding
@@ -174,6 +175,7 @@ class ShardedClassifier(nn.Module):
                                      grad_multiplier=grad_multiplier, store=store)
         self._rows_missing = None  # set when a state_dict without this head's rows was loaded
         self.row_loss = row_loss if row_loss is not None else CrossEntropy()
+        self._cache_arena = CacheArena()   # the CPU logit caches' memory, kept from step to step
         # [num_local] or None: weights of own classes. Not in state_dict: it differs per rank and is
         # recomputed from class counts (losses.configure_reweighting) after a resume.
         self.register_buffer("class_weight", None, persistent=False)
@@ -426,7 +428,7 @@ class ShardedClassifier(nn.Module):
         plan = self._plan(sum(sizes), self.num_local if rows is None else rows.numel())
         record = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         options = LossOptions(self.margin, self.filter_threshold, plan, self.group, self.row_loss, layout,
-                              self.comm_stats, accumulate=training, record=record)
+                              self.comm_stats, accumulate=training, record=record, cache_arena=self._cache_arena)
         return Step(x, rows, targets, options)
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,

@@ -28,6 +28,7 @@ import torch
 
 from ..distributed.collectives import CommTimer, PieceLayout, ReduceScatterPieces, all_gather_pieces
 from .chunking import ChunkPlan, TileTargets, stats_dtype, tiles
+from .logit_cache import CacheArena
 from .margins import CombinedMargin
 from .row_loss import RowLoss
 from .stages import (LN2, LOG2E, center_grad_, embedding_grad_, margin_and_filter_, normalized, scaled_rows_,
@@ -67,6 +68,8 @@ class LossOptions:
         returns (the fp16 overflow check reads it).
     record: whether the caller records a graph for a backward (grad mode on and an input requiring
         grad); without, the forward keeps nothing for one.
+    cache_arena: the head's :class:`~ffc_parallel.heads.logit_cache.CacheArena` for its CPU logit
+        caches (None: each cache allocates its tiles).
     """
 
     margin: CombinedMargin
@@ -78,6 +81,7 @@ class LossOptions:
     comm_stats: dict | None = None
     accumulate: bool = False
     record: bool = True
+    cache_arena: CacheArena | None = None
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,10 @@ from torch.optim.sgd import sgd as _torch_sgd
 
 SUPPORTED = ("sgd", "adam", "adamw")
 _MAX_FUSED_GROUPS = 256  # fused calls per step at most (groups of rows at one step count), else unfused
-# values per block of an in-place step (its fp32 copies of half weights and gradients): on a CPU they stay in
-# cache and no fresh [R, D] buffer faults in; on an accelerator a block bounds them to 2 x 256 MB
-_CPU_BLOCK_ELEMENTS, _ACCELERATOR_BLOCK_ELEMENTS = 1 << 20, 1 << 26
+# values per block of an in-place step (its fp32 copies of half weights and gradients): on a CPU 2 MiB each,
+# reused from the heap (below glibc's mapping threshold, which ffc-train sets to 4 MiB), no fresh buffer
+# faulting in; on an accelerator a block bounds them to 2 x 256 MB
+_CPU_BLOCK_ELEMENTS, _ACCELERATOR_BLOCK_ELEMENTS = 1 << 19, 1 << 26
 
 
 class ShardedCenterOptimizer:
