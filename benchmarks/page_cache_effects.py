@@ -8,6 +8,11 @@
   when the kernel caches the one large write as large folios (Linux 6.x, ext4/XFS).
 * First touch: ``index_select`` of 5e5 sorted rows of ``[5e5, 128]`` bf16 into a new tensor and into one
   that exists (best of 5, one thread): the difference is the page faults of fresh memory.
+* The stored head's two per-step passes at the 1e7 twin's shapes (best of 5): bringing 5e5 prefetched rows
+  into place when 58 of them were not read ahead (two copies into new tensors, as before round 3; one
+  gather into a new tensor; one gather into a mapped one, as ``optim/resident_rows.py`` does now), and the
+  squared norm of a ``[5e5, 128]`` bf16 gradient in blocks of 2^20 values (an fp64 copy of each block, as
+  before; ``vector_norm(dtype=float64)``, as ``optim/centers.center_grad_stats`` does now).
 """
 from __future__ import annotations
 
@@ -56,21 +61,52 @@ def dirtied_after(how: str, path: Path) -> int:
         path.unlink()
 
 
+def _best(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def index_select_seconds(rows: int = 500_000, dim: int = 128) -> dict:
     x = torch.randn(rows, dim).to(torch.bfloat16)
     idx = torch.arange(rows)
     out = torch.empty_like(x)
+    return {"into_new_tensor_s": _best(lambda: x.index_select(0, idx)),
+            "into_existing_tensor_s": _best(lambda: torch.index_select(x, 0, idx, out=out))}
 
-    def best(fn):
-        fn()
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-    return {"into_new_tensor_s": best(lambda: x.index_select(0, idx)),
-            "into_existing_tensor_s": best(lambda: torch.index_select(x, 0, idx, out=out))}
+
+def prefetched_rows_seconds(rows: int = 500_000, dim: int = 128, late: int = 58, shard: int = 5_000_000) -> dict:
+    """Seconds to bring ``rows`` prefetched rows into place, ``late`` of the step's rows not among them."""
+    gen = torch.Generator().manual_seed(0)
+    ahead_rows = torch.randperm(shard, generator=gen)[:rows].sort().values
+    ahead = torch.randn(rows, dim, generator=gen).to(torch.bfloat16)
+    keep = torch.ones(rows, dtype=torch.bool)
+    keep[torch.randperm(rows, generator=gen)[:late]] = False
+    step_rows = torch.cat([ahead_rows[keep], torch.randint(shard, (late,), generator=gen)]).sort().values
+    pos = torch.searchsorted(ahead_rows, step_rows).clamp_(max=rows - 1)
+    at = (ahead_rows[pos] == step_rows).nonzero().flatten()
+    mapped = torch.zeros(rows, dim, dtype=torch.bfloat16)
+
+    def two_copies():
+        torch.empty(rows, dim, dtype=torch.bfloat16).index_copy_(0, at, ahead.index_select(0, pos[at]))
+
+    return {"late_rows": late, "two_copies_into_new_s": _best(two_copies),
+            "one_gather_into_new_s": _best(lambda: ahead.index_select(0, pos)),
+            "one_gather_into_mapped_s": _best(lambda: torch.index_select(ahead, 0, pos, out=mapped))}
+
+
+def grad_norm_seconds(rows: int = 500_000, dim: int = 128, block_values: int = 1 << 20) -> dict:
+    """Seconds (and the sums) of a bf16 gradient's squared norm in blocks: fp64 copies against vector_norm."""
+    g = torch.randn(rows, dim, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    step = block_values // dim
+    blocks = [g[a:a + step] for a in range(0, rows, step)]
+    sums = {"fp64_copy": lambda: sum(float(b.double().pow(2).sum()) for b in blocks),
+            "vector_norm_fp64": lambda: sum(float(torch.linalg.vector_norm(b, dtype=torch.float64).square()) for b in blocks)}
+    return {**{f"{k}_s": _best(f) for k, f in sums.items()}, **{f"{k}_sum": f() for k, f in sums.items()}}
 
 
 def main(argv=None) -> dict:
@@ -84,12 +120,19 @@ def main(argv=None) -> dict:
     out = {"command": "python -m benchmarks.page_cache_effects " + " ".join(argv if argv is not None else []),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
            "bytes_written_by_the_writes": WRITES * WRITE_BYTES, "bytes_dirtied_after_first_write": dirtied,
-           "index_select": index_select_seconds()}
+           "index_select": index_select_seconds(), "prefetched_rows": prefetched_rows_seconds(),
+           "grad_norm": grad_norm_seconds()}
     for how, n in dirtied.items():
         print(f"first written {how:14s}: {WRITES} x 64 KiB writes dirtied {n / 1e6:.1f} MB")
     s = out["index_select"]
     print(f"index_select [5e5, 128] bf16: {s['into_new_tensor_s'] * 1e3:.1f} ms into a new tensor, "
           f"{s['into_existing_tensor_s'] * 1e3:.1f} ms into an existing one")
+    r, g = out["prefetched_rows"], out["grad_norm"]
+    print(f"prefetched rows into place ({r['late_rows']} late): two copies {r['two_copies_into_new_s'] * 1e3:.1f} ms, "
+          f"one gather into a new tensor {r['one_gather_into_new_s'] * 1e3:.1f} ms, into a mapped one "
+          f"{r['one_gather_into_mapped_s'] * 1e3:.1f} ms")
+    print(f"gradient norm: fp64 copies {g['fp64_copy_s'] * 1e3:.1f} ms, vector_norm {g['vector_norm_fp64_s'] * 1e3:.1f} ms "
+          f"(sums {g['fp64_copy_sum']:.10g} and {g['vector_norm_fp64_sum']:.10g})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     return out

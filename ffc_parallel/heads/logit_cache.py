@@ -46,7 +46,7 @@ class CacheArena:
             return None
         b = self._buffer
         if b is None or b.numel() < elements or b.dtype != dtype or b.device != torch.device(device):
-            self._buffer = b = None   # the old one goes before the new one is made
+            self._buffer = None   # the old one goes before the new one is made
             self._buffer = b = torch.empty(elements, dtype=dtype, device=device)
         self._lent = True
         return b

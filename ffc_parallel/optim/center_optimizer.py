@@ -32,8 +32,8 @@ from torch.optim.sgd import sgd as _torch_sgd
 SUPPORTED = ("sgd", "adam", "adamw")
 _MAX_FUSED_GROUPS = 256  # fused calls per step at most (groups of rows at one step count), else unfused
 # values per block of an in-place step (its fp32 copies of half weights and gradients): on a CPU 2 MiB each,
-# reused from the heap (below glibc's mapping threshold, which ffc-train sets to 4 MiB), no fresh buffer
-# faulting in; on an accelerator a block bounds them to 2 x 256 MB
+# small enough to be reused from the heap, so no fresh [R, D] buffer faults in (4 MiB blocks ran as fast);
+# on an accelerator a block bounds them to 2 x 256 MB
 _CPU_BLOCK_ELEMENTS, _ACCELERATOR_BLOCK_ELEMENTS = 1 << 19, 1 << 26
 
 

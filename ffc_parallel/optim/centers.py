@@ -36,7 +36,7 @@ from .center_store import CenterStore
 from .resident_rows import ResidentRows
 
 
-_STATS_ELEMENTS = 1 << 20   # gradient values per pass of center_grad_stats (a 2 MB gather of half rows at most)
+_STATS_ELEMENTS = 1 << 20   # gradient values per pass of center_grad_stats (the most one gather of rows copies)
 
 
 def center_grad_stats(grad: torch.Tensor | None, rows: torch.Tensor | None, group=None) -> tuple[bool, float]:

@@ -82,7 +82,7 @@ class ResidentRows:
         for name, value in ahead.items():
             buffer = reusable_buffer(into, name, (rows.numel(), value.shape[1]), value.dtype, self.store.pin)
             # every row gathered, a row not read ahead from a wrong place: replaced below
-            out[name] = torch.index_select(value, 0, pos, out=buffer) if buffer is not None else value.index_select(0, pos)
+            out[name] = value.index_select(0, pos) if buffer is None else torch.index_select(value, 0, pos, out=buffer)
         self._spare = ahead
         self.stats["prefetched_rows_used"] += rows.numel() - late.numel()
         t0 = time.perf_counter()
