@@ -8,7 +8,10 @@ RSS (``/proc/self/statm``) every 5 ms. Rank 0 writes to ``--heap-out``: at its R
 (``metrics.json`` ``rss_before_training_bytes``, read after ``malloc_trim``) and at the training's peaks
 (until ``metrics.csv`` was last written: the evaluation after training is left out),
 ``live`` (bytes malloc handed out and not freed: ``uordblks + hblkhd``), ``free_held`` (free bytes in
-its arenas: ``fordblks``) and ``rss``; and the growths the planner is compared with. The sampler is not
+its arenas: ``fordblks``), ``rss`` and ``file_rss`` (its file-backed and shared pages: statm's third
+field); the growths the planner is compared with, and the RSS growth split into those parts and
+``other`` (anonymous memory outside malloc: Python's object arenas, thread stacks; less free memory
+glibc gave back with ``madvise``). The sampler is not
 part of the library: it runs here only.
 """
 from __future__ import annotations
@@ -31,18 +34,21 @@ class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in FIELDS]
 
 
-def _rss() -> int:
+def _rss() -> tuple[int, int]:
+    """``(resident, resident and file-backed or shared)`` bytes of this process (``/proc/self/statm``)."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fields = f.read().split()
+    page = os.sysconf("SC_PAGE_SIZE")
+    return int(fields[1]) * page, int(fields[2]) * page
 
 
 def _sampler(samples: list, stop: threading.Event) -> None:
-    """Append ``(time, live, free_held, rss)`` every ``PERIOD_S`` until ``stop``."""
+    """Append ``(time, live, free_held, rss, file_rss)`` every ``PERIOD_S`` until ``stop``."""
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = _MallInfo2
     while not stop.is_set():
         m = libc.mallinfo2()
-        samples.append((time.time(), m.uordblks + m.hblkhd, m.fordblks, _rss()))
+        samples.append((time.time(), m.uordblks + m.hblkhd, m.fordblks, *_rss()))
         time.sleep(PERIOD_S)
 
 
@@ -57,11 +63,18 @@ def summarize(samples: list, rss_before: int, training_end: float) -> dict:
     at_rss, at_live = max(training, key=lambda s: s[3]), max(training, key=lambda s: s[1])
 
     def point(s):
-        return {"live": s[1], "free_held": s[2], "rss": s[3]}
+        return {"live": s[1], "free_held": s[2], "rss": s[3], "file_rss": s[4]}
+
+    def growth(field):
+        return point(at_rss)[field] - point(before)[field]
 
     return {"before_training": point(before), "at_rss_peak": point(at_rss), "at_live_peak": point(at_live),
-            "rss_growth": at_rss[3] - before[3], "live_growth": at_live[1] - before[1],
-            "free_held_at_rss_peak": at_rss[2], "samples": len(samples), "period_s": PERIOD_S}
+            "rss_growth": growth("rss"), "live_growth": at_live[1] - before[1],
+            "free_held_at_rss_peak": at_rss[2],
+            "rss_growth_parts": {"live": growth("live"), "free_held": growth("free_held"),
+                                 "file_rss": growth("file_rss"),
+                                 "other": growth("rss") - growth("live") - growth("free_held") - growth("file_rss")},
+            "samples": len(samples), "period_s": PERIOD_S}
 
 
 def _write(samples: list, argv: list, out: Path) -> None:

@@ -252,3 +252,60 @@ def test_cpu_logit_cache_arena_is_reused_lent_once_and_changes_no_value():
     del dropped
     gc.collect()
     assert not arena._lent, "a graph dropped without its backward kept the arena"
+
+
+def test_half_tile_buffers_give_the_arithmetic_of_fresh_tensors():
+    """bf16 centers: the norms through a stats-dtype tile, the product through a bf16 tile and the radial
+    sum through an fp32 tile equal, bit for bit, what ``vector_norm(dtype=)``, a fresh ``mm`` and
+    ``sum(dtype=)`` give."""
+    from ffc_parallel.heads.stages import center_grad_, scaled_rows_, tile_logits_
+    torch.manual_seed(0)
+    w, xn = torch.randn(300, 64).bfloat16(), torch.randn(40, 64).bfloat16()
+    h = torch.randn(300, 64).bfloat16()
+    scales, vs = [], []
+    for wide in (None, torch.full((512, 64), float("nan"))):
+        scale, out = torch.empty(300), torch.empty(300, 64, dtype=torch.bfloat16)
+        vs.append(scaled_rows_(w, None, 0, 300, scale, out, True, 30.0, wide).clone())
+        scales.append(scale)
+    assert torch.equal(scales[0], scales[1]) and torch.equal(vs[0], vs[1])
+    logits = [torch.empty(40, 300), torch.empty(40, 300)]
+    tile_logits_(logits[0], xn, vs[0])
+    tile_logits_(logits[1], xn, vs[0], torch.full((40, 300), float("nan"), dtype=torch.bfloat16))
+    assert torch.equal(*logits)
+    grads = [center_grad_(h.clone(), vs[0], scales[0], 30.0, torch.empty(300, 64, dtype=torch.bfloat16), wide)
+             for wide in (None, torch.full((300, 64), float("nan")))]
+    assert torch.equal(*grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_released_center_gradient_is_written_again_and_leaks_nothing(dtype):
+    """A CPU head's gradient released by the centers' step (``CenterTrainer.drop``) becomes the next
+    backward's gradient buffer: the same storage, and the same gradients as a head that allocates a new
+    one, though the released buffer is filled with NaN in between."""
+    def run(head, reuse, steps=3):
+        torch.manual_seed(1)
+        out = []
+        for _ in range(steps):
+            x, y = torch.randn(32, 16, dtype=dtype, requires_grad=True), torch.randint(500, (32,))
+            loss = head(x, y)
+            loss.backward()
+            grad = head.weight.grad
+            out.append((loss.item(), x.grad.clone(), grad.clone(), grad.data_ptr()))
+            head.centers.drop()                          # what the step does once the rows are updated
+            assert head.weight.grad is None
+            spare = head.centers._spare_grad
+            assert spare is grad
+            spare.fill_(float("nan"))
+            if not reuse:
+                head.centers.take_spare_grad()
+        return out
+
+    torch.manual_seed(0)
+    heads = [fp.ShardedClassifier(16, 500, margin="arcface", dtype=dtype) for _ in range(2)]
+    a, b = run(heads[0], True), run(heads[1], False)
+    assert all(p[0] == q[0] and torch.equal(p[1], q[1]) and torch.equal(p[2], q[2]) for p, q in zip(a, b))
+    assert len({p[3] for p in a}) == 1, "the released gradient was not written again"
+    heads[0].eval()
+    with torch.no_grad():
+        heads[0](torch.randn(4, 16, dtype=dtype), torch.randint(500, (4,)))
+    assert heads[0].centers._spare_grad is None, "an evaluation forward kept the released gradient"

@@ -50,20 +50,33 @@ def borrowed_columns(batch: int, num_cols: int, dim: int, tile: int) -> int:
     return num_cols
 
 
+def gradient_buffer(weight, zero: bool, spare=None) -> torch.Tensor:
+    """A contiguous buffer shaped like ``weight`` (zeroed when ``zero``): a view of ``spare`` when that has
+    room (same dtype and device), else a new one."""
+    if spare is not None and spare.dtype == weight.dtype and spare.device == weight.device \
+            and spare.is_contiguous() and spare.numel() >= weight.numel():
+        grad = spare.view(-1)[: weight.numel()].view(weight.shape)
+        return grad.zero_() if zero else grad
+    return torch.zeros_like(weight, memory_format=torch.contiguous_format) if zero \
+        else torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
 class BorrowedGradient:
-    """The center gradient's buffer ``[num_cols, D]`` (``empty_like(weight)``, not yet written), lent
+    """The center gradient's buffer ``[num_cols, D]`` (new, or a released one: not yet written), lent
     to the logit cache from the forward until the backward makes it the gradient."""
 
-    def __init__(self, weight: torch.Tensor):
-        self._buffer = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    def __init__(self, weight: torch.Tensor, spare: torch.Tensor | None = None):
+        self._buffer = gradient_buffer(weight, False, spare)
         self._flat, self._dim, self._end, self._offsets = self._buffer.view(-1), weight.shape[1], 0, {}
 
     @classmethod
-    def for_call(cls, weight: torch.Tensor, direct: bool, sdt: torch.dtype) -> "BorrowedGradient | None":
+    def for_call(cls, weight: torch.Tensor, direct: bool, sdt: torch.dtype,
+                 spare: torch.Tensor | None = None) -> "BorrowedGradient | None":
         """The buffer to lend in a forward that caches for ``weight``'s gradient, where
-        :func:`borrows_gradient` allows it (``direct``: one piece over all classes), else None."""
+        :func:`borrows_gradient` allows it (``direct``: one piece over all classes), else None; a view of
+        ``spare`` (a released gradient) when that has room."""
         if borrows_gradient(weight.device.type, direct, weight.grad is not None, weight.dtype == sdt):
-            return cls(weight)
+            return cls(weight, spare)
         return None
 
     def place(self, rows: int, start: int, stop: int) -> torch.Tensor | None:

@@ -427,8 +427,10 @@ class ShardedClassifier(nn.Module):
         targets = Targets(cols, q, self.label_weight_part(classes[:, 0], cols[:, 0]))
         plan = self._plan(sum(sizes), self.num_local if rows is None else rows.numel())
         record = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        spare = self.centers.take_spare_grad()   # dropped by a forward that writes no center gradient
         options = LossOptions(self.margin, self.filter_threshold, plan, self.group, self.row_loss, layout,
-                              self.comm_stats, accumulate=training, record=record, cache_arena=self._cache_arena)
+                              self.comm_stats, accumulate=training, record=record, cache_arena=self._cache_arena,
+                              grad_buffer=spare if training and record and self.weight.requires_grad else None)
         return Step(x, rows, targets, options)
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,

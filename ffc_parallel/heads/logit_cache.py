@@ -82,7 +82,8 @@ class LogitCache:
         sbytes = torch.finfo(walk.sdt).bits // 8
         capacity = walk.options.plan.cache_bytes(walk.batch, walk.num_cols, weight.shape[1], weight.element_size(),
                                                  sbytes, walk.width, walk.direct) // sbytes
-        borrow = BorrowedGradient.for_call(weight, walk.direct, walk.sdt) if wants_weight_grad else None
+        borrow = BorrowedGradient.for_call(weight, walk.direct, walk.sdt, walk.options.grad_buffer) \
+            if wants_weight_grad else None
         arena = walk.options.cache_arena if weight.device.type == "cpu" else None
         return cls(capacity, walk.sdt, weight.device, borrow, arena)
 

@@ -27,25 +27,32 @@ def normalized(x: torch.Tensor):
     return x / norms, norms
 
 
-def scaled_rows_(weight, rows, start, stop, scale, out, fresh, sigma):
+def scaled_rows_(weight, rows, start, stop, scale, out, fresh, sigma, wide=None):
     """``v[k, D] = scale * w_c`` written into ``out[:k]`` (rows ``start:stop`` of ``weight``, or of
-    ``weight[rows]``). With ``fresh``, first sets ``scale[start:stop] = sigma / |w_c|``."""
+    ``weight[rows]``). With ``fresh``, first sets ``scale[start:stop] = sigma / |w_c|``, the norms
+    taken in the stats dtype: through ``wide`` (a ``[>= k, D]`` buffer of it) when given, which is
+    what ``vector_norm(dtype=)`` would allocate for half rows."""
     v = out[: stop - start]
     src = weight[start:stop] if rows is None else torch.index_select(weight, 0, rows[start:stop], out=v)
     a = scale[start:stop]
     if fresh:
-        torch.linalg.vector_norm(src, dim=1, dtype=a.dtype, out=a)
+        if wide is not None and src.dtype != a.dtype:
+            src_wide = wide[: stop - start].copy_(src)
+            torch.linalg.vector_norm(src_wide, dim=1, out=a)
+        else:
+            torch.linalg.vector_norm(src, dim=1, dtype=a.dtype, out=a)
         a.clamp_min_(1e-12).reciprocal_().mul_(sigma)
     torch.mul(src, a.unsqueeze(1).to(src.dtype), out=v)
     return v
 
 
-def tile_logits_(out, xn, v):
-    """``out[n, k] = xn[n, D] @ v[k, D].T``: the tile's base-2 logits (``out`` in the stats dtype)."""
+def tile_logits_(out, xn, v, narrow=None):
+    """``out[n, k] = xn[n, D] @ v[k, D].T``: the tile's base-2 logits (``out`` in the stats dtype; for
+    half ``xn`` the product goes through ``narrow``, an ``[n, k]`` buffer of ``xn``'s dtype, when given)."""
     if out.dtype == xn.dtype:
         torch.mm(xn, v.t(), out=out)
     else:
-        out.copy_(torch.mm(xn, v.t()))
+        out.copy_(torch.mm(xn, v.t()) if narrow is None else torch.mm(xn, v.t(), out=narrow))
 
 
 def margin_and_filter_(z, hit, margin: CombinedMargin, filter_threshold):
@@ -149,12 +156,17 @@ def margin_grad_(grad, hit, label_cos, margin: CombinedMargin, mask):
     return grad
 
 
-def center_grad_(h, v, scale, s, tmp):
+def center_grad_(h, v, scale, s, tmp, wide=None):
     """Center gradient through the normalisation, in place: ``h[k, D] = G^T xn`` (``d loss / d v``
     up to the factor ln 2) becomes ``d loss / d w_c = (s / |w|) (h - v (v . h) / sigma^2)``, with
-    ``v = sigma w / |w|`` and ``scale[k] = sigma / |w|``; ``tmp`` is a ``[>= k, D]`` buffer."""
+    ``v = sigma w / |w|`` and ``scale[k] = sigma / |w|``; ``tmp`` is a ``[>= k, D]`` buffer of ``h``'s
+    dtype, ``wide`` (optional) one of the stats dtype that half ``h * v`` is summed in."""
     sigma = s * LOG2E
-    radial = torch.mul(h, v, out=tmp[: h.shape[0]]).sum(dim=1, dtype=scale.dtype)
+    k = h.shape[0]
+    prod = torch.mul(h, v, out=tmp[:k])
+    if wide is not None and prod.dtype != scale.dtype:
+        prod = wide[:k].copy_(prod)
+    radial = prod.sum(dim=1, dtype=scale.dtype)
     a = scale * LN2                                                 # s / |w|
     h.mul_(a.unsqueeze(1).to(h.dtype))
     h.addcmul_(v, radial.mul_(a).div_(sigma * sigma).unsqueeze(1).to(h.dtype), value=-1.0)

@@ -28,6 +28,7 @@ import torch
 
 from ..distributed.collectives import CommTimer, PieceLayout, ReduceScatterPieces, all_gather_pieces
 from .chunking import ChunkPlan, TileTargets, stats_dtype, tiles
+from .borrowed_grad import gradient_buffer
 from .logit_cache import CacheArena
 from .margins import CombinedMargin
 from .row_loss import RowLoss
@@ -70,6 +71,8 @@ class LossOptions:
         grad); without, the forward keeps nothing for one.
     cache_arena: the head's :class:`~ffc_parallel.heads.logit_cache.CacheArena` for its CPU logit
         caches (None: each cache allocates its tiles).
+    grad_buffer: a released center gradient of an earlier step (``CenterTrainer.take_spare_grad``) that
+        a new ``weight.grad`` may be a view of when it is large enough (None: a new buffer).
     """
 
     margin: CombinedMargin
@@ -82,6 +85,7 @@ class LossOptions:
     accumulate: bool = False
     record: bool = True
     cache_arena: CacheArena | None = None
+    grad_buffer: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,11 @@ class TileWalk:
         # 0..n-1: a stored head's resident rows), with no index_add_ into a zeroed gradient
         self.writes_once = (rows is None or rows.numel() == weight.shape[0]) and one_piece
         self.v_buf = weight.new_empty((min(self.width, self.num_cols), weight.shape[1]))
+        # half centers: their norms (forward) go through a stats-dtype tile, the backward's d loss / d
+        # logit through a tile of the centers' dtype, both kept over the tiles
+        half = weight.dtype != self.sdt
+        self.wide_buf = torch.empty(self.v_buf.shape, dtype=self.sdt, device=xn.device) if half and forward else None
+        self._narrow = torch.empty(0, dtype=xn.dtype, device=xn.device)
         self._work = torch.empty(0, dtype=self.sdt, device=xn.device)
         self.timer, self._scatter, self._grad_x, self._want_x = CommTimer(), None, None, False
 
@@ -189,7 +198,7 @@ class TileWalk:
         """Yield the piece's tiles in order; the forward's first piece also sets their scales."""
         sigma, fresh = self.options.margin.s * LOG2E, self.forward and piece.number == 0
         for index, (start, stop) in enumerate(self.spans):
-            v = scaled_rows_(self.weight, self.rows, start, stop, self.scale, self.v_buf, fresh, sigma)
+            v = scaled_rows_(self.weight, self.rows, start, stop, self.scale, self.v_buf, fresh, sigma, self.wide_buf)
             yield Tile(index, start, stop, v, piece.targets.tile(index, start))
 
     def work(self, piece: Piece, tile: Tile) -> torch.Tensor:
@@ -202,24 +211,35 @@ class TileWalk:
     def logits(self, out, piece: Piece, tile: Tile):
         """The tile's base-2 logits into ``out[n, k]`` with the margin and the filter: ``(label_cos,
         mask)`` of :func:`~ffc_parallel.heads.stages.margin_and_filter_`."""
-        tile_logits_(out, piece.xn, tile.v)
+        tile_logits_(out, piece.xn, tile.v, None if out.dtype == piece.xn.dtype else self._narrow_tile(out))
         return margin_and_filter_(out, tile.hit, self.options.margin, self.options.filter_threshold)
 
     def center_gradient(self, borrow=None) -> "CenterGradient":
         """The writer of this backward's center gradient (``borrow``: the buffer the cache borrowed)."""
         return CenterGradient(self.weight, self.rows, self.scale, self.options.margin.s, self.width, self.writes_once,
-                              self.weight if self.options.accumulate else None, borrow)
+                              self.weight if self.options.accumulate else None, borrow, self.options.grad_buffer)
 
     def add_grads(self, piece: Piece, tile: Tile, grad, center: "CenterGradient | None") -> None:
         """Add the tile's ``grad[n, k] = d loss / d logit`` into ``d xn`` (``ln2 G v``: ``logit = ln2 *
         xn . v``) and into the center gradient (``center``, None when not wanted)."""
-        g = grad if grad.dtype == self.xn.dtype else grad.to(self.xn.dtype)
+        g = grad if grad.dtype == self.xn.dtype else self._cast_tile(grad)
         if piece.grad_xn is not None and g.dtype == self.sdt:
             piece.grad_xn.addmm_(g, tile.v, alpha=LN2)
         elif piece.grad_xn is not None:
             piece.grad_xn.add_(torch.mm(g, tile.v), alpha=LN2)
         if center is not None:
             center.add(tile, g, piece.xn)
+
+    def _narrow_tile(self, like):
+        """An ``[n, k]`` buffer shaped like ``like`` in the embeddings' dtype, kept over the call's tiles."""
+        n, k = like.shape
+        if self._narrow.numel() < n * k:
+            self._narrow = torch.empty(n * self.width, dtype=self.xn.dtype, device=self.xn.device)
+        return self._narrow[: n * k].view(n, k)
+
+    def _cast_tile(self, grad):
+        """``grad[n, k]`` in the embeddings' dtype, in the buffer of :meth:`_narrow_tile`."""
+        return self._narrow_tile(grad).copy_(grad)
 
     def send_embedding_grad(self, piece: Piece) -> None:
         """The piece's ``d loss / d x`` through the normalisation, reduce-scattered (summed over ranks)
@@ -250,10 +270,11 @@ class CenterGradient:
     buffer of its own becomes it; without, it is returned through autograd. With one pass over all
     classes, or over every row of the weight (``direct``), each tile's rows are written once, in place,
     into a buffer never zero-filled; otherwise tiles (or ``rows``) are added. ``borrow``: the buffer the
-    logit cache borrowed (``borrowed_grad.py``), which becomes the gradient.
+    logit cache borrowed (``borrowed_grad.py``), which becomes the gradient. ``spare``: a released
+    gradient buffer a new one may be a view of (with ``param`` only: autograd would copy it).
     """
 
-    def __init__(self, weight, rows, scale, s, width, direct, param, borrow):
+    def __init__(self, weight, rows, scale, s, width, direct, param, borrow, spare=None):
         self.rows, self.scale, self.s, self.param, self.direct = rows, scale, s, param, direct
         self.every_row = rows is not None and rows.numel() == weight.shape[0]   # sorted unique: 0..n-1
         buffer = borrow.hand_over() if borrow is not None else None
@@ -261,20 +282,22 @@ class CenterGradient:
         if param is not None and param.grad is not None and buffer is None:
             self.grad, self.direct = param.grad, False              # add into the gradient there is
         elif param is not None and rows is not None and not direct:  # Partial FC: rows into a zero gradient
-            param.grad = self.grad = torch.zeros_like(param)
+            param.grad = self.grad = gradient_buffer(param, True, spare)
         elif buffer is not None:
             self.grad = buffer                                       # holds cache entries until they are used
         else:
-            self.grad = torch.empty_like(weight) if direct else torch.zeros_like(weight)
+            self.grad = gradient_buffer(weight, not direct, spare if param is not None else None)
         width = min(width, scale.numel())
         self.tmp, self.h_buf = weight.new_empty((width, weight.shape[1])), weight.new_empty((width, weight.shape[1]))
+        self.wide = torch.empty((width, weight.shape[1]), dtype=scale.dtype, device=weight.device) \
+            if weight.dtype != scale.dtype else None
 
     def add(self, tile: Tile, g, xn_p) -> None:
         """The tile's center gradient from ``g[n, k] = d loss / d logit`` and ``xn_p[n, D]``."""
         start, stop = tile.start, tile.stop
         overlapped = self.borrow is not None and self.borrow.overlaps(start, stop)   # by its own cache entry
         h = self.grad[start:stop] if self.direct and not overlapped else self.h_buf[: stop - start]
-        center_grad_(torch.mm(g.t(), xn_p, out=h), tile.v, self.scale[start:stop], self.s, self.tmp)
+        center_grad_(torch.mm(g.t(), xn_p, out=h), tile.v, self.scale[start:stop], self.s, self.tmp, self.wide)
         if self.rows is not None and not self.every_row:
             self.grad.index_add_(0, self.rows[start:stop], h)
         elif overlapped:

@@ -31,9 +31,9 @@ from torch.optim.sgd import sgd as _torch_sgd
 
 SUPPORTED = ("sgd", "adam", "adamw")
 _MAX_FUSED_GROUPS = 256  # fused calls per step at most (groups of rows at one step count), else unfused
-# values per block of an in-place step (its fp32 copies of half weights and gradients): on a CPU 2 MiB each,
-# small enough to be reused from the heap, so no fresh [R, D] buffer faults in (4 MiB blocks ran as fast);
-# on an accelerator a block bounds them to 2 x 256 MB
+# values per block of an in-place step (its fp32 copies of half weights and gradients, two buffers made once
+# per step and reused block to block): on a CPU 2 MiB each, so no [R, D] fp32 copy faults in (4 MiB blocks
+# ran as fast); on an accelerator a block bounds them to 2 x 256 MB
 _CPU_BLOCK_ELEMENTS, _ACCELERATOR_BLOCK_ELEMENTS = 1 << 19, 1 << 26
 
 
@@ -141,10 +141,15 @@ class ShardedCenterOptimizer:
             n = self.weight.shape[0]
             per_block = _CPU_BLOCK_ELEMENTS if self.weight.device.type == "cpu" else _ACCELERATOR_BLOCK_ELEMENTS
             block = max(1, per_block // max(1, self.weight.shape[1]))
+            # fp32 working copies of half rows and gradients: two block buffers, reused block to block
+            shape = (min(block, n), self.weight.shape[1])
+            p_buf = self.weight.new_empty(shape, dtype=sdt) if master is None and self.weight.dtype != sdt else None
+            g_buf = grad.new_empty(shape, dtype=sdt) if grad.dtype != sdt else None
             for a in range(0, n, block):
                 w = self.weight.data[a:a + block]
-                p = master[a:a + block] if master is not None else w.to(sdt)
-                g = grad[a:a + block].to(sdt)   # the gradient itself when fp32: may be overwritten
+                p = master[a:a + block] if master is not None else w if p_buf is None else p_buf[: w.shape[0]].copy_(w)
+                g = grad[a:a + block]   # the gradient itself when fp32: may be overwritten
+                g = g if g_buf is None else g_buf[: g.shape[0]].copy_(g)
                 if grad_scale != 1.0:
                     g.mul_(grad_scale)
                 self._fused_kernel(p, g, {k: v[a:a + block] for k, v in state.items()}, int(low))

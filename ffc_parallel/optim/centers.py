@@ -42,15 +42,20 @@ _STATS_ELEMENTS = 1 << 20   # gradient values per pass of center_grad_stats (the
 def center_grad_stats(grad: torch.Tensor | None, rows: torch.Tensor | None, group=None) -> tuple[bool, float]:
     """``(any rank non-finite, global squared norm)`` of the center gradients ``[num_local, D]``
     restricted to ``rows`` (None = all), agreed over ``group`` with one all-reduce of 2 numbers. Summed
-    in fp64 a block of rows at a time, each block's norm accumulated in fp64 by ``vector_norm`` (an fp64
-    copy of a half-precision ``[R, D]`` gradient is 4x its size: at 5e5 rows of D 128, 1 GB)."""
+    in fp64 a block of rows at a time, each block copied into one fp64 buffer (an fp64 copy of a
+    half-precision ``[R, D]`` gradient is 4x its size: at 5e5 rows of D 128, 1 GB; ``vector_norm(dtype=)``
+    would make a new fp64 copy of every block)."""
     stats = torch.zeros(2, dtype=torch.float64, device=grad.device if grad is not None else "cpu")
     if grad is not None:
         sq = torch.zeros((), dtype=torch.float64, device=grad.device)
         step = max(1, _STATS_ELEMENTS // max(1, grad.shape[-1]))
-        for lo in range(0, grad.shape[0] if rows is None else rows.numel(), step):
+        count = grad.shape[0] if rows is None else rows.numel()
+        wide = None if grad.dtype == torch.float64 else \
+            torch.empty((min(step, count), grad.shape[-1]), dtype=torch.float64, device=grad.device)
+        for lo in range(0, count, step):
             part = grad[lo:lo + step] if rows is None else grad.index_select(0, rows[lo:lo + step])
-            sq += torch.linalg.vector_norm(part, dtype=torch.float64).square()   # no fp64 copy of the part
+            part = part if wide is None else wide[: part.shape[0]].copy_(part)
+            sq += torch.linalg.vector_norm(part).square()
         stats[0] = float(not torch.isfinite(sq))
         stats[1] = sq if torch.isfinite(sq) else 0.0
     if dist.is_initialized() and dist.get_world_size(group) > 1:
@@ -92,6 +97,7 @@ class CenterTrainer:
         self._window = None          # engine step count when the pending gradient began
         self._loss_scale = 1.0
         self._warned_clipping = False
+        self._spare_grad: torch.Tensor | None = None   # a released CPU gradient buffer (take_spare_grad)
         self._module = weakref.ref(module)
         bridge.watch(module)
 
@@ -252,13 +258,24 @@ class CenterTrainer:
         self.drop()
 
     def drop(self) -> None:
-        """Forget the pending gradient: zero the rows Partial FC wrote (O(rows)), or release the buffer."""
+        """Forget the pending gradient: zero the rows Partial FC wrote (O(rows)), or release the buffer
+        (``weight.grad`` becomes None; on a CPU the buffer is kept for :meth:`take_spare_grad`)."""
         rows, grad = self.pending_rows(), self.weight.grad
         if grad is not None and rows is not None and self.resident is None:
             grad.index_fill_(0, rows, 0.0)
         else:
             self.weight.grad = None
+            if grad is not None and grad.device.type == "cpu":
+                self._spare_grad = grad
         self._rows, self._all_rows, self._pending, self._window = None, False, False, None
+
+    def take_spare_grad(self) -> torch.Tensor | None:
+        """The CPU gradient buffer the last :meth:`drop` released (once; None afterwards), for the next
+        backward to write its gradient into: a fresh buffer of ``[R, D]`` would fault its pages in again
+        (the kernel unmaps a freed large block), about 40 ms per step for 128 MB. Its old values are
+        garbage: code that kept a reference to a dropped ``weight.grad`` sees it overwritten."""
+        spare, self._spare_grad = self._spare_grad, None
+        return spare
 
     # ------------------------------------------------------------------ device moves
     def move_to(self, device: torch.device) -> None:
