@@ -4,8 +4,8 @@ memory glibc keeps (the planner's ``peak_host_bytes`` counts live tensors only).
     OMP_NUM_THREADS=1 deepspeed --num_gpus 2 benchmarks/heap_sampler.py --heap-out OUT.json <ffc-train options>
 
 Every rank runs ``ffc_parallel.cli.train`` with a thread that reads ``mallinfo2()`` (glibc 2.33+) and the
-RSS (``/proc/self/statm``) every 5 ms. Rank 0 writes to ``--heap-out``: at its RSS before training
-(``metrics.json`` ``rss_before_training_bytes``, read after ``malloc_trim``) and at the training's peaks
+RSS (``/proc/self/statm``) every 5 ms. Rank 0 writes to ``--heap-out``: just before training
+(``metrics.json`` ``training_started_unix_s``, when the RSS before training was read after ``malloc_trim``) and at the training's peaks
 (until ``metrics.csv`` was last written: the evaluation after training is left out),
 ``live`` (bytes malloc handed out and not freed: ``uordblks + hblkhd``), ``free_held`` (free bytes in
 its arenas: ``fordblks``), ``rss`` and ``file_rss`` (its file-backed and shared pages: statm's third
@@ -52,14 +52,17 @@ def _sampler(samples: list, stop: threading.Event) -> None:
         time.sleep(PERIOD_S)
 
 
-def summarize(samples: list, rss_before: int, training_end: float) -> dict:
-    """The samples at the RSS before training and at the training's RSS and live peaks (bytes); the
-    training ends at ``training_end`` (the time its last log line was written: evaluation comes after)."""
-    start = next((i for i, s in enumerate(samples) if s[3] > rss_before + (100 << 20)), None)
-    if start is None:
-        raise SystemExit("heap_sampler: the RSS never rose 100 MiB over its value before training")
-    before = min(samples[:start], key=lambda s: abs(s[3] - rss_before))
-    training = [s for s in samples[start:] if s[0] <= training_end]
+def summarize(samples: list, training_start: float, training_end: float) -> dict:
+    """The last sample before training (``training_start``: when ffc-train read its RSS before training,
+    after ``malloc_trim``) and the samples at the training's RSS and live peaks (bytes), up to
+    ``training_end`` (the time its last log line was written: evaluation comes after). A baseline picked
+    by its RSS alone can fall inside the setup, where a block just allocated counts as live before its
+    pages are written."""
+    before = [s for s in samples if s[0] <= training_start]
+    training = [s for s in samples if training_start < s[0] <= training_end]
+    if not before or not training:
+        raise SystemExit("heap_sampler: no sample before the training's start or none during training")
+    before = before[-1]
     at_rss, at_live = max(training, key=lambda s: s[3]), max(training, key=lambda s: s[1])
 
     def point(s):
@@ -87,7 +90,7 @@ def _write(samples: list, argv: list, out: Path) -> None:
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "libc": platform.libc_ver()},
               "rss_before_training_bytes": metrics["rss_before_training_bytes"],
               "peak_rss_training_bytes": metrics["peak_rss_training_bytes"],
-              **summarize(list(samples), metrics["rss_before_training_bytes"], (run_dir / "metrics.csv").stat().st_mtime)}
+              **summarize(list(samples), metrics["training_started_unix_s"], (run_dir / "metrics.csv").stat().st_mtime)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"heap_sampler: RSS growth {result['rss_growth'] / 1e9:.3f} GB, live growth {result['live_growth'] / 1e9:.3f} GB, "

@@ -315,6 +315,7 @@ def memory_items(cfg: HeadConfig) -> tuple[dict, dict, Layout, int]:
     tile = min(layout.tile, cols)
     work = work_bytes(big_b, cols, d, e, stats, tile, direct)
     weights_work = (2 + (not direct)) * tile * d * e
+    half_tile = tile * d * stats if e < stats else 0   # half rows: their norms and radial sums in the stats dtype
     device = {
         "centers": rows_on_device * d * e,
         "center_grads": rows_on_device * d * e,
@@ -326,7 +327,7 @@ def memory_items(cfg: HeadConfig) -> tuple[dict, dict, Layout, int]:
     device.update({
         "logits_work": work - weights_work - cols * stats,
         "logits_cache": layout.cache_bytes,
-        "chunk_weights": weights_work,
+        "chunk_weights": weights_work + half_tile,
         "class_scales": cols * stats,
         "embeddings": big_b * d * (3 * e + stats) + big_b * 8 * 3,
         "sampling": sampling,

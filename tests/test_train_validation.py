@@ -98,3 +98,42 @@ def test_two_ranks_validate_during_training_and_keep_the_best(tmp_path):
 def _rows(out: Path) -> list:
     with open(out / "verification.csv", newline="") as f:
         return [(r["step"], r["target"]) for r in csv.DictReader(f)]
+
+
+_ALLOCATOR_PROBE = """
+import ctypes, sys
+import torch
+from ffc_parallel.cli.train import set_host_allocator
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+took = set_host_allocator(sys.argv[1])
+big = torch.empty(8 << 20, dtype=torch.uint8)
+del big                      # glibc's default raises its mapping threshold to a freed mapped block's size
+before = libc.mallinfo2().hblkhd
+block = torch.empty(2 << 20, dtype=torch.uint8)
+print(took, libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt and mallinfo2")
+def test_host_allocator_mapped_maps_a_2_mib_block_that_the_default_puts_in_the_heap(capsys):
+    """``--host-allocator mapped``: after an 8 MiB block was freed, a 2 MiB tensor is a mapping of its own
+    (glibc's mapped bytes grow by it); with glibc's default it comes from the heap (they do not). An
+    unknown value is refused with the option's name."""
+    import subprocess
+    import sys
+    out = {}
+    for mode in ("default", "mapped"):
+        run = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE, mode], capture_output=True, text=True,
+                             timeout=120, cwd=Path(__file__).resolve().parents[1])
+        assert run.returncode == 0, run.stderr
+        took, mapped = run.stdout.split()
+        out[mode] = (took, int(mapped))
+    assert out["default"] == ("False", 0)
+    assert out["mapped"][0] == "True" and out["mapped"][1] >= 2 << 20
+    with pytest.raises(SystemExit):
+        main(["--host-allocator", "jemalloc", "--max-steps", "1"])
+    assert "--host-allocator: invalid choice: 'jemalloc'" in capsys.readouterr().err
