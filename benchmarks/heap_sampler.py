@@ -53,16 +53,15 @@ def _sampler(samples: list, stop: threading.Event) -> None:
 
 
 def summarize(samples: list, training_start: float, training_end: float) -> dict:
-    """The last sample before training (``training_start``: when ffc-train read its RSS before training,
-    after ``malloc_trim``) and the samples at the training's RSS and live peaks (bytes), up to
-    ``training_end`` (the time its last log line was written: evaluation comes after). A baseline picked
-    by its RSS alone can fall inside the setup, where a block just allocated counts as live before its
-    pages are written."""
-    before = [s for s in samples if s[0] <= training_start]
-    training = [s for s in samples if training_start < s[0] <= training_end]
-    if not before or not training:
-        raise SystemExit("heap_sampler: no sample before the training's start or none during training")
-    before = before[-1]
+    """The first sample at or after ``training_start`` (when ffc-train read its RSS before training, just
+    after ``malloc_trim``: the sample before it may precede the trim) as the baseline, and the samples
+    at the training's RSS and live peaks (bytes), up to ``training_end`` (the time its last log line was
+    written: evaluation comes after). A baseline picked by its RSS alone can fall inside the setup, where a
+    block just allocated counts as live before its pages are written."""
+    after = [s for s in samples if training_start <= s[0] <= training_end]
+    if len(after) < 2:
+        raise SystemExit("heap_sampler: no sample at the training's start or none during training")
+    before, training = after[0], after[1:]
     at_rss, at_live = max(training, key=lambda s: s[3]), max(training, key=lambda s: s[1])
 
     def point(s):

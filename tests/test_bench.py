@@ -111,19 +111,19 @@ def test_planner_rates_writes_what_ffc_plan_reads(tmp_path, capsys):
 
 
 def test_heap_sampler_summary_picks_the_baseline_and_the_training_peaks():
-    """Hand-made samples ``(time, live, free_held, rss, file_rss)``: the baseline is the last sample before
-    the training's start, the peaks are the training's (evaluation after ``training_end`` left out), and
-    the RSS growth splits into its parts (worked by hand)."""
+    """Hand-made samples ``(time, live, free_held, rss, file_rss)``: the baseline is the first sample at the
+    training's start (after the trim), the peaks are the training's (evaluation after ``training_end`` left
+    out), and the RSS growth splits into its parts (worked by hand)."""
     from benchmarks.heap_sampler import summarize
     mb = 1 << 20
     samples = [(0.0, 300 * mb, 9 * mb, 600 * mb, 80 * mb), (1.0, 250 * mb, 1 * mb, 500 * mb, 70 * mb),  # setup, trimmed
                (2.0, 600 * mb, 50 * mb, 900 * mb, 75 * mb), (3.0, 700 * mb, 20 * mb, 950 * mb, 76 * mb),  # training
                (4.0, 650 * mb, 90 * mb, 980 * mb, 78 * mb), (5.0, 900 * mb, 0, 1500 * mb, 90 * mb)]       # evaluation
-    out = summarize(samples, training_start=1.5, training_end=4.5)
+    out = summarize(samples, training_start=0.5, training_end=4.5)
     assert out["before_training"] == {"live": 250 * mb, "free_held": 1 * mb, "rss": 500 * mb, "file_rss": 70 * mb}
     assert out["at_rss_peak"]["rss"] == 980 * mb and out["free_held_at_rss_peak"] == 90 * mb
     assert out["rss_growth"] == 480 * mb and out["live_growth"] == 450 * mb
     # at the RSS peak: live +400, free +89, file +8, so 480 - 497 = -17 MB outside malloc (glibc gave some back)
     assert out["rss_growth_parts"] == {"live": 400 * mb, "free_held": 89 * mb, "file_rss": 8 * mb, "other": -17 * mb}
     with pytest.raises(SystemExit, match="no sample"):
-        summarize(samples[:2], training_start=1.5, training_end=4.5)
+        summarize(samples[:2], training_start=1.5, training_end=4.5)   # one sample at most

@@ -151,8 +151,10 @@ class TrainOptions:
     deepspeed_config: str = _opt(None, "DeepSpeed JSON config (default: fp32, ZeRO stage 0)", "run")
     output_dir: str = _opt("runs/quickstart", "where logs, plots, metrics and checkpoints go", "run")
     host_allocator: str = _opt("default", "glibc's heap: default, or mapped (blocks of 1 MiB or more mapped on "
-                                          "their own and unmapped when freed: the RSS follows the live tensors "
-                                          "ffc-plan counts, a few % slower; see docs/benchmarks.md)", "run",
+                                          "their own and unmapped when freed: the peak RSS follows the live "
+                                          "tensors ffc-plan counts, 0.1 GB less at 5e5 rows a step, but every "
+                                          "such block faults in fresh: 4-7% slower with memory free, 22% with "
+                                          "a disk store larger than memory; docs/benchmarks.md)", "run",
                                ("default", "mapped"))
     resume: bool = _opt(False, "continue from the latest checkpoint in output_dir/checkpoints", "run")
     checkpoint_every: int = _opt(0, "also checkpoint every N optimizer steps (0: end of each epoch only)", "run")
