@@ -150,8 +150,8 @@ class TileWalk:
         # 0..n-1: a stored head's resident rows), with no index_add_ into a zeroed gradient
         self.writes_once = (rows is None or rows.numel() == weight.shape[0]) and one_piece
         self.v_buf = weight.new_empty((min(self.width, self.num_cols), weight.shape[1]))
-        # half centers: their norms (forward) go through a stats-dtype tile, the backward's d loss / d
-        # logit through a tile of the centers' dtype, both kept over the tiles
+        # half centers: the forward's norms go through a stats-dtype tile; the half products copied into
+        # stats-dtype tiles and the backward's d loss / d logit cast back go through a half tile (_narrow)
         half = weight.dtype != self.sdt
         self.wide_buf = torch.empty(self.v_buf.shape, dtype=self.sdt, device=xn.device) if half and forward else None
         self._narrow = torch.empty(0, dtype=xn.dtype, device=xn.device)
