@@ -305,13 +305,14 @@ def memory_items(cfg: HeadConfig) -> tuple[dict, dict, Layout, int]:
     row = row_tensors(cfg)
     rows_on_device = cols if cfg.offloaded else n
     sampling = 0
-    if cfg.sample_rate < 1.0:
+    if cfg.sample_rate < 1.0:   # the step's rows, the last draw of candidates (kept), the draw's work
         want = cols - min(big_b, n)
+        kept = candidate_rows(cfg) * 8
         if cfg.negative_sampling == "block":
-            sampling = cols * 8 + candidate_rows(cfg) // cfg.block * 8
+            sampling = cols * 8 + kept + candidate_rows(cfg) // cfg.block * 8
         else:
             dense = want > _DENSE_FRACTION * (n - min(big_b, n))
-            sampling = cols * 8 + (n * 4 + want * 16 if dense else 4 * int(1.25 * want + 32) * 8)
+            sampling = cols * 8 + kept + (n * 4 + want * 16 if dense else 4 * int(1.25 * want + 32) * 8)
     tile = min(layout.tile, cols)
     work = work_bytes(big_b, cols, d, e, stats, tile, direct)
     weights_work = (2 + (not direct)) * tile * d * e

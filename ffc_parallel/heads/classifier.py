@@ -180,6 +180,7 @@ class ShardedClassifier(nn.Module):
         # recomputed from class counts (losses.configure_reweighting) after a resume.
         self.register_buffer("class_weight", None, persistent=False)
         self.sample_step = 0          # Partial FC draws depend on (seed, rank, sample_step)
+        self._drawn = None            # (key, candidates) of the last draw (negative_candidates)
         self.last_sampled_rows = None  # local rows used by the last training forward (None: all)
 
     def _init_store(self, directory, dtype, init_std, master_weights, pin) -> CenterStore:
@@ -378,10 +379,17 @@ class ShardedClassifier(nn.Module):
 
     def negative_candidates(self, step: int) -> torch.Tensor:
         """The negative candidates of Partial FC step ``step`` on this rank (random order; a pure function
-        of seed, rank and step, so they can be drawn, and their rows read, a step early)."""
+        of seed, rank and step, so they can be drawn, and their rows read, a step early). The last draw is
+        kept: a stored head draws step ``s + 1``'s during step ``s`` (its rows are read ahead) and uses
+        them at ``s + 1``."""
+        key = (step, self.num_local, self.num_sample, self.negative_sampling, self.sample_block)
+        if self._drawn is not None and self._drawn[0] == key:
+            return self._drawn[1]
         generator = streams.generator(self.seed, "partial_fc", self.rank, step)
-        return negative_candidates(self.num_local, self.num_sample, generator, self.negative_sampling,
-                                   self.sample_block)
+        drawn = negative_candidates(self.num_local, self.num_sample, generator, self.negative_sampling,
+                                    self.sample_block)
+        self._drawn = (key, drawn)
+        return drawn
 
     def label_weight_part(self, labels: torch.Tensor, label_cols: torch.Tensor):
         """``[B]``: each label's class weight where this rank owns it, else 0 (None without class

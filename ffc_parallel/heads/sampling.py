@@ -40,8 +40,10 @@ def negative_candidates(num_local: int, num_sample: int, generator: torch.Genera
     blocks = _distinct(-(-num_local // block), -(-count // block) + 1, generator)
     # each block read from a random row on, cyclically: the rows a step cuts off a block are any of its rows
     turn = torch.randint(block, (blocks.numel(), 1), generator=generator)
-    rows = (blocks.unsqueeze(1) * block + (torch.arange(block) + turn) % block).flatten()
-    return rows[rows < num_local][:count]
+    rows = (torch.arange(block) + turn).remainder_(block).add_(blocks.unsqueeze(1) * block).flatten()  # one [R]
+    if num_local % block and bool((blocks == num_local // block).any()):   # the last block is short
+        rows = rows[rows < num_local]
+    return rows[:count]
 
 
 def sample_rows(positives: torch.Tensor, candidates: torch.Tensor, num_sample: int) -> torch.Tensor:
