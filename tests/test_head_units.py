@@ -167,6 +167,36 @@ def test_block_candidates_are_whole_runs_of_rows():
         negative_candidates(10, 2, streams.generator(0, "partial_fc", 0, 0), "pages")
 
 
+def test_block_draw_with_a_short_last_block_matches_the_plain_formula():
+    """The block draw builds its rows in place and filters only when the short last block was drawn: the
+    same rows, in the same order, as ``(blocks * block + (arange + turn) % block)`` filtered to the shard."""
+    def plain(num_local, count, g, block):
+        from ffc_parallel.heads.sampling import _distinct
+        blocks = _distinct(-(-num_local // block), -(-count // block) + 1, g)
+        turn = torch.randint(block, (blocks.numel(), 1), generator=g)
+        rows = (blocks.unsqueeze(1) * block + (torch.arange(block) + turn) % block).flatten()
+        return rows[rows < num_local][:count]
+    short_seen = 0
+    for step in range(200):
+        new = negative_candidates(37, 12, streams.generator(0, "partial_fc", 0, step), "block", 8)
+        ref = plain(37, 12, streams.generator(0, "partial_fc", 0, step), 8)
+        assert torch.equal(new, ref) and bool((new < 37).all()) and new.unique().numel() == new.numel()
+        short_seen += bool((new >= 32).any())
+    assert short_seen > 0, "no draw took the short last block"
+
+
+def test_head_keeps_its_last_candidate_draw():
+    """A head's candidates of a step are drawn once (the prefetch of a stored head and the step's selection
+    ask for the same step) and equal a fresh draw of the pure function."""
+    head = fp.ShardedClassifier(16, 3000, sample_rate=0.1, negative_sampling="block", sample_block=8)
+    first = head.negative_candidates(5)
+    assert head.negative_candidates(5) is first
+    fresh = negative_candidates(head.num_local, head.num_sample, streams.generator(head.seed, "partial_fc", head.rank, 5),
+                                "block", 8)
+    assert torch.equal(first, fresh)
+    assert not torch.equal(head.negative_candidates(6), first)
+
+
 def test_eval_mode_uses_every_class():
     head = fp.ShardedClassifier(4, 30, sample_rate=0.1)
     x, y = torch.randn(3, 4), torch.tensor([1, 2, 3])
