@@ -382,7 +382,7 @@ class ShardedClassifier(nn.Module):
         of seed, rank and step, so they can be drawn, and their rows read, a step early). The last draw is
         kept: a stored head draws step ``s + 1``'s during step ``s`` (its rows are read ahead) and uses
         them at ``s + 1``."""
-        key = (step, self.num_local, self.num_sample, self.negative_sampling, self.sample_block)
+        key = (step, self.num_sample, self.negative_sampling, self.sample_block)
         if self._drawn is not None and self._drawn[0] == key:
             return self._drawn[1]
         generator = streams.generator(self.seed, "partial_fc", self.rank, step)

@@ -30,15 +30,14 @@ def normalized(x: torch.Tensor):
 def scaled_rows_(weight, rows, start, stop, scale, out, fresh, sigma, wide=None):
     """``v[k, D] = scale * w_c`` written into ``out[:k]`` (rows ``start:stop`` of ``weight``, or of
     ``weight[rows]``). With ``fresh``, first sets ``scale[start:stop] = sigma / |w_c|``, the norms
-    taken in the stats dtype: through ``wide`` (a ``[>= k, D]`` buffer of it) when given, which is
-    what ``vector_norm(dtype=)`` would allocate for half rows."""
+    taken in the stats dtype: for half rows through ``wide`` (a ``[>= k, D]`` buffer of it) when given,
+    which is what ``vector_norm(dtype=)`` would allocate."""
     v = out[: stop - start]
     src = weight[start:stop] if rows is None else torch.index_select(weight, 0, rows[start:stop], out=v)
     a = scale[start:stop]
     if fresh:
-        if wide is not None and src.dtype != a.dtype:
-            src_wide = wide[: stop - start].copy_(src)
-            torch.linalg.vector_norm(src_wide, dim=1, out=a)
+        if wide is not None:
+            torch.linalg.vector_norm(wide[: stop - start].copy_(src), dim=1, out=a)
         else:
             torch.linalg.vector_norm(src, dim=1, dtype=a.dtype, out=a)
         a.clamp_min_(1e-12).reciprocal_().mul_(sigma)
@@ -160,11 +159,11 @@ def center_grad_(h, v, scale, s, tmp, wide=None):
     """Center gradient through the normalisation, in place: ``h[k, D] = G^T xn`` (``d loss / d v``
     up to the factor ln 2) becomes ``d loss / d w_c = (s / |w|) (h - v (v . h) / sigma^2)``, with
     ``v = sigma w / |w|`` and ``scale[k] = sigma / |w|``; ``tmp`` is a ``[>= k, D]`` buffer of ``h``'s
-    dtype, ``wide`` (optional) one of the stats dtype that half ``h * v`` is summed in."""
+    dtype, ``wide`` (optional, for half ``h``) one of the stats dtype that ``h * v`` is summed in."""
     sigma = s * LOG2E
     k = h.shape[0]
     prod = torch.mul(h, v, out=tmp[:k])
-    if wide is not None and prod.dtype != scale.dtype:
+    if wide is not None:
         prod = wide[:k].copy_(prod)
     radial = prod.sum(dim=1, dtype=scale.dtype)
     a = scale * LN2                                                 # s / |w|

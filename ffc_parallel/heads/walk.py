@@ -129,6 +129,19 @@ class Tile:
     hit: tuple | None
 
 
+class _TileBuffer:
+    """One flat buffer of ``n * width`` elements (``n`` the largest piece so far) that ``[n, k]`` tiles view."""
+
+    def __init__(self, dtype, device, width: int):
+        self.dtype, self.device, self.width = dtype, device, width
+        self.flat = torch.empty(0, dtype=dtype, device=device)
+
+    def view(self, n: int, k: int) -> torch.Tensor:
+        if self.flat.numel() < n * k:
+            self.flat = torch.empty(n * self.width, dtype=self.dtype, device=self.device)
+        return self.flat[: n * k].view(n, k)
+
+
 class TileWalk:
     """The walk of one call: the global batch ``xn[B, D]``, ``norms[B, 1]``, ``scale[num_cols] =
     sigma / |w|`` of the used classes, tiles of ``width`` classes (default: the plan's compute tile)
@@ -154,8 +167,8 @@ class TileWalk:
         # stats-dtype tiles and the backward's d loss / d logit cast back go through a half tile (_narrow)
         half = weight.dtype != self.sdt
         self.wide_buf = torch.empty(self.v_buf.shape, dtype=self.sdt, device=xn.device) if half and forward else None
-        self._narrow = torch.empty(0, dtype=xn.dtype, device=xn.device)
-        self._work = torch.empty(0, dtype=self.sdt, device=xn.device)
+        self._narrow = _TileBuffer(xn.dtype, xn.device, self.width)
+        self._work = _TileBuffer(self.sdt, xn.device, self.width)
         self.timer, self._scatter, self._grad_x, self._want_x = CommTimer(), None, None, False
 
     @classmethod
@@ -203,10 +216,7 @@ class TileWalk:
 
     def work(self, piece: Piece, tile: Tile) -> torch.Tensor:
         """A ``[n, k]`` view of the call's stats buffer (``n * width`` elements, reused)."""
-        n, k = piece.n, tile.stop - tile.start
-        if self._work.numel() < n * k:
-            self._work = torch.empty(n * self.width, dtype=self.sdt, device=self.xn.device)
-        return self._work[: n * k].view(n, k)
+        return self._work.view(piece.n, tile.stop - tile.start)
 
     def logits(self, out, piece: Piece, tile: Tile):
         """The tile's base-2 logits into ``out[n, k]`` with the margin and the filter: ``(label_cos,
@@ -232,10 +242,7 @@ class TileWalk:
 
     def _narrow_tile(self, like):
         """An ``[n, k]`` buffer shaped like ``like`` in the embeddings' dtype, kept over the call's tiles."""
-        n, k = like.shape
-        if self._narrow.numel() < n * k:
-            self._narrow = torch.empty(n * self.width, dtype=self.xn.dtype, device=self.xn.device)
-        return self._narrow[: n * k].view(n, k)
+        return self._narrow.view(*like.shape)
 
     def _cast_tile(self, grad):
         """``grad[n, k]`` in the embeddings' dtype, in the buffer of :meth:`_narrow_tile`."""
