@@ -5,6 +5,7 @@ import torch
 
 import ffc_parallel as fp
 from ffc_parallel.checkpoint import reshard
+from ffc_parallel.optim import row_sets
 from ffc_parallel.optim.center_store import CenterStore, parse_center_storage
 from ffc_parallel.testing import run_ranks
 
@@ -101,12 +102,14 @@ def test_a_new_store_removes_the_stores_of_killed_processes_and_keeps_live_ones(
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, foreign.name])   # its own is gone
 
 
-def test_scattered_reads_and_writes_equal_a_dense_tensor_through_runs_and_the_mapping(tmp_path, monkeypatch):
+@pytest.mark.parametrize("piece", [97, row_sets.PIECE])
+def test_scattered_reads_and_writes_equal_a_dense_tensor_through_runs_and_the_mapping(tmp_path, monkeypatch, piece):
     """Rows in runs of adjacent rows (by preadv/pwritev), lone rows (through the mapping) and both in one
     segment, across segment boundaries and after a snapshot (copy-on-write), into new tensors or reused
-    buffers: the store acts as a dense tensor."""
+    buffers, the runs found in one piece of rows or in many: the store acts as a dense tensor."""
     from ffc_parallel.optim import center_store
     monkeypatch.setattr(center_store, "SEGMENT_BYTES", 2000 * 64 * 2)
+    monkeypatch.setattr(row_sets, "PIECE", piece)
     n, seg = 5000, center_store.segment_rows_for(64, torch.bfloat16)
     assert seg < n < 3 * seg, "the rows must span segments for this test"
     store = CenterStore("disk", n, tmp_path / "s")
@@ -138,6 +141,67 @@ def test_scattered_reads_and_writes_equal_a_dense_tensor_through_runs_and_the_ma
     assert frozen["weight"].read_range(0, n).shape == (n, 64)
     for f in frozen.values():
         f.close()
+    store.close()
+
+
+def test_row_sets_by_pieces_equal_the_whole_tensor_formulas(monkeypatch):
+    """Runs, their positions, lookups and sorted copies made a piece of ids at a time (no ``[R]``
+    temporaries) equal the one-expression formulas on the whole set, with pieces that cut runs apart."""
+    monkeypatch.setattr(row_sets, "PIECE", 7)
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        n = int(torch.randint(1, 400, (1,), generator=gen))
+        blocks = [torch.arange(a, a + int(torch.randint(1, 40, (1,), generator=gen)))
+                  for a in torch.randint(0, 2000, (int(torch.randint(0, 6, (1,), generator=gen)),), generator=gen).tolist()]
+        rows = torch.unique(torch.cat(blocks + [torch.randint(0, 2000, (n,), generator=gen)]))
+        boundary = int(torch.randint(1, 64, (1,), generator=gen))
+        seg = torch.div(rows, boundary, rounding_mode="floor")
+        start = torch.ones(rows.numel(), dtype=torch.bool)
+        start[1:] = (rows[1:] != rows[:-1] + 1) | (seg[1:] != seg[:-1])
+        firsts, lengths = row_sets.runs(rows, boundary)
+        assert torch.equal(firsts, start.nonzero().flatten()), trial
+        assert torch.equal(lengths, torch.diff(firsts, append=torch.tensor([rows.numel()])))
+        short = lengths < 3
+        assert torch.equal(row_sets.run_positions(firsts[short], lengths[short]),
+                           torch.repeat_interleave(short, lengths).nonzero().flatten())
+        ids = torch.unique(torch.randint(0, 2000, (n,), generator=gen))
+        found = torch.zeros(ids.numel(), dtype=torch.bool)
+        for a, pos, hit in row_sets.lookup(rows, ids):
+            assert torch.equal(rows[pos[hit]], ids[a:a + pos.numel()][hit])
+            found[a:a + pos.numel()] = hit
+        assert torch.equal(found, torch.isin(ids, rows))
+        assert torch.equal(row_sets.isin_small(ids, rows[:5]), torch.isin(ids, rows[:5]).nonzero().flatten())
+        shuffled = rows[torch.randperm(rows.numel(), generator=gen)]
+        assert torch.equal(row_sets.sorted_copy(shuffled), rows) and shuffled.numel() == rows.numel()
+    assert row_sets.runs(torch.empty(0, dtype=torch.long), 4)[0].numel() == 0
+
+
+def test_resident_rows_take_read_ahead_and_late_rows_and_refresh_what_a_step_wrote(tmp_path, monkeypatch):
+    """The step's rows come from the rows read ahead where there and from the store where not (lone
+    positives); the rows read ahead that the step wrote back are refreshed: each step's resident rows
+    equal a dense tensor trained alongside, with lookups cut into pieces."""
+    from ffc_parallel.optim.resident_rows import ResidentRows
+    monkeypatch.setattr(row_sets, "PIECE", 5)
+    n, d = 300, 4
+    store = CenterStore("disk", n, tmp_path / "s")
+    store.add("weight", torch.float32, d)
+    dense = torch.randn(n, d)
+    store.write_range(0, {"weight": dense})
+    weight = torch.nn.Parameter(torch.empty(0, d))
+    resident = ResidentRows(store, weight)
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.unique(torch.randint(0, n, (60,), generator=gen))
+    for step in range(6):
+        positions = resident.activate(rows, keep=False)
+        assert torch.equal(positions, torch.arange(rows.numel())) and torch.equal(weight.data, dense[rows]), step
+        ahead = torch.unique(torch.cat([rows[::3], torch.randint(0, n, (50,), generator=gen)]))  # some rows of this step
+        resident.prefetch(ahead)
+        weight.data.add_(step + 1.0)
+        dense[rows] += step + 1.0
+        resident.write_back({})
+        rows = torch.unique(torch.cat([ahead[::2], torch.randint(0, n, (4,), generator=gen)]))   # + late rows
+    assert resident.stats["prefetched_rows_used"] > 0
+    resident.close()
     store.close()
 
 

@@ -157,6 +157,25 @@ def test_sampler_keeps_positives_counts_and_is_uniform(mode, block):
     assert torch.equal(_draw(positives, 40, 2, 1, mode, block), positives)
 
 
+def test_sampled_rows_equal_the_plain_formula_with_positives_among_and_outside_the_candidates(monkeypatch):
+    """``sample_rows`` looks at the first ``want + P`` candidates a piece at a time and sorts one tensor in
+    place: the same rows as ``sort(cat(positives, candidates not positives [:want]))``."""
+    from ffc_parallel.optim import row_sets
+    monkeypatch.setattr(row_sets, "PIECE", 5)
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 500, (1,), generator=gen))
+        num_sample = int(torch.randint(1, n + 1, (1,), generator=gen))
+        candidates = negative_candidates(n, num_sample, gen, ("uniform", "block")[trial % 2], 6)
+        positives = torch.randperm(n, generator=gen)[:int(torch.randint(0, min(n, 40) + 1, (1,), generator=gen))]
+        among = candidates[torch.randperm(candidates.numel(), generator=gen)[:positives.numel() // 2]]
+        positives = torch.cat([positives[:positives.numel() - among.numel()], among]).unique()
+        want = min(num_sample, candidates.numel()) - positives.numel()
+        plain = positives if want <= 0 else \
+            torch.cat([positives, candidates[~torch.isin(candidates, positives)][:want]]).sort().values
+        assert torch.equal(sample_rows(positives, candidates, num_sample), plain), trial
+
+
 def test_block_candidates_are_whole_runs_of_rows():
     rows = negative_candidates(1000, 64, streams.generator(0, "partial_fc", 0, 0), "block", 16)
     assert rows.numel() == 64 and rows.unique().numel() == 64

@@ -9,6 +9,7 @@ from torch import nn
 from ..distributed.collectives import PieceLayout, gather_rows
 from ..distributed.init import get_rank, get_world_size, init_distributed, launched_world_size
 from ..optim.center_store import CenterStore, parse_center_storage
+from ..optim import row_sets
 from ..optim.row_layout import default_sample_block
 from ..optim.centers import CenterTrainer
 from .margins import resolve_margin
@@ -367,7 +368,7 @@ class ShardedClassifier(nn.Module):
             if every and rows.numel() == self.weight.shape[0]:
                 rows = None   # every row resident, in order: the loss walks the weight itself
             if self.training and self.sample_rate < 1.0:
-                self.centers.prefetch(self.negative_candidates(self.sample_step).sort().values)
+                self.centers.prefetch(row_sets.sorted_copy(self.negative_candidates(self.sample_step)))
         if self.training:
             self.centers.note_rows(rows)
         return rows, torch.where(owned, local, torch.full_like(local, -1))

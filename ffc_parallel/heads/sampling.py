@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..optim import row_sets
+
 _DENSE_FRACTION = 0.25  # above this share of the shard, draw by one random key per row
 NEGATIVE_SAMPLING = ("uniform", "block")
 
@@ -48,11 +50,23 @@ def negative_candidates(num_local: int, num_sample: int, generator: torch.Genera
 
 def sample_rows(positives: torch.Tensor, candidates: torch.Tensor, num_sample: int) -> torch.Tensor:
     """Sorted local rows: all ``positives`` (sorted, unique) and the first candidates that are not
-    positives, ``max(P, num_sample)`` rows in all (``num_sample`` at most the shard)."""
+    positives, ``max(P, num_sample)`` rows in all (``num_sample`` at most the shard). One ``[R]``
+    tensor is made: the first ``want + P`` candidates hold all that are taken."""
     device = positives.device
     positives = positives.cpu()
     want = min(num_sample, candidates.numel()) - positives.numel()
     if want <= 0:
         return positives.to(device)
-    negatives = candidates[~torch.isin(candidates, positives)][:want]
-    return torch.cat([positives, negatives]).sort().values.to(device)
+    head = candidates[:want + positives.numel()]
+    end = want   # candidates[:end] holds ``want`` non-positives: each positive found before ``end`` moves it on
+    hits = row_sets.isin_small(head, positives)
+    for h in hits.tolist():
+        if h >= end:
+            break
+        end += 1
+    taken = head[:end]
+    rows = torch.empty(want + positives.numel(), dtype=torch.long)
+    rows[:end] = taken
+    rows[end:] = positives[~torch.isin(positives, taken.index_select(0, hits[hits < end]))]
+    rows.numpy().sort()
+    return rows.to(device)

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..distributed.init import before_exit
-from . import row_layout
+from . import row_layout, row_sets
 from .row_layout import TIERS
 
 SEGMENT_BYTES = 32 << 20   # bytes of one segment file of the weight field (copy-on-write granule)
@@ -241,22 +241,22 @@ class _DiskField:
             if a < b:
                 yield self.segments[k], slice(a, b), rows[a:b] - k * self.segment_rows
 
-    def runs(self, rows: torch.Tensor) -> tuple[list[tuple[int, int, int, int]], torch.Tensor | None]:
+    def runs(self, rows: torch.Tensor, spans=None) -> tuple[list[tuple[int, int, int, int]], torch.Tensor | None]:
         """Sorted unique ``rows`` -> ``(runs, rest)``: ``runs`` are ``(segment, first, stop, byte offset)``
         of the runs of adjacent rows within a segment of at least ``row_layout.RUN_BYTES`` (positions
-        ``first:stop`` of ``rows``); ``rest`` the positions of the other rows (None if there are none)."""
-        n, row, size = rows.numel(), self.width * self.dtype.itemsize, self.segment_rows
-        seg = torch.div(rows, size, rounding_mode="floor")
-        start = torch.ones(n, dtype=torch.bool)
-        start[1:] = (rows[1:] != rows[:-1] + 1) | (seg[1:] != seg[:-1])
-        firsts = start.nonzero().flatten()
-        lengths = torch.diff(firsts, append=torch.tensor([n]))
+        ``first:stop`` of ``rows``); ``rest`` the positions of the other rows (None if there are none).
+        ``spans``: ``row_sets.runs(rows, segment_rows)`` where the caller has it (a store's fields share it)."""
+        row, size = self.width * self.dtype.itemsize, self.segment_rows
+        firsts, lengths = spans if spans is not None else row_sets.runs(rows, size)
         long = lengths * row >= row_layout.RUN_BYTES
-        rest = (~torch.repeat_interleave(long, lengths)).nonzero().flatten()
+        short = ~long
+        rest = row_sets.run_positions(firsts[short], lengths[short]) if bool(short.any()) else None
         firsts, lengths = firsts[long], lengths[long]
-        runs = list(zip(seg[firsts].tolist(), firsts.tolist(), (firsts + lengths).tolist(),
-                        ((rows[firsts] - seg[firsts] * size) * row).tolist()))
-        return runs, (rest if rest.numel() else None)
+        starts = rows.index_select(0, firsts)
+        seg = torch.div(starts, size, rounding_mode="floor")
+        runs = list(zip(seg.tolist(), firsts.tolist(), (firsts + lengths).tolist(),
+                        ((starts - seg * size) * row).tolist()))
+        return runs, rest
 
     def _move(self, call, runs, raw) -> None:
         """``preadv``/``pwritev`` each run ``(segment, first, stop, offset)`` of ``raw`` (rows ``[n, row bytes]``)."""
@@ -272,12 +272,13 @@ class _DiskField:
             if fd is not None:
                 os.close(fd)
 
-    def read(self, rows: torch.Tensor, out: torch.Tensor) -> None:
+    def read(self, rows: torch.Tensor, out: torch.Tensor, spans=None) -> None:
         """``out[i] = field[rows[i]]`` for sorted unique ``rows``: runs of adjacent rows (block sampling's
-        blocks) by ``preadv`` straight into ``out``, the other rows through the mapping (``index_select``)."""
+        blocks) by ``preadv`` straight into ``out``, the other rows through the mapping (``index_select``).
+        ``spans``: see :meth:`runs`."""
         if rows.numel() == 0:
             return
-        runs, rest = self.runs(rows)
+        runs, rest = self.runs(rows, spans)
         row = self.width * self.dtype.itemsize
         for k, a, b, offset in runs:   # every read in flight before the first copy waits
             self.segments[k].willneed_bytes(offset, (b - a) * row)
@@ -292,12 +293,12 @@ class _DiskField:
             else:
                 torch.index_select(segment.tensor, 0, local, out=out[part])
 
-    def write(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+    def write(self, rows: torch.Tensor, values: torch.Tensor, spans=None) -> None:
         """``field[rows[i]] = values[i]``: runs by ``pwritev``, the other rows through the mapping."""
         if rows.numel() == 0:
             return
         values = values.contiguous()
-        runs, rest = self.runs(rows)
+        runs, rest = self.runs(rows, spans)
         for k in sorted({k for k, *_ in runs}):
             self.segments[k].before_write()
         self._move(os.pwritev, runs, values.view(torch.uint8).numpy())
@@ -347,10 +348,10 @@ class _HostField:
         self.tensor = torch.zeros(num_rows, width, dtype=dtype, pin_memory=pin)
         self.width, self.dtype = width, dtype
 
-    def read(self, rows, out):
+    def read(self, rows, out, spans=None):   # spans: unused, a host field indexes its rows directly
         torch.index_select(self.tensor, 0, rows, out=out)
 
-    def write(self, rows, values):
+    def write(self, rows, values, spans=None):
         self.tensor.index_copy_(0, rows, values)
 
     def read_range(self, start, stop):
@@ -429,22 +430,32 @@ class CenterStore:
         """``{field: [R, width]}`` (CPU, pinned for a GPU head) of ``rows``; a field's rows go into
         ``into[field]`` where that is a CPU tensor of this shape and dtype (a buffer reused: its pages
         are mapped already), else into a new tensor."""
-        out = {}
+        out, spans = {}, self._spans(rows)
         with self.lock:
             for name in names or self.fields:
                 f = self.fields[name]
                 buffer = reusable_buffer(into, name, (rows.numel(), f.width), f.dtype, self.pin)
                 out[name] = buffer if buffer is not None else \
                     torch.empty(rows.numel(), f.width, dtype=f.dtype, pin_memory=self.pin)
-                f.read(rows, out[name])
+                f.read(rows, out[name], spans)
                 self.bytes_read += out[name].nbytes
         return out
 
     def write(self, rows: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        spans = self._spans(rows)
         with self.lock:
             for name, value in values.items():
-                self.fields[name].write(rows, value.to(device="cpu", dtype=self.fields[name].dtype).reshape(rows.numel(), -1))
+                self.fields[name].write(rows, value.to(device="cpu", dtype=self.fields[name].dtype).reshape(rows.numel(), -1),
+                                        spans)
                 self.bytes_written += value.nbytes
+
+    def _spans(self, rows: torch.Tensor):
+        """The runs of ``rows`` within the disk tier's segments, computed once for every field (their
+        segments hold the same rows); None where a field splits them itself."""
+        sizes = {getattr(f, "segment_rows", None) for f in self.fields.values()}
+        if len(sizes) != 1 or None in sizes or rows.numel() == 0:
+            return None
+        return row_sets.runs(rows, sizes.pop())
 
     def read_range(self, start: int, stop: int, names=None) -> dict[str, torch.Tensor]:
         """``{field: rows [start, stop)}`` of the fields ``names`` (default: every field)."""

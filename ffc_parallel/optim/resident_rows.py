@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from . import row_sets
 from .center_store import CenterStore, reusable_buffer
 
 
@@ -76,13 +77,16 @@ class ResidentRows:
             out = self.store.read(rows, into=into)
             self.stats["sync_read_s"] += time.perf_counter() - t0
             return out
-        pos = torch.searchsorted(ahead_rows, rows).clamp_(max=ahead_rows.numel() - 1)
-        late = (ahead_rows[pos] != rows).nonzero().flatten()   # rows not read ahead (lone positives)
-        out = {}
-        for name, value in ahead.items():
-            buffer = reusable_buffer(into, name, (rows.numel(), value.shape[1]), value.dtype, self.store.pin)
-            # every row gathered, a row not read ahead from a wrong place: replaced below
-            out[name] = value.index_select(0, pos) if buffer is None else torch.index_select(value, 0, pos, out=buffer)
+        out = {name: reusable_buffer(into, name, (rows.numel(), value.shape[1]), value.dtype, self.store.pin)
+               for name, value in ahead.items()}
+        out = {name: value.new_empty((rows.numel(), value.shape[1])) if out[name] is None else out[name]
+               for name, value in ahead.items()}
+        late = []   # positions of rows not read ahead (lone positives): each gathered from a wrong place, replaced below
+        for a, pos, found in row_sets.lookup(ahead_rows, rows):
+            for name, value in ahead.items():
+                torch.index_select(value, 0, pos, out=out[name][a:a + pos.numel()])
+            late.append((~found).nonzero().flatten().add_(a))
+        late = torch.cat(late) if late else torch.empty(0, dtype=torch.long)
         self._spare = ahead
         self.stats["prefetched_rows_used"] += rows.numel() - late.numel()
         t0 = time.perf_counter()
@@ -130,6 +134,8 @@ class ResidentRows:
                     grad[old_pos.to(device)] = old_grad
             self.weight.data, self.weight.grad, self.rows, self._other = data, grad, union, other
             self.stats["rows"] = int(union.numel())
+        if rows is self.rows:   # sorted unique: positions 0..R-1
+            return torch.arange(rows.numel(), device=self.weight.device)
         return torch.searchsorted(self.rows, rows).to(self.weight.device)
 
     def remap(self, positions: torch.Tensor, rows_before: torch.Tensor) -> torch.Tensor:
@@ -155,10 +161,12 @@ class ResidentRows:
         self.store.write(self.rows, values)
         self._other = {k: values[k] for k in self._other}
         if ahead is not None and self._ahead_rows is not None and self.rows.numel():
-            pos = torch.searchsorted(self.rows, self._ahead_rows).clamp_(max=self.rows.numel() - 1)
-            hit = self.rows[pos] == self._ahead_rows
-            for name in ahead:
-                ahead[name][hit] = values[name][pos[hit]].to(ahead[name].dtype)
+            piece = row_sets.rows_piece(max(v[:1].nbytes for v in ahead.values()))   # rows gathered per piece
+            for a, pos, found in row_sets.lookup(self.rows, self._ahead_rows, piece):
+                hit = found.nonzero().flatten()
+                for name in ahead:
+                    ahead[name].index_copy_(0, hit.add(a), values[name].index_select(0, pos.index_select(0, hit))
+                                            .to(ahead[name].dtype))
         self.store.release()
         self.stats["write_s"] += time.perf_counter() - t0
 
