@@ -68,5 +68,4 @@ def sample_rows(positives: torch.Tensor, candidates: torch.Tensor, num_sample: i
     rows = torch.empty(want + positives.numel(), dtype=torch.long)
     rows[:end] = taken
     rows[end:] = positives[~torch.isin(positives, taken.index_select(0, hits[hits < end]))]
-    rows.numpy().sort()
-    return rows.to(device)
+    return row_sets.sort_(rows).to(device)

@@ -77,10 +77,10 @@ class ResidentRows:
             out = self.store.read(rows, into=into)
             self.stats["sync_read_s"] += time.perf_counter() - t0
             return out
-        out = {name: reusable_buffer(into, name, (rows.numel(), value.shape[1]), value.dtype, self.store.pin)
-               for name, value in ahead.items()}
-        out = {name: value.new_empty((rows.numel(), value.shape[1])) if out[name] is None else out[name]
-               for name, value in ahead.items()}
+        out = {}
+        for name, value in ahead.items():
+            buffer = reusable_buffer(into, name, (rows.numel(), value.shape[1]), value.dtype, self.store.pin)
+            out[name] = value.new_empty((rows.numel(), value.shape[1])) if buffer is None else buffer
         late = []   # positions of rows not read ahead (lone positives): each gathered from a wrong place, replaced below
         for a, pos, found in row_sets.lookup(ahead_rows, rows):
             for name, value in ahead.items():

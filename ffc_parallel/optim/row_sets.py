@@ -19,12 +19,16 @@ def rows_piece(row_bytes: int) -> int:
     return max(1, min(PIECE, ROWS_PIECE_BYTES // max(1, row_bytes)))
 
 
+def sort_(ids: torch.Tensor) -> torch.Tensor:
+    """Sort CPU int64 ``ids`` in place and return them (numpy sorts in place; ``torch.sort`` would
+    allocate the values and ``[n]`` int64 indices)."""
+    ids.numpy().sort()
+    return ids
+
+
 def sorted_copy(ids: torch.Tensor) -> torch.Tensor:
-    """``ids`` (CPU int64) sorted, as one new tensor (``torch.sort`` would allocate ``[n]`` int64
-    indices too; numpy sorts in place)."""
-    out = ids.clone()
-    out.numpy().sort()
-    return out
+    """``ids`` sorted, as one new tensor."""
+    return sort_(ids.clone())
 
 
 def isin_small(ids: torch.Tensor, few: torch.Tensor) -> torch.Tensor:
