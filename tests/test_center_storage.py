@@ -221,7 +221,8 @@ def test_a_stored_head_refuses_training_without_an_engine_and_features_needing_e
 
 def test_ffc_train_with_a_disk_store_resumes_into_a_host_store(tmp_path):
     """ffc-train on 2 ranks with --center-storage disk and block negatives, stopped at step 4 and resumed to
-    step 6 with the rows in host memory: metrics.json reports the store's traffic; --task instance is refused."""
+    step 6 with the rows in host memory: metrics.json reports the store's traffic and the glibc mode auto chose;
+    --task instance is refused."""
     from ffc_parallel.cli.recipe import check_options
     from ffc_parallel.cli.train import TrainOptions
 
@@ -232,6 +233,8 @@ def test_ffc_train_with_a_disk_store_resumes_into_a_host_store(tmp_path):
     first = run_ranks("tests.cases_train:train_run", 2, timeout=200,
                       kwargs=dict(argv=argv + ["--max-steps", "4", "--center-storage", f"disk:{tmp_path / 'store'}"]))
     stats = first[0]["center_storage"]
+    glibc = __import__("platform").libc_ver()[0] == "glibc"
+    assert first[0]["host_allocator"] == ("mapped" if glibc else "default")   # --host-allocator auto, a CPU store
     assert stats["tier"] == "disk" and stats["bytes_read_per_step"] > 0 and stats["store_bytes"] == 200 * 16 * 4 * 2 + 200 * 8
     second = run_ranks("tests.cases_train:train_run", 2, timeout=200,
                        kwargs=dict(argv=argv + ["--max-steps", "6", "--center-storage", "host", "--resume"]))

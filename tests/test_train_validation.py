@@ -118,6 +118,19 @@ print(took, libc.mallinfo2().hblkhd - before)
 """
 
 
+def test_host_allocator_auto_maps_blocks_for_a_store_on_a_cpu_only():
+    """``--host-allocator auto`` (the default): mapped for centers in a host or disk store on a CPU run,
+    glibc's default for centers on the device or a head on an accelerator; an explicit mode is kept."""
+    from ffc_parallel.cli.train import TrainOptions, host_allocator_mode
+    assert TrainOptions().host_allocator == "auto"
+    assert host_allocator_mode("auto", "disk:/nvme/store", "cpu") == "mapped"
+    assert host_allocator_mode("auto", "host", "cpu") == "mapped"
+    assert host_allocator_mode("auto", "device", "cpu") == "default"
+    assert host_allocator_mode("auto", "disk:/nvme/store", "cuda") == "default"
+    assert host_allocator_mode("default", "disk:/nvme/store", "cpu") == "default"
+    assert host_allocator_mode("mapped", "device", "cuda") == "mapped"
+
+
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt and mallinfo2")
 def test_host_allocator_mapped_maps_a_2_mib_block_that_the_default_puts_in_the_heap(capsys):
     """``--host-allocator mapped``: after an 8 MiB block was freed, a 2 MiB tensor is a mapping of its own

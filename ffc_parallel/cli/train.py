@@ -150,12 +150,13 @@ class TrainOptions:
     gradient_accumulation: int = _opt(1, "micro-batches per optimizer step", "run")
     deepspeed_config: str = _opt(None, "DeepSpeed JSON config (default: fp32, ZeRO stage 0)", "run")
     output_dir: str = _opt("runs/quickstart", "where logs, plots, metrics and checkpoints go", "run")
-    host_allocator: str = _opt("default", "glibc's heap: default, or mapped (blocks of 1 MiB or more mapped on "
-                                          "their own and unmapped when freed: the peak RSS follows the live "
-                                          "tensors ffc-plan counts, 0.1 GB less at 5e5 rows a step, but every "
-                                          "such block faults in fresh: 4-7% slower with memory free, 22% with "
-                                          "a disk store larger than memory; docs/benchmarks.md)", "run",
-                               ("default", "mapped"))
+    host_allocator: str = _opt("auto", "glibc's heap: mapped (blocks of 1 MiB or more mapped on their own and "
+                                       "unmapped when freed: the peak RSS follows the live tensors ffc-plan "
+                                       "counts, 0.03-0.05 GB less at 5e5 rows a step, but every such block "
+                                       "faults in fresh: no slower with memory free, 0-10% with a disk store "
+                                       "larger than memory), default (glibc's own), or auto: mapped for centers "
+                                       "in a host or disk store on a CPU run, else default; docs/benchmarks.md",
+                               "run", ("auto", "default", "mapped"))
     resume: bool = _opt(False, "continue from the latest checkpoint in output_dir/checkpoints", "run")
     checkpoint_every: int = _opt(0, "also checkpoint every N optimizer steps (0: end of each epoch only)", "run")
     log_every: int = _opt(10, "optimizer steps between log rows", "run")
@@ -182,6 +183,18 @@ def status_bytes(field: str = "VmHWM") -> int | None:
     except OSError:
         pass
     return None
+
+
+def host_allocator_mode(option: str, center_storage: str, device_type: str) -> str:
+    """The glibc mode ``--host-allocator option`` asks for: ``auto`` is ``mapped`` where the class centers
+    live in a host or disk store (``center_storage``) and the head computes on a CPU (``device_type``):
+    there the step's row tensors are host tensors of a few MiB made every step, which glibc's default
+    heap keeps (the RSS then runs 0.04-0.07 GB over what ffc-plan counts, memory a disk store's page
+    cache lacks); otherwise ``default``."""
+    if option != "auto":
+        return option
+    stored = str(center_storage).partition(":")[0] in ("host", "disk")
+    return "mapped" if stored and device_type == "cpu" else "default"
 
 
 def set_host_allocator(mode: str) -> bool:
@@ -406,12 +419,12 @@ def train(opts: TrainOptions) -> dict | None:
         (out_dir / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
 
     check_resumable(opts)
-    if opts.host_allocator != "default":
-        took = set_host_allocator(opts.host_allocator)
-        if rank == 0:
-            print(f"ffc-train: --host-allocator {opts.host_allocator}: " + (
-                "glibc maps blocks of 1 MiB or more on their own" if took else "not glibc's malloc, ignored"),
-                file=sys.stderr)
+    allocator = host_allocator_mode(opts.host_allocator, opts.center_storage, torch.device(device).type)
+    allocator_took = set_host_allocator(allocator)
+    if allocator != "default" and rank == 0:
+        print(f"ffc-train: --host-allocator {opts.host_allocator}: {allocator}, " + (
+            "glibc maps blocks of 1 MiB or more on their own" if allocator_took else "not glibc's malloc, ignored"),
+            file=sys.stderr)
     torch.manual_seed(opts.seed)
     bundle = build_data(opts.data, path=opts.data_path, num_identities=opts.num_identities,
                         synthetic_mode=opts.synthetic_mode, image_size=opts.image_size, channels=opts.channels,
@@ -522,7 +535,7 @@ def train(opts: TrainOptions) -> dict | None:
             peak_rss_bytes=max(filter(None, (setup_peak, training_peak)), default=None),
             rss_before_training_bytes=rss_before, training_started_unix_s=training_started,
             peak_rss_training_bytes=training_peak if training_peak_known else None,
-            **recipe.storage_report(step))
+            host_allocator=allocator if allocator_took else "default", **recipe.storage_report(step))
     try:
         metrics, curves = recipe.evaluate(device)
     except Exception as exc:   # the checkpoint is saved; keep what training measured
