@@ -118,6 +118,15 @@ print(took, libc.mallinfo2().hblkhd - before)
 """
 
 
+def test_help_lists_every_option(capsys):
+    """``ffc-train --help`` formats every option's help (argparse reads a lone ``%`` as a format) and exits 0."""
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"--{name.replace('_', '-')}" in out for name in TrainOptions.__dataclass_fields__)
+
+
 def test_host_allocator_auto_maps_blocks_for_a_store_on_a_cpu_only():
     """``--host-allocator auto`` (the default): mapped for centers in a host or disk store on a CPU run,
     glibc's default for centers on the device or a head on an accelerator; an explicit mode is kept."""

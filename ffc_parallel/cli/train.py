@@ -33,6 +33,7 @@ import torch
 from ffc_parallel.data.samplers import SAMPLERS
 from ffc_parallel.losses.pairs import PAIR_LOSSES
 from ffc_parallel.losses.reweight import REWEIGHTING
+from ffc_parallel.optim.center_store import parse_center_storage
 
 
 def _opt(default, help: str, section: str, choices=None, kind=None):
@@ -152,8 +153,8 @@ class TrainOptions:
     output_dir: str = _opt("runs/quickstart", "where logs, plots, metrics and checkpoints go", "run")
     host_allocator: str = _opt("auto", "glibc's heap: mapped (blocks of 1 MiB or more mapped on their own and "
                                        "unmapped when freed: the peak RSS follows the live tensors ffc-plan "
-                                       "counts, 0.03-0.05 GB less at 5e5 rows a step, but every such block "
-                                       "faults in fresh: no slower with memory free, 0-10% with a disk store "
+                                       "counts, 0.02 GB less at 5e5 rows a step, but every such block "
+                                       "faults in fresh: no slower with memory free, up to a tenth slower with a disk store "
                                        "larger than memory), default (glibc's own), or auto: mapped for centers "
                                        "in a host or disk store on a CPU run, else default; docs/benchmarks.md",
                                "run", ("auto", "default", "mapped"))
@@ -189,11 +190,11 @@ def host_allocator_mode(option: str, center_storage: str, device_type: str) -> s
     """The glibc mode ``--host-allocator option`` asks for: ``auto`` is ``mapped`` where the class centers
     live in a host or disk store (``center_storage``) and the head computes on a CPU (``device_type``):
     there the step's row tensors are host tensors of a few MiB made every step, which glibc's default
-    heap keeps (the RSS then runs 0.04-0.07 GB over what ffc-plan counts, memory a disk store's page
-    cache lacks); otherwise ``default``."""
+    heap keeps (the RSS then runs 0.07-0.08 GB over what ffc-plan counts, 0.05 GB mapped: memory a disk
+    store's page cache lacks); otherwise ``default``."""
     if option != "auto":
         return option
-    stored = str(center_storage).partition(":")[0] in ("host", "disk")
+    stored = parse_center_storage(center_storage)[0] != "device"
     return "mapped" if stored and device_type == "cpu" else "default"
 
 
